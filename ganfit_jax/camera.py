@@ -1,0 +1,151 @@
+"""The look-at pinhole camera of GANFIT (Gecer et al., CVPR 2019, Sec. 3.2).
+
+The paper parameterises the camera as p_c = [eye x, y, z, target x, y, z, focal]: the camera sits at
+`eye`, looks at `target`, the world's up direction is +y, and `focal` is the focal length in
+pixels. A look-at camera with a fixed up vector cannot roll, so a tilted head in a photo could
+only be explained by the face itself tilting; we therefore accept an optional 8th entry, the roll
+angle (radians) about the viewing axis. A 7-vector means roll 0, exactly the paper's camera.
+
+Conventions (DESIGN.md): image origin top-left, x right, y down, pixel centres at +0.5, so the
+principal point is the image centre (W/2, H/2) in continuous pixel coordinates.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+WORLD_UP = (0.0, 1.0, 0.0)
+
+
+def _normalise(v):
+    return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def _check_camera(camera):
+    if camera.shape[-1] not in (7, 8):
+        raise ValueError(
+            f"camera: expected [eye xyz, target xyz, focal] (7 values) or with a roll angle (8), "
+            f"got shape {tuple(camera.shape)}")
+
+
+def image_hw(image_size):
+    """(height, width) from an int (square) or a (height, width) pair."""
+    if isinstance(image_size, (int, np.integer)):
+        return int(image_size), int(image_size)
+    h, w = image_size
+    return int(h), int(w)
+
+
+def axes(camera):
+    """Camera axes in world coordinates: (right, up, forward), each (3,).
+
+    forward points from eye to target; right = forward x world-up, so that a camera on +z looking
+    at the origin has right = +x and up = +y; then the roll rotates right towards up.
+    """
+    camera = jnp.asarray(camera)
+    _check_camera(camera)
+    eye, target = camera[0:3], camera[3:6]
+    forward = _normalise(target - eye)
+    right = _normalise(jnp.cross(forward, jnp.asarray(WORLD_UP, camera.dtype)))
+    up = jnp.cross(right, forward)
+    if camera.shape[-1] == 8:
+        c, s = jnp.cos(camera[7]), jnp.sin(camera[7])
+        right, up = c * right + s * up, -s * right + c * up
+    return right, up, forward
+
+
+def to_camera_frame(camera, points):
+    """World points (N,3) → camera coordinates (N,3) as (right, up, forward) components."""
+    camera = jnp.asarray(camera)
+    right, up, forward = axes(camera)
+    rel = jnp.asarray(points) - camera[0:3]
+    return jnp.stack([rel @ right, rel @ up, rel @ forward], axis=-1)
+
+
+def project(camera, points, image_size):
+    """Pinhole projection of world points.
+
+    Args:
+      camera: (7,) [eye xyz, target xyz, focal px] or (8,) with roll (radians) appended.
+      points: (N,3) world points (mm).
+      image_size: int or (height, width).
+
+    Returns:
+      pixels (N,2) as (x right, y down) in continuous pixel coordinates, and depth (N,), the
+      positive distance along the viewing axis. Points behind the camera have depth <= 0 and
+      their pixels are meaningless; the renderer clips them.
+    """
+    camera = jnp.asarray(camera)
+    height, width = image_hw(image_size)
+    cam = to_camera_frame(camera, points)
+    focal = camera[6]
+    depth = cam[:, 2]
+    x = focal * cam[:, 0] / depth + 0.5 * width
+    y = -focal * cam[:, 1] / depth + 0.5 * height
+    return jnp.stack([x, y], axis=-1), depth
+
+
+def default_focal(image_size, fov_degrees=12.0):
+    """A long lens (small field of view) as portrait photos are taken; focal in pixels."""
+    height, width = image_hw(image_size)
+    return 0.5 * max(height, width) / np.tan(np.deg2rad(fov_degrees) / 2)
+
+
+def affine_camera_from_landmarks(points3d, points2d):
+    """Least-squares affine camera x = A X + b (the 'gold standard' of Hartley & Zisserman 7.3).
+
+    Returns A (2,3) and b (2,). NumPy, not traced: it only initialises the fitting.
+    """
+    points3d = np.asarray(points3d, np.float64)
+    points2d = np.asarray(points2d, np.float64)
+    if points3d.shape[0] != points2d.shape[0] or points3d.shape[0] < 4:
+        raise ValueError(
+            f"need at least 4 corresponding 3D/2D points, got {points3d.shape} and {points2d.shape}")
+    design = np.concatenate([points3d, np.ones((len(points3d), 1))], axis=1)
+    solution, *_ = np.linalg.lstsq(design, points2d, rcond=None)  # (4,2)
+    return solution[:3].T, solution[3]
+
+
+def camera_from_landmarks(points3d, points2d, image_size, focal=None, with_roll=True):
+    """Closed-form look-at camera whose projection of `points3d` matches `points2d`.
+
+    A scaled-orthographic estimate (affine fit, rotation by SVD orthogonalisation) gives the
+    rotation and the scale s (pixels per mm); a pinhole at distance focal / s then reproduces the
+    same scale at the points' centroid, which it places on the centroid's image position. The
+    result is the start of stage 1 of the fitting, not its end.
+
+    Args:
+      points3d: (K,3) model points (mm), e.g. the model's landmark vertices.
+      points2d: (K,2) their pixel positions.
+      image_size: int or (height, width).
+      focal: focal length in pixels; default `default_focal(image_size)`.
+      with_roll: return the 8-vector with roll; otherwise the paper's 7-vector (roll dropped).
+
+    Returns:
+      (8,) or (7,) float32 NumPy camera.
+    """
+    height, width = image_hw(image_size)
+    focal = default_focal(image_size) if focal is None else float(focal)
+    points3d = np.asarray(points3d, np.float64)
+    points2d = np.asarray(points2d, np.float64)
+    A, _ = affine_camera_from_landmarks(points3d, points2d)
+    u, sv, vt = np.linalg.svd(A, full_matrices=False)
+    scale = sv.mean()
+    rows = u @ vt  # the nearest matrix with orthonormal rows: image x (right), image y (down)
+    r1, r2 = rows[0], rows[1]
+    forward = np.cross(r1, r2)
+    up = -r2
+    centroid = points3d.mean(axis=0)
+    centroid_px = points2d.mean(axis=0)
+    distance = focal / scale
+    a = -(centroid_px[0] - 0.5 * width) * distance / focal
+    b = (centroid_px[1] - 0.5 * height) * distance / focal
+    eye = centroid - distance * forward + a * r1 + b * up
+    target = eye + distance * forward
+    right0 = np.cross(forward, WORLD_UP)
+    right0 /= np.linalg.norm(right0)
+    up0 = np.cross(right0, forward)
+    roll = np.arctan2(r1 @ up0, r1 @ right0)
+    camera = np.concatenate([eye, target, [focal]] + ([[roll]] if with_roll else []))
+    return camera.astype(np.float32)
