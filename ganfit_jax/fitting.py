@@ -1,0 +1,401 @@
+"""GANFIT fitting (Gecer et al., CVPR 2019, Sec. 3.3-3.4): the jitted loss of Eq. 12, two-stage
+Adam under jit/vmap, and multi-frame fitting with shared identity (Eq. 13).
+
+Everything a step needs travels as pytrees: `FitParams` (what is optimised), `Target` (what the
+photo gives), `Pipeline` (the models: 3DMM, texture generator, identity network, plus the static
+choices), so `loss`, `step` and whole fits `jit` and `vmap` without closures over globals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ganfit_jax import camera as camera_lib
+from ganfit_jax import losses, morphable
+
+# ------------------------------------------------------------------------------------------
+# Parameters and targets
+# ------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class FitParams:
+    """p = {p_s, p_e, p_t, p_c, p_l} of the paper.
+
+    shape (S,) and expression (E,) in standard deviations; texture (T,) the generator's latent;
+    camera (8,) [eye xyz mm, target xyz mm, focal px, roll rad]; light (9,) [position xyz mm,
+    colour rgb, ambient rgb].
+    """
+
+    shape: jnp.ndarray
+    expression: jnp.ndarray
+    texture: jnp.ndarray
+    camera: jnp.ndarray
+    light: jnp.ndarray
+
+
+@flax.struct.dataclass
+class Target:
+    """What the photo provides, at the working resolution.
+
+    image (H,W,3) in [0,1]; landmarks (68,2) pixels (NaN where missing); identity: the identity
+    network's (embedding, features) of the aligned photo, computed once before fitting.
+    """
+
+    image: jnp.ndarray
+    landmarks: jnp.ndarray
+    embedding: Optional[jnp.ndarray] = None
+    features: Any = None
+
+
+DEFAULT_LIGHT = np.array([0.0, 300.0, 1000.0, 0.6, 0.6, 0.6, 0.5, 0.5, 0.5], np.float32)
+
+# How far one Adam step may move each parameter: Adam's step is ~lr in the units it sees, so we
+# let it see parameters in these units. shape/expression/texture/colours are already O(1); the
+# camera is in mm and pixels and would otherwise crawl at 0.01 mm per step.
+CAMERA_UNITS = np.array([20.0, 20.0, 20.0, 20.0, 20.0, 20.0, 50.0, 1.0], np.float32)
+LIGHT_UNITS = np.array([200.0, 200.0, 200.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomRenderStats:
+    """Gaussians of the second render Î_R (Eq. 7): expression ~ N(0, σ_e²) as in the paper;
+    the pose is the current camera rotated about its target by yaw/pitch ~ N(0, σ²) (degrees),
+    and the light position moves by N(0, σ_l²) mm and its colour by N(0, σ_c²). Our choice in
+    place of the paper's 300W-3D statistics: head poses of in-the-wild portraits rarely leave
+    ±30° yaw, ±15° pitch."""
+
+    expression_std: float = 0.5
+    yaw_std_deg: float = 15.0
+    pitch_std_deg: float = 8.0
+    light_position_std: float = 300.0
+    light_colour_std: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """Static choices of a fit; the defaults are the paper's (DESIGN.md)."""
+
+    stage1_iterations: int = 200
+    stage2_iterations: int = 300
+    learning_rate: float = 0.01
+    chunk: int = 25                       # iterations per jitted lax.scan between progress lines
+    weights: losses.LossWeights = losses.LossWeights()
+    random_render: RandomRenderStats = RandomRenderStats()
+
+
+@flax.struct.dataclass
+class Pipeline:
+    """The models a fit runs through. Arrays are pytree leaves; functions and sizes are static.
+
+    texture_fn(texture_params, p_t) → a UV map (Ht,Wt,3) or per-vertex colours (N,3) in [0,1].
+    identity_fn(identity_params, image (H,W,3), landmarks (68,2)) → (embedding, features): the
+      network *including* its differentiable alignment, so one call per image.
+    render_fn(vertices, triangles, uv, colours_or_texture, camera, light, image_size) →
+      (image, aux) with aux['mask']; `ganfit_jax.render.render` by default.
+    """
+
+    model: morphable.MorphableModel
+    texture_params: Any = None
+    identity_params: Any = None
+    texture_fn: Callable = flax.struct.field(pytree_node=False, default=None)
+    identity_fn: Optional[Callable] = flax.struct.field(pytree_node=False, default=None)
+    render_fn: Optional[Callable] = flax.struct.field(pytree_node=False, default=None)
+    image_size: tuple = flax.struct.field(pytree_node=False, default=(224, 224))
+    texture_dim: int = flax.struct.field(pytree_node=False, default=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Initialisation
+# ------------------------------------------------------------------------------------------
+
+
+def init_params(model: morphable.MorphableModel, landmarks, image_size, texture_dim, focal=None,
+                texture_init=None) -> FitParams:
+    """The mean face, a closed-form camera from the fixed landmarks, a frontal white light."""
+    landmarks = np.asarray(landmarks, np.float64)
+    idx = np.asarray(model.landmark_indices)
+    ok = (idx >= 0) & np.all(np.isfinite(landmarks), axis=1)
+    if ok.sum() < 6:
+        raise ValueError(f"landmarks: need at least 6 of the model's defined landmarks, "
+                         f"got {int(ok.sum())}")
+    points3d = np.asarray(model.mean)[idx[ok]]
+    cam = camera_lib.camera_from_landmarks(points3d, landmarks[ok], image_size, focal=focal)
+    right, up, forward = (np.asarray(a) for a in camera_lib.axes(jnp.asarray(cam)))
+    light = DEFAULT_LIGHT.copy()
+    # in front of the face, above the camera: portrait key light
+    light[:3] = cam[:3] + 300.0 * up
+    texture = (np.zeros(texture_dim, np.float32) if texture_init is None
+               else np.asarray(texture_init, np.float32))
+    return FitParams(shape=jnp.zeros(model.num_shape), expression=jnp.zeros(model.num_expression),
+                     texture=jnp.asarray(texture), camera=jnp.asarray(cam),
+                     light=jnp.asarray(light))
+
+
+# ------------------------------------------------------------------------------------------
+# The forward model
+# ------------------------------------------------------------------------------------------
+
+
+def project_landmarks(pipeline: Pipeline, params: FitParams, landmarks_target=None):
+    """M(p): the model's 68 landmarks in pixels for the current shape, expression and camera."""
+    verts = morphable.vertices(pipeline.model, params.shape, params.expression)
+    px, _ = camera_lib.project(params.camera, verts, pipeline.image_size)
+    return losses.model_landmarks_2d(pipeline.model, px, landmarks_target)
+
+
+def render_face(pipeline: Pipeline, params: FitParams, background=None):
+    """I_R = R(S(p_s,p_e), P(G(p_t)), p_c, p_l): the rendered face and the renderer's aux."""
+    render_fn = pipeline.render_fn
+    if render_fn is None:
+        from ganfit_jax import render as render_lib
+
+        render_fn = render_lib.render
+    verts = morphable.vertices(pipeline.model, params.shape, params.expression)
+    texture = pipeline.texture_fn(pipeline.texture_params, params.texture)
+    kwargs = {} if background is None else {"background": background}
+    return render_fn(verts, pipeline.model.triangles, pipeline.model.uv, texture, params.camera,
+                     params.light, pipeline.image_size, **kwargs)
+
+
+def random_second_view(params: FitParams, key, stats: RandomRenderStats) -> FitParams:
+    """Î_R's parameters (Eq. 7): same identity and texture, random expression, pose and light."""
+    k_e, k_yaw, k_pitch, k_lp, k_lc = jax.random.split(key, 5)
+    expression = stats.expression_std * jax.random.normal(k_e, params.expression.shape)
+    yaw = jnp.deg2rad(stats.yaw_std_deg) * jax.random.normal(k_yaw)
+    pitch = jnp.deg2rad(stats.pitch_std_deg) * jax.random.normal(k_pitch)
+    cam = params.camera
+    eye, target = cam[0:3], cam[3:6]
+    right, up, forward = camera_lib.axes(cam)
+    offset = eye - target
+    # rotate the eye about the target: yaw about the camera's up axis, pitch about its right axis
+    offset = _rotate(offset, up, yaw)
+    offset = _rotate(offset, right, pitch)
+    camera = cam.at[0:3].set(target + offset)
+    light = params.light
+    light = light.at[0:3].add(stats.light_position_std * jax.random.normal(k_lp, (3,)))
+    light = light.at[3:9].add(stats.light_colour_std * jax.random.normal(k_lc, (6,)))
+    return params.replace(expression=expression, camera=camera, light=light)
+
+
+def _rotate(v, axis, angle):
+    """Rodrigues' rotation of v about a unit axis."""
+    c, s = jnp.cos(angle), jnp.sin(angle)
+    return v * c + jnp.cross(axis, v) * s + axis * jnp.dot(axis, v) * (1 - c)
+
+
+# ------------------------------------------------------------------------------------------
+# Eq. 12
+# ------------------------------------------------------------------------------------------
+
+
+def landmark_stage_loss(params: FitParams, target: Target, pipeline: Pipeline,
+                        weights: losses.LossWeights):
+    """Stage 1: L_lan + Reg on shape and expression only (no render, no networks)."""
+    pred = project_landmarks(pipeline, params, target.landmarks)
+    w = losses.landmark_weights(pipeline.model, target.landmarks)
+    lan = losses.masked_landmark_loss(pred, target.landmarks, w)
+    reg = losses.regulariser(params.shape, params.expression, jnp.zeros(()), weights)
+    terms = {"landmark": lan, "reg": reg}
+    return weights.landmark * lan + reg, terms
+
+
+def loss(params: FitParams, target: Target, pipeline: Pipeline, key,
+         weights: losses.LossWeights = losses.LossWeights(),
+         random_stats: RandomRenderStats = RandomRenderStats(), light_init=None):
+    """Eq. 12, one scalar and its terms (dict of scalars, unweighted).
+
+    Terms whose weight is 0, or whose network is absent (pipeline.identity_fn is None), are
+    skipped at trace time, so an ablation costs nothing.
+    """
+    image, aux = render_face(pipeline, params, background=target.image)
+    mask = aux["mask"]
+    pred_lm = project_landmarks(pipeline, params, target.landmarks)
+    w_lm = losses.landmark_weights(pipeline.model, target.landmarks)
+    terms = {}
+    terms["landmark"] = losses.masked_landmark_loss(pred_lm, target.landmarks, w_lm)
+    if weights.pixel:
+        terms["pixel"] = losses.pixel_loss(image, target.image, mask)
+    use_identity = pipeline.identity_fn is not None and target.embedding is not None
+    if use_identity and (weights.identity or weights.content):
+        # the render's landmarks are known exactly: align it with its own projected landmarks
+        emb, feats = pipeline.identity_fn(pipeline.identity_params, image,
+                                          jnp.where(jnp.isfinite(pred_lm), pred_lm, 0.0))
+        if weights.identity:
+            terms["identity"] = losses.identity_loss(emb, target.embedding)
+        if weights.content:
+            terms["content"] = losses.content_loss(feats, target.features)
+    if use_identity and weights.identity_random:
+        second = random_second_view(params, key, random_stats)
+        image2, _ = render_face(pipeline, second, background=target.image)
+        lm2 = project_landmarks(pipeline, second, None)
+        lm2 = _fill_jaw(pipeline, second, lm2)
+        emb2, _ = pipeline.identity_fn(pipeline.identity_params, image2,
+                                       jnp.where(jnp.isfinite(lm2), lm2, 0.0))
+        terms["identity_random"] = losses.identity_loss(emb2, target.embedding)
+    light_init = params.light if light_init is None else light_init
+    light_dev = (params.light - jax.lax.stop_gradient(light_init)) / jnp.asarray(LIGHT_UNITS)
+    terms["reg"] = losses.regulariser(params.shape, params.expression, light_dev, weights)
+    total = (weights.landmark * terms["landmark"] + terms["reg"]
+             + weights.pixel * terms.get("pixel", 0.0)
+             + weights.identity * terms.get("identity", 0.0)
+             + weights.content * terms.get("content", 0.0)
+             + weights.identity_random * terms.get("identity_random", 0.0))
+    return total, terms
+
+
+def _fill_jaw(pipeline, params, lm):
+    """Jaw landmarks for a render with no target: the contour candidate that is outermost."""
+    model = pipeline.model
+    if model.contour_right is None:
+        return lm
+    verts = morphable.vertices(model, params.shape, params.expression)
+    px, _ = camera_lib.project(params.camera, verts, pipeline.image_size)
+    # without a photo to match, use the candidates' image positions in order along the contour
+    out = lm
+    for jaw, contour in ((losses.JAW_RIGHT, model.contour_right),
+                         (losses.JAW_LEFT, model.contour_left)):
+        pick = np.linspace(0, len(contour) - 1, len(jaw)).round().astype(int)
+        out = out.at[jnp.asarray(jaw)].set(px[jnp.asarray(np.asarray(contour))[pick]])
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Optimisation
+# ------------------------------------------------------------------------------------------
+
+
+def parameter_units(params: FitParams) -> FitParams:
+    """How far one unit of Adam's step moves each block (see CAMERA_UNITS)."""
+    return FitParams(shape=jnp.ones_like(params.shape), expression=jnp.ones_like(params.expression),
+                     texture=jnp.ones_like(params.texture),
+                     camera=jnp.asarray(CAMERA_UNITS[: params.camera.shape[-1]]),
+                     light=jnp.asarray(LIGHT_UNITS))
+
+
+def optimiser(learning_rate: float, params: FitParams, stage: int):
+    """optax Adam at the paper's rate, scaled per parameter block; stage 1 frees only shape,
+    expression and camera (landmark fitting), stage 2 everything."""
+    units = parameter_units(params)
+    if stage == 1:
+        units = units.replace(texture=jnp.zeros_like(units.texture),
+                              light=jnp.zeros_like(units.light))
+    return optax.chain(optax.adam(learning_rate),
+                       optax.GradientTransformation(
+                           lambda p: optax.EmptyState(),
+                           lambda u, s, p=None: (jax.tree.map(jnp.multiply, u, units), s)))
+
+
+def _stage_loss_fn(stage, pipeline, config: FitConfig):
+    if stage == 1:
+        return lambda p, t, k, light_init: landmark_stage_loss(p, t, pipeline, config.weights)
+    return lambda p, t, k, light_init: loss(p, t, pipeline, k, config.weights,
+                                            config.random_render, light_init)
+
+
+def make_chunk(pipeline: Pipeline, config: FitConfig, stage: int,
+               share_axis: Optional[str] = None):
+    """A function (params, opt_state, target, key, light_init) → (params, opt_state, terms)
+    running `config.chunk` Adam steps in one lax.scan; terms are per step. With `share_axis`
+    (a vmap axis name), shape and texture are averaged across that axis after every step
+    (Eq. 13, multi-frame fitting)."""
+    loss_fn = _stage_loss_fn(stage, pipeline, config)
+
+    def chunk(params, opt_state, target, key, light_init):
+        tx = optimiser(config.learning_rate, params, stage)
+
+        def body(carry, k):
+            params, opt_state = carry
+            (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                params, target, k, light_init)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            if share_axis is not None:
+                params = params.replace(shape=jax.lax.pmean(params.shape, share_axis),
+                                        texture=jax.lax.pmean(params.texture, share_axis))
+            return (params, opt_state), dict(terms, total=total)
+
+        keys = jax.random.split(key, config.chunk)
+        (params, opt_state), terms = jax.lax.scan(body, (params, opt_state), keys)
+        return params, opt_state, terms
+
+    return chunk
+
+
+def _print_progress(stage, done, total, terms, t0, log):
+    elapsed = time.time() - t0
+    eta = elapsed / max(done, 1) * (total - done)
+    shown = " ".join(f"{k}={float(np.mean(v[-1])):.4g}" for k, v in sorted(terms.items()))
+    log(f"stage {stage} iter {done}/{total} {shown} elapsed {elapsed:.1f}s eta {eta:.1f}s")
+
+
+def run_stage(pipeline: Pipeline, params: FitParams, target: Target, config: FitConfig,
+              stage: int, iterations: int, key, batched=False, frames=False, log=print):
+    """Runs one stage; returns (params, history: term → (iterations[, batch]) arrays).
+
+    batched: params/targets carry a leading batch axis and are fitted independently (vmap).
+    frames: like batched, but the batch is frames of one person sharing shape and texture.
+    """
+    vectorised = batched or frames
+    chunk_fn = make_chunk(pipeline, config, stage, share_axis="frames" if frames else None)
+    tx = optimiser(config.learning_rate, params, stage)
+    light_init = params.light  # Reg on light pulls towards where stage 2 starts
+    if vectorised:
+        run = jax.jit(jax.vmap(chunk_fn, axis_name="frames" if frames else None))
+        opt_state = jax.vmap(tx.init)(params)
+        n = params.shape.shape[0]
+        call = lambda p, s, k: run(p, s, target, jax.random.split(k, n), light_init)
+    else:
+        run = jax.jit(chunk_fn)
+        opt_state = tx.init(params)
+        call = lambda p, s, k: run(p, s, target, k, light_init)
+    history = {}
+    t0 = time.time()
+    n_chunks = -(-iterations // config.chunk)
+    for c in range(n_chunks):
+        key, sub = jax.random.split(key)
+        params, opt_state, terms = call(params, opt_state, sub)
+        terms = jax.device_get(terms)
+        if vectorised:  # (batch, chunk) → (chunk, batch)
+            terms = {k: np.moveaxis(np.asarray(v), 0, 1) for k, v in terms.items()}
+        for k, v in terms.items():
+            history.setdefault(k, []).append(np.asarray(v))
+        if log is not None:
+            _print_progress(stage, (c + 1) * config.chunk, n_chunks * config.chunk, terms, t0, log)
+    history = {k: np.concatenate(v, axis=0) for k, v in history.items()}
+    return params, history
+
+
+def fit(pipeline: Pipeline, params: FitParams, target: Target, config: FitConfig = FitConfig(),
+        key=None, batched=False, frames=False, log=print):
+    """Stage 1 (landmarks; shape, expression, camera) then stage 2 (Eq. 12, everything).
+
+    Iteration counts are rounded up to whole chunks. Returns (params, {stage: history}).
+    """
+    key = jax.random.PRNGKey(0) if key is None else key
+    k1, k2 = jax.random.split(key)
+    histories = {}
+    if config.stage1_iterations:
+        params, histories[1] = run_stage(pipeline, params, target, config, 1,
+                                         config.stage1_iterations, k1, batched, frames, log)
+    if config.stage2_iterations:
+        params, histories[2] = run_stage(pipeline, params, target, config, 2,
+                                         config.stage2_iterations, k2, batched, frames, log)
+    return params, histories
+
+
+def stack(trees):
+    """A batch pytree from a list of pytrees (leading axis)."""
+    return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+
+
+def unstack(tree, n):
+    return [jax.tree.map(lambda x: x[i], tree) for i in range(n)]

@@ -1,0 +1,99 @@
+"""Fitting: stage 1 recovers landmarks; vmap batches equal single fits; frames share identity."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ganfit_jax import camera as cam
+from ganfit_jax import fitting, losses, morphable
+
+SIZE = (224, 224)
+
+
+def synthetic_landmarks(model, params):
+    """What a detector reports: fixed landmarks, and jaw points spread along the contour."""
+    verts = morphable.vertices(model, params.shape, params.expression)
+    px = np.asarray(cam.project(params.camera, verts, SIZE)[0])
+    lm = np.array(losses.model_landmarks_2d(model, jnp.asarray(px), None))
+    pick = np.linspace(0, len(model.contour_right) - 1, 8).round().astype(int)
+    lm[0:8] = px[np.asarray(model.contour_right)[pick]]
+    lm[9:17] = px[np.asarray(model.contour_left)[pick][::-1]]
+    return lm
+
+
+def random_truth(model, seed):
+    rng = np.random.default_rng(seed)
+    c = np.asarray([rng.normal() * 200, rng.normal() * 80, 1050, 0, 10, 0,
+                    cam.default_focal(SIZE), rng.normal() * 0.1], np.float32)
+    return fitting.FitParams(shape=jnp.asarray(rng.normal(size=model.num_shape) * 0.7, jnp.float32),
+                             expression=jnp.asarray(rng.normal(size=model.num_expression) * 0.3,
+                                                    jnp.float32),
+                             texture=jnp.zeros(0), camera=jnp.asarray(c),
+                             light=jnp.asarray(fitting.DEFAULT_LIGHT))
+
+
+def landmark_error(pipe, params, lm):
+    pred = np.asarray(fitting.project_landmarks(pipe, params, jnp.asarray(lm)))
+    return np.nanmean(np.linalg.norm(pred - lm, axis=1))
+
+
+def test_stage1_reaches_landmarks(sfm_model):
+    truth = random_truth(sfm_model, 0)
+    lm = synthetic_landmarks(sfm_model, truth)
+    pipe = fitting.Pipeline(model=sfm_model, image_size=SIZE)
+    target = fitting.Target(image=jnp.zeros(SIZE + (3,)), landmarks=jnp.asarray(lm))
+    p0 = fitting.init_params(sfm_model, lm, SIZE, 0)
+    start = landmark_error(pipe, p0, lm)
+    cfg = fitting.FitConfig(stage1_iterations=300, stage2_iterations=0, chunk=100)
+    p1, hist = fitting.fit(pipe, p0, target, cfg, log=None)
+    end = landmark_error(pipe, p1, lm)
+    assert end < 3.0 and end < start, (start, end)
+    assert hist[1]["landmark"].shape == (300,)
+    assert hist[1]["landmark"][-1] < hist[1]["landmark"][0]
+    # texture and light are frozen in stage 1
+    np.testing.assert_array_equal(np.asarray(p1.light), np.asarray(p0.light))
+
+
+def test_batch_under_vmap_equals_single_fits(sfm_model):
+    cfg = fitting.FitConfig(stage1_iterations=40, stage2_iterations=0, chunk=20)
+    pipe = fitting.Pipeline(model=sfm_model, image_size=SIZE)
+    singles, inits, targets = [], [], []
+    for seed in range(3):
+        lm = synthetic_landmarks(sfm_model, random_truth(sfm_model, seed))
+        t = fitting.Target(image=jnp.zeros(SIZE + (3,)), landmarks=jnp.asarray(lm))
+        p0 = fitting.init_params(sfm_model, lm, SIZE, 0)
+        inits.append(p0)
+        targets.append(t)
+        singles.append(fitting.fit(pipe, p0, t, cfg, log=None)[0])
+    batch, hist = fitting.fit(pipe, fitting.stack(inits), fitting.stack(targets), cfg,
+                              batched=True, log=None)
+    assert hist[1]["landmark"].shape == (40, 3)
+    for i, single in enumerate(singles):
+        for a, b in zip(jax.tree.leaves(fitting.unstack(batch, 3)[i]), jax.tree.leaves(single)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_frames_share_shape_and_keep_own_pose(sfm_model):
+    truth = random_truth(sfm_model, 7)
+    rng = np.random.default_rng(7)
+    inits, targets = [], []
+    for f in range(5):
+        frame = truth.replace(camera=truth.camera.at[0].set(rng.normal() * 300),
+                              expression=jnp.asarray(rng.normal(size=6) * 0.3, jnp.float32))
+        lm = synthetic_landmarks(sfm_model, frame)
+        targets.append(fitting.Target(image=jnp.zeros(SIZE + (3,)), landmarks=jnp.asarray(lm)))
+        inits.append(fitting.init_params(sfm_model, lm, SIZE, 0))
+    pipe = fitting.Pipeline(model=sfm_model, image_size=SIZE)
+    cfg = fitting.FitConfig(stage1_iterations=60, stage2_iterations=0, chunk=30)
+    out, _ = fitting.fit(pipe, fitting.stack(inits), fitting.stack(targets), cfg, frames=True,
+                         log=None)
+    shapes = np.asarray(out.shape)
+    assert np.abs(shapes - shapes[0]).max() < 1e-5 and np.abs(shapes[0]).max() > 1e-3
+    eyes = np.asarray(out.camera)[:, 0]
+    assert np.ptp(eyes) > 50  # poses stay per frame
+
+
+def test_too_few_landmarks_is_a_clear_error(sfm_model):
+    with pytest.raises(ValueError, match="landmarks: need at least 6"):
+        fitting.init_params(sfm_model, np.full((68, 2), np.nan), SIZE, 0)
