@@ -1,0 +1,87 @@
+"""From a photo of any size to the working crop around the face, and back.
+
+The fitting runs at a fixed working resolution (static shapes for jit). The crop is a square
+around the 68 landmarks, scaled to `size`; its similarity transform is kept so that results
+(overlays, landmarks) map back onto the original photo. NumPy + Pillow, outside jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from PIL import Image
+
+
+@dataclasses.dataclass(frozen=True)
+class CropTransform:
+    """crop pixel = scale * (original pixel − origin); continuous coordinates, centres at +0.5."""
+
+    origin: tuple  # (x, y) of the crop's top-left corner in the original photo
+    scale: float   # crop pixels per original pixel
+    size: int      # the crop is size × size
+    original_hw: tuple
+
+    def to_crop(self, points):
+        return (np.asarray(points, np.float64) - np.asarray(self.origin)) * self.scale
+
+    def to_original(self, points):
+        return np.asarray(points, np.float64) / self.scale + np.asarray(self.origin)
+
+
+def face_box(landmarks, margin=1.6):
+    """A square (x0, y0, side) centred on the landmarks' box, `margin` times its larger side:
+    room for the forehead (the iBUG points stop at the brows) and the jaw."""
+    pts = np.asarray(landmarks, np.float64)
+    pts = pts[np.all(np.isfinite(pts), axis=1)]
+    if len(pts) < 3:
+        raise ValueError("landmarks: need at least 3 finite points to place the face crop")
+    lo, hi = pts.min(0), pts.max(0)
+    centre = 0.5 * (lo + hi)
+    centre[1] -= 0.1 * (hi[1] - lo[1])  # shift up: the brows are not the top of the head
+    side = margin * float(max(hi - lo))
+    return centre[0] - side / 2, centre[1] - side / 2, side
+
+
+def crop_face(image, landmarks, size=224, margin=1.6):
+    """Returns (crop (size,size,3) float32, landmarks in crop pixels (68,2), CropTransform).
+
+    Parts of the square outside the photo are filled by edge replication, which keeps the
+    pixel loss from seeing an artificial black border as "skin"."""
+    image = np.asarray(image, np.float32)
+    h, w = image.shape[:2]
+    x0, y0, side = face_box(landmarks, margin)
+    transform = CropTransform(origin=(x0, y0), scale=size / side, size=size, original_hw=(h, w))
+    pad = int(np.ceil(side)) + 2
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    pil = Image.fromarray(np.clip(padded * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    box = (x0 + pad, y0 + pad, x0 + pad + side, y0 + pad + side)
+    crop = pil.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    crop = np.asarray(crop, np.float32) / 255.0
+    return crop, transform.to_crop(landmarks).astype(np.float32), transform
+
+
+def paste_back(original, crop_image, crop_mask, transform: CropTransform):
+    """Composites a crop-sized render (and its mask) onto the original photo."""
+    original = np.asarray(original, np.float32)
+    h, w = original.shape[:2]
+    ys, xs = np.mgrid[0:h, 0:w]
+    pts = transform.to_crop(np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], 1))
+    size = transform.size
+    # bilinear lookup of crop pixel centres
+    u = np.clip(pts[:, 0] - 0.5, 0, size - 1)
+    v = np.clip(pts[:, 1] - 0.5, 0, size - 1)
+    inside = ((pts[:, 0] >= 0) & (pts[:, 0] < size) & (pts[:, 1] >= 0) & (pts[:, 1] < size))
+    u0, v0 = np.floor(u).astype(int), np.floor(v).astype(int)
+    u1, v1 = np.minimum(u0 + 1, size - 1), np.minimum(v0 + 1, size - 1)
+    fu, fv = (u - u0)[:, None], (v - v0)[:, None]
+
+    def lookup(a):
+        a = a.reshape(size, size, -1)
+        return ((1 - fu) * (1 - fv) * a[v0, u0] + fu * (1 - fv) * a[v0, u1]
+                + (1 - fu) * fv * a[v1, u0] + fu * fv * a[v1, u1])
+
+    colour = lookup(np.asarray(crop_image, np.float32))
+    alpha = lookup(np.asarray(crop_mask, np.float32)) * inside[:, None]
+    out = original.reshape(-1, 3) * (1 - alpha) + colour * alpha
+    return out.reshape(h, w, 3)
