@@ -1,0 +1,191 @@
+"""dlib's face-recognition ResNet (`dlib_face_recognition_resnet_model_v1`) as a Flax module.
+
+The network is the `anet_type` of dlib's examples/dnn_face_recognition_ex.cpp: a 29-convolution
+ResNet on 150×150 RGB chips giving a 128-d descriptor (99.38% on LFW). Batch norm was folded into
+per-channel `affine_` layers before release. Two details of dlib's layers matter for parity:
+
+- stride-2 convolutions and all pooling have zero padding (dlib's default when stride ≠ 1), so the
+  residual branch of a down-sampling block can be one pixel smaller than the 2×2 average-pooled
+  shortcut (at 150×150: 3×3 vs 4×4 in stage 4, 1×1 vs 2×2 in stage 5);
+- `add_prev` adds tensors of different shapes by zero-padding both to the larger one, anchored at
+  the top-left (and likewise along channels when the block widens).
+
+The pixels enter as dlib's `input_rgb_image_sized<150>` builds them: (value·255 − mean_c) / 256.
+"""
+
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+from ganfit_jax.identity import dlib_format
+
+# dlib's released model: (width, blocks, first block down-samples) per stage, in forward order
+# (dlib's alevel4 ... alevel0).
+DLIB_STAGES = ((32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1, True))
+DLIB_MEAN_RGB = (122.782, 117.001, 104.298)
+DLIB_INPUT_SIZE = 150
+
+
+def pad_add(a, b):
+    """dlib's tt::add for tensors of different shape: zero-pad both to the larger, top-left anchored."""
+    shape = tuple(max(x, y) for x, y in zip(a.shape, b.shape))
+
+    def grow(t):
+        return jnp.pad(t, [(0, s - n) for n, s in zip(t.shape, shape)])
+
+    return grow(a) + grow(b)
+
+
+class Affine(nn.Module):
+    """Per-channel scale and shift (dlib's `affine_`, batch norm folded at inference)."""
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        return x * scale + bias
+
+
+def _dlib_conv(features, kernel, stride, name):
+    pad = 0 if stride != 1 else kernel // 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=[(pad, pad), (pad, pad)], name=name)
+
+
+class DlibResidualBlock(nn.Module):
+    """dlib's `ares` (identity shortcut) or `ares_down` (2×2 average-pooled shortcut, stride-2 branch)."""
+
+    features: int
+    downsample: bool
+
+    @nn.compact
+    def __call__(self, x):
+        stride = 2 if self.downsample else 1
+        y = _dlib_conv(self.features, 3, stride, "conv1")(x)
+        y = nn.relu(Affine(name="affine1")(y))
+        y = _dlib_conv(self.features, 3, 1, "conv2")(y)
+        y = Affine(name="affine2")(y)
+        shortcut = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID") if self.downsample else x
+        return nn.relu(pad_add(y, shortcut))
+
+
+class DlibResNet(nn.Module):
+    """Maps a batch of [0,1] RGB chips (B, 150, 150, 3) to (descriptors (B, 128), feature maps).
+
+    Feature maps are named 'stem' (after the max pool) and 'stage1' ... 'stage5' (dlib's alevel4 ...
+    alevel0), plus 'pooled' (the global average before the final projection).
+    """
+
+    stages: tuple = DLIB_STAGES
+    stem_features: int = 32
+    embedding_size: int = 128
+    mean_rgb: tuple = DLIB_MEAN_RGB
+
+    @nn.compact
+    def __call__(self, images):
+        x = (images * 255.0 - jnp.asarray(self.mean_rgb, images.dtype)) / 256.0
+        features = {}
+        x = _dlib_conv(self.stem_features, 7, 2, "conv0")(x)
+        x = nn.relu(Affine(name="affine0")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        features["stem"] = x
+        for s, (width, blocks, down) in enumerate(self.stages):
+            for b in range(blocks):
+                x = DlibResidualBlock(width, down and b == 0, name=f"stage{s + 1}_block{b}")(x)
+            features[f"stage{s + 1}"] = x
+        x = jnp.mean(x, axis=(1, 2))
+        features["pooled"] = x
+        embedding = nn.Dense(self.embedding_size, use_bias=False, name="fc")(x)
+        return embedding, features
+
+
+def _expect(layer, kind, path, where):
+    if layer.kind != kind:
+        raise dlib_format.DlibFormatError(
+            f"{path}: layer {where} is {layer.kind!r}, expected {kind!r} for the "
+            f"dlib_face_recognition_resnet_model_v1 architecture {DLIB_STAGES}")
+
+
+def _conv_params(layer, path, where, features, kernel, stride):
+    _expect(layer, "con_4", path, where)
+    f = layer.fields
+    if (f["num_filters"], f["nr"], f["nc"], f["stride_y"], f["stride_x"]) != (
+            features, kernel, kernel, stride, stride):
+        raise dlib_format.DlibFormatError(
+            f"{path}: convolution {where} is {f['num_filters']}×{f['nr']}×{f['nc']} stride "
+            f"{f['stride_y']}, expected {features}×{kernel}×{kernel} stride {stride}")
+    expected_pad = 0 if stride != 1 else kernel // 2
+    if (f["padding_y"], f["padding_x"]) != (expected_pad, expected_pad):
+        raise dlib_format.DlibFormatError(f"{path}: convolution {where} has padding "
+                                          f"{(f['padding_y'], f['padding_x'])}, expected {expected_pad}")
+    flat = f["params"].reshape(-1)
+    n = int(np.prod(f["filters"]))
+    filters = flat[:n].reshape(f["filters"])  # (out, in, kh, kw), cross-correlation as in cuDNN
+    return {"kernel": np.transpose(filters, (2, 3, 1, 0)), "bias": flat[n:n + features].copy()}
+
+
+def _affine_params(layer, path, where):
+    _expect(layer, "affine_", path, where)
+    flat = layer.fields["params"].reshape(-1)
+    c = flat.size // 2
+    return {"scale": flat[:c].copy(), "bias": flat[c:].copy()}
+
+
+def load_dlib_resnet_params(path):
+    """Read `dlib_face_recognition_resnet_model_v1.dat` into DlibResNet's Flax params (numpy arrays).
+
+    Raises FileNotFoundError / DlibFormatError (a ValueError) naming the file and what was expected.
+    """
+    loss, inp, layers = dlib_format.read_dlib_network(path)
+    if (inp["nr"], inp["nc"]) != (DLIB_INPUT_SIZE, DLIB_INPUT_SIZE):
+        raise dlib_format.DlibFormatError(f"{path}: input is {inp['nr']}×{inp['nc']}, expected 150×150")
+    if not np.allclose(inp["mean_rgb"], DLIB_MEAN_RGB, atol=1e-3):
+        raise dlib_format.DlibFormatError(f"{path}: input mean {inp['mean_rgb']}, expected {DLIB_MEAN_RGB}")
+    it = iter(enumerate(layers))
+
+    def take():
+        try:
+            return next(it)
+        except StopIteration:
+            raise dlib_format.DlibFormatError(f"{path}: too few layers ({len(layers)})") from None
+
+    params = {}
+    i, layer = take()
+    params["conv0"] = _conv_params(layer, path, i, 32, 7, 2)
+    i, layer = take()
+    params["affine0"] = _affine_params(layer, path, i)
+    for kind in ("relu_", "max_pool_2"):
+        i, layer = take()
+        _expect(layer, kind, path, i)
+    for s, (width, blocks, down) in enumerate(DLIB_STAGES):
+        for b in range(blocks):
+            block = {}
+            stride = 2 if (down and b == 0) else 1
+            i, layer = take()
+            block["conv1"] = _conv_params(layer, path, i, width, 3, stride)
+            i, layer = take()
+            block["affine1"] = _affine_params(layer, path, i)
+            i, layer = take()
+            _expect(layer, "relu_", path, i)
+            i, layer = take()
+            block["conv2"] = _conv_params(layer, path, i, width, 3, 1)
+            i, layer = take()
+            block["affine2"] = _affine_params(layer, path, i)
+            tail = (["avg_pool_2"] if stride == 2 else []) + ["add_prev_", "relu_"]
+            for kind in tail:
+                i, layer = take()
+                _expect(layer, kind, path, i)
+            params[f"stage{s + 1}_block{b}"] = block
+    i, layer = take()
+    _expect(layer, "avg_pool_2", path, i)
+    i, layer = take()
+    _expect(layer, "fc_2", path, i)
+    f = layer.fields
+    if (f["num_inputs"], f["num_outputs"], f["bias_mode"]) != (256, 128, 1):
+        raise dlib_format.DlibFormatError(f"{path}: final fc is {f['num_inputs']}→{f['num_outputs']} "
+                                          f"bias_mode {f['bias_mode']}, expected 256→128 without bias")
+    params["fc"] = {"kernel": f["params"].reshape(256, 128).copy()}  # dlib computes x · W, W (in, out)
+    if next(it, None) is not None:
+        raise dlib_format.DlibFormatError(f"{path}: more layers than the architecture has")
+    return params

@@ -1,0 +1,239 @@
+"""68-point iBUG landmarks for the input photo: loaders for annotation files and dlib's detectors.
+
+GANFIT's landmark loss (paper, Eq. 12) and the 5-point alignment of the identity crops start from
+the 68 iBUG landmarks of the input image. This module reads them from files or detects them.
+
+Coordinate convention (the project's): (68, 2) float32 pixel coordinates, x right, y down, origin at
+the top-left *corner* of the image, so the centre of pixel (row i, column j) is (j + 0.5, i + 0.5).
+Sources differ, and each loader converts:
+
+- iBUG/menpo `.pts`: 1-based, pixel centres at integers starting at 1 (Matlab; menpo subtracts 1 to
+  reach its 0-based convention) → subtract 0.5.
+- `.npy` (e.g. FFHQ landmarks from face_alignment) and dlib's shape predictor: 0-based pixel
+  indices (pixel centre at the integer) → add 0.5.
+- JSON: ``{"landmarks": [[x, y], ...], "pixel_centre": c}`` or a bare list; ``c`` is where the
+  first pixel's centre lies (0.5, the project's convention, when absent) → add 0.5 − c.
+
+Images are float32 H×W×3 RGB in [0, 1].
+"""
+
+import json
+import os
+import pathlib
+
+import numpy as np
+
+NUM_LANDMARKS = 68
+# Where the centre of the first pixel lies in each source's coordinates.
+PIXEL_CENTRE = {".pts": 1.0, ".npy": 0.0, ".json": 0.5, "dlib": 0.0}
+
+# iBUG-68 index groups used for 5-point alignment (0-based).
+RIGHT_EYE = tuple(range(36, 42))   # subject's right eye: image left
+LEFT_EYE = tuple(range(42, 48))
+NOSE_TIP = 30
+MOUTH_RIGHT = 48
+MOUTH_LEFT = 54
+
+
+def load_image(image):
+    """Any image file or array → float32 H×W×3 RGB in [0, 1].
+
+    Accepts a path (any format pillow reads), or an array that is greyscale (H, W) / (H, W, 1), RGB or
+    RGBA (alpha dropped, not composited), uint8 (0..255), uint16 (0..65535) or float (assumed [0, 1]).
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = pathlib.Path(image)
+        if not path.exists():
+            raise FileNotFoundError(f"image {path} does not exist")
+        from PIL import Image, UnidentifiedImageError
+        try:
+            with Image.open(path) as im:
+                im.load()
+                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    arr = np.asarray(im, dtype=np.float64) / 65535.0
+                elif im.mode == "F":
+                    arr = np.asarray(im, dtype=np.float64)
+                else:
+                    arr = np.asarray(im.convert("RGBA" if "A" in im.mode else "RGB"))
+        except UnidentifiedImageError:
+            raise ValueError(f"image {path} is not an image file pillow can read") from None
+    else:
+        arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"image must be H×W, H×W×1, H×W×3 or H×W×4, got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        arr = arr.astype(np.float32) / 65535.0
+    elif np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+    elif arr.dtype == np.bool_:
+        arr = arr.astype(np.float32)
+    else:
+        raise ValueError(f"image dtype {arr.dtype} unsupported (uint8, uint16, float or bool)")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    elif arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    return np.ascontiguousarray(np.clip(arr, 0.0, 1.0))
+
+
+def to_uint8(image):
+    """float [0, 1] image → uint8 H×W×3 (what dlib's C++ functions take)."""
+    return np.ascontiguousarray(np.clip(np.round(np.asarray(image) * 255.0), 0, 255).astype(np.uint8))
+
+
+def _check(points, path):
+    points = np.asarray(points, dtype=np.float64)
+    if points.shape != (NUM_LANDMARKS, 2):
+        raise ValueError(f"landmarks {path}: expected 68 (x, y) points, got shape {points.shape}")
+    if not np.all(np.isfinite(points)):
+        raise ValueError(f"landmarks {path}: contain non-finite values")
+    return points
+
+
+def _read_pts(path):
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    try:
+        start = lines.index("{") + 1
+        end = lines.index("}", start)
+    except ValueError:
+        raise ValueError(f"landmarks {path}: not a .pts file (expected 'version: 1', 'n_points: 68' "
+                         "and the points between '{' and '}')") from None
+    try:
+        return np.array([[float(v) for v in ln.split()[:2]] for ln in lines[start:end] if ln])
+    except ValueError:
+        raise ValueError(f"landmarks {path}: a point line between '{{' and '}}' is not 'x y'") from None
+
+
+def load_landmarks(path, pixel_centre=None):
+    """Read 68 iBUG landmarks from `.pts`, `.npy` or `.json` into the project's convention.
+
+    `pixel_centre` overrides where the source puts the first pixel's centre (see module docstring).
+    Returns float32 (68, 2).
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"landmark file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".pts":
+        points = _read_pts(path)
+    elif suffix == ".npy":
+        try:
+            points = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"landmarks {path}: not a numeric .npy array ({e})") from None
+        if points.ndim == 3 and points.shape[0] == 1:
+            points = points[0]
+        if points.ndim == 2 and points.shape[1] == 3:  # (x, y, visibility/z) variants
+            points = points[:, :2]
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"landmarks {path}: invalid JSON ({e})") from None
+        if isinstance(data, dict):
+            if "landmarks" not in data:
+                raise ValueError(f"landmarks {path}: JSON object needs a 'landmarks' key with 68 [x, y]")
+            if pixel_centre is None:
+                pixel_centre = float(data.get("pixel_centre", PIXEL_CENTRE[".json"]))
+            data = data["landmarks"]
+        points = data
+    else:
+        raise ValueError(f"landmarks {path}: unknown extension {suffix!r} (expected .pts, .npy or .json)")
+    points = _check(points, path)
+    if pixel_centre is None:
+        pixel_centre = PIXEL_CENTRE[suffix]
+    return (points + (0.5 - pixel_centre)).astype(np.float32)
+
+
+def save_landmarks_json(path, landmarks):
+    """Write landmarks (project convention) as JSON that `load_landmarks` reads back."""
+    landmarks = _check(landmarks, path)
+    pathlib.Path(path).write_text(json.dumps({"landmarks": landmarks.tolist(), "pixel_centre": 0.5}))
+
+
+def interocular_distance(landmarks):
+    """Distance between the eye centres (mean of each eye's 6 points): the usual error normaliser."""
+    lm = np.asarray(landmarks)
+    return float(np.linalg.norm(lm[list(LEFT_EYE)].mean(0) - lm[list(RIGHT_EYE)].mean(0)))
+
+
+_DLIB_CACHE = {}
+
+
+def _dlib_models(detector):
+    import dlib
+    import face_recognition_models as frm
+
+    key = detector
+    if key not in _DLIB_CACHE:
+        if detector == "hog":
+            det = dlib.get_frontal_face_detector()
+        elif detector == "cnn":
+            det = dlib.cnn_face_detection_model_v1(frm.cnn_face_detector_model_location())
+        else:
+            raise ValueError(f"detector must be 'hog' or 'cnn', got {detector!r}")
+        if "predictor" not in _DLIB_CACHE:
+            _DLIB_CACHE["predictor"] = dlib.shape_predictor(frm.pose_predictor_model_location())
+        _DLIB_CACHE[key] = det
+    return _DLIB_CACHE[key], _DLIB_CACHE["predictor"]
+
+
+def detect_faces(image, detector="hog", upsample=1):
+    """Face boxes as (left, top, right, bottom) in dlib pixel indices, with detector scores.
+
+    'hog' is dlib's frontal HOG+SVM detector; 'cnn' the MMOD CNN from face_recognition_models (slower
+    on CPU, better on profiles and small faces).
+    """
+    det, _ = _dlib_models(detector)
+    img = to_uint8(load_image(image))
+    if detector == "hog":
+        rects, scores, _ = det.run(img, upsample, 0.0)
+        boxes = [(r.left(), r.top(), r.right(), r.bottom()) for r in rects]
+    else:
+        found = det(img, upsample)
+        boxes = [(d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()) for d in found]
+        scores = [d.confidence for d in found]
+    return boxes, list(scores)
+
+
+def detect_landmarks(image, detector="hog", face=None, upsample=1, name=None):
+    """68 iBUG landmarks of one face by dlib (detector + shape_predictor_68_face_landmarks).
+
+    face: None picks the largest box; an int picks the face at that index in order of decreasing box
+    area. `name` (default: the path, if `image` is one) appears in the error raised when no face is
+    found. Returns float32 (68, 2) in the project's convention.
+    """
+    import dlib
+
+    if name is None:
+        name = str(image) if isinstance(image, (str, os.PathLike)) else "the given image"
+    img = to_uint8(load_image(image))
+    boxes, _ = detect_faces(img, detector, upsample)
+    if not boxes:
+        raise ValueError(f"no face found in {name} by dlib's {detector} detector "
+                         f"(upsample={upsample}); pass landmarks explicitly or try detector='cnn'")
+    order = sorted(range(len(boxes)), key=lambda i: -(boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1]))
+    index = 0 if face is None else int(face)
+    if not 0 <= index < len(boxes):
+        raise ValueError(f"face index {index} out of range: {len(boxes)} face(s) found in {name}")
+    left, top, right, bottom = boxes[order[index]]
+    _, predictor = _dlib_models(detector)
+    shape = predictor(img, dlib.rectangle(left, top, right, bottom))
+    points = np.array([[shape.part(i).x, shape.part(i).y] for i in range(NUM_LANDMARKS)], np.float64)
+    return (points + (0.5 - PIXEL_CENTRE["dlib"])).astype(np.float32)
+
+
+def load_or_detect(image_path, landmarks_path=None, detector="hog"):
+    """Landmarks from `landmarks_path`, else a sibling .pts/.npy/.json, else detected by dlib."""
+    image_path = pathlib.Path(image_path)
+    if landmarks_path is not None:
+        return load_landmarks(landmarks_path)
+    for suffix in (".pts", ".npy", ".json"):
+        candidate = image_path.with_suffix(suffix)
+        if candidate.exists():
+            return load_landmarks(candidate)
+    return detect_landmarks(image_path, detector=detector)
