@@ -9,6 +9,7 @@ choices), so `loss`, `step` and whole fits `jit` and `vmap` without closures ove
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Optional
 
@@ -294,23 +295,21 @@ def optimiser(learning_rate: float, params: FitParams, stage: int):
                            lambda u, s, p=None: (jax.tree.map(jnp.multiply, u, units), s)))
 
 
-def _stage_loss_fn(stage, pipeline, config: FitConfig):
+def _stage_loss(stage, config: FitConfig, pipeline, params, target, key, light_init):
     if stage == 1:
-        return lambda p, t, k, light_init: landmark_stage_loss(p, t, pipeline, config.weights)
-    return lambda p, t, k, light_init: loss(p, t, pipeline, k, config.weights,
-                                            config.random_render, light_init)
+        return landmark_stage_loss(params, target, pipeline, config.weights)
+    return loss(params, target, pipeline, key, config.weights, config.random_render, light_init)
 
 
-def make_chunk(pipeline: Pipeline, config: FitConfig, stage: int,
-               share_axis: Optional[str] = None):
-    """A function (params, opt_state, target, key, light_init) → (params, opt_state, terms)
-    running `config.chunk` Adam steps in one lax.scan; terms are per step. With `share_axis`
-    (a vmap axis name), shape and texture are averaged across that axis after every step
-    (Eq. 13, multi-frame fitting)."""
-    loss_fn = _stage_loss_fn(stage, pipeline, config)
+def make_chunk(config: FitConfig, stage: int, share_axis: Optional[str] = None):
+    """A function (pipeline, params, opt_state, target, key, light_init) → (params, opt_state,
+    terms) running `config.chunk` Adam steps in one lax.scan; terms are per step. With
+    `share_axis` (a vmap axis name), shape and texture are averaged across that axis after every
+    step (Eq. 13, multi-frame fitting)."""
 
-    def chunk(params, opt_state, target, key, light_init):
+    def chunk(pipeline, params, opt_state, target, key, light_init):
         tx = optimiser(config.learning_rate, params, stage)
+        loss_fn = functools.partial(_stage_loss, stage, config, pipeline)
 
         def body(carry, k):
             params, opt_state = carry
@@ -330,6 +329,18 @@ def make_chunk(pipeline: Pipeline, config: FitConfig, stage: int,
     return chunk
 
 
+@functools.lru_cache(maxsize=64)
+def compiled_chunk(config: FitConfig, stage: int, mode: str = "single"):
+    """The jitted chunk, cached so that fitting photo after photo compiles once per shape.
+    mode: "single", "batch" (vmap, independent images) or "frames" (vmap, shared identity)."""
+    if mode == "single":
+        return jax.jit(make_chunk(config, stage))
+    axis = "frames" if mode == "frames" else None
+    vmapped = jax.vmap(make_chunk(config, stage, share_axis=axis),
+                       in_axes=(None, 0, 0, 0, 0, 0), axis_name=axis)
+    return jax.jit(vmapped)
+
+
 def _print_progress(stage, done, total, terms, t0, log):
     elapsed = time.time() - t0
     eta = elapsed / max(done, 1) * (total - done)
@@ -345,18 +356,16 @@ def run_stage(pipeline: Pipeline, params: FitParams, target: Target, config: Fit
     frames: like batched, but the batch is frames of one person sharing shape and texture.
     """
     vectorised = batched or frames
-    chunk_fn = make_chunk(pipeline, config, stage, share_axis="frames" if frames else None)
+    run = compiled_chunk(config, stage, "frames" if frames else "batch" if batched else "single")
     tx = optimiser(config.learning_rate, params, stage)
     light_init = params.light  # Reg on light pulls towards where stage 2 starts
     if vectorised:
-        run = jax.jit(jax.vmap(chunk_fn, axis_name="frames" if frames else None))
         opt_state = jax.vmap(tx.init)(params)
         n = params.shape.shape[0]
-        call = lambda p, s, k: run(p, s, target, jax.random.split(k, n), light_init)
+        call = lambda p, s, k: run(pipeline, p, s, target, jax.random.split(k, n), light_init)
     else:
-        run = jax.jit(chunk_fn)
         opt_state = tx.init(params)
-        call = lambda p, s, k: run(p, s, target, k, light_init)
+        call = lambda p, s, k: run(pipeline, p, s, target, k, light_init)
     history = {}
     t0 = time.time()
     n_chunks = -(-iterations // config.chunk)

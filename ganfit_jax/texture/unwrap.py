@@ -42,10 +42,13 @@ def mirror_symmetry(model: morphable.MorphableModel, tolerance_mm=3.0):
 
 
 def uv_layout_is_mirrored(model: morphable.MorphableModel, symmetry, tolerance=1e-3):
-    """True if mirror vertices sit at mirrored UVs (u → 1 − u), so texel mirroring is a flip."""
+    """True if mirror vertices sit at mirrored UVs (u → 1 − u), so texel mirroring is a flip.
+
+    Judged on 98% of the vertices: a mean shape that is only nearly symmetric (the SFM's is
+    within 2.3 mm) gives a few nearest-neighbour mirrors one vertex off."""
     uv = np.asarray(model.uv)
-    return bool(np.all(np.abs(uv[symmetry, 0] - (1.0 - uv[:, 0])) < tolerance)
-                and np.all(np.abs(uv[symmetry, 1] - uv[:, 1]) < tolerance))
+    err = np.maximum(np.abs(uv[symmetry, 0] - (1.0 - uv[:, 0])), np.abs(uv[symmetry, 1] - uv[:, 1]))
+    return bool(np.mean(err < tolerance) > 0.98 and err.max() < 0.05)
 
 
 def bilinear(image, xy):
