@@ -1,0 +1,112 @@
+"""Identity networks F for GANFIT's identity and content losses (paper, Eqs. 8–9).
+
+One interface whichever network is configured:
+
+    net = load_identity('dlib')                     # default: installs with pip, no downloads
+    net = load_identity('arcface-r50', weights='checkpoints/arcface_r50.msgpack')  # or .pth / .onnx
+    net = load_identity('tiny', key=jax.random.key(0))   # random, small: for tests of other parts
+    crop = align(net, image, landmarks68)           # differentiable in image and landmarks
+    embedding, features = embed(net, crop)          # (D,), {layer name: (h, w, c)}
+
+`IdentityNet` is a pytree (its variables are leaves; module, input size and alignment are static),
+so it can be passed through jit/vmap/grad. `embed` takes one aligned image (H, W, 3) in [0, 1] (vmap
+it for batches) or a batch (B, H, W, 3).
+
+Feature names: 'stem', 'stage1' … 'stage4' (ArcFace; 112×112 input, 512-d embedding), 'stem',
+'stage1' … 'stage5' and 'pooled' (dlib; 150×150 input, 128-d). The losses should normalise the
+embedding themselves (cosine similarity): dlib's descriptors are not unit length (|e| ≈ 1.4).
+"""
+
+import os
+import pathlib
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from ganfit_jax.identity import align as _align
+from ganfit_jax.identity import arcface, dlib_resnet
+from ganfit_jax.identity import weights as _weights
+
+DEFAULT_NAME = "dlib"
+
+
+@flax.struct.dataclass
+class IdentityNet:
+    """A face-recognition network with its weights and the alignment it was trained with."""
+
+    variables: Any
+    module: nn.Module = flax.struct.field(pytree_node=False)
+    input_size: int = flax.struct.field(pytree_node=False)
+    alignment: str = flax.struct.field(pytree_node=False)  # 'dlib' or 'arcface'
+    name: str = flax.struct.field(pytree_node=False)
+
+
+def embed(net, aligned_image):
+    """F(I): (embedding (D,), {name: feature map}) of an aligned image, or batched with a leading B."""
+    single = aligned_image.ndim == 3
+    images = aligned_image[None] if single else aligned_image
+    if images.shape[1:3] != (net.input_size, net.input_size):
+        raise ValueError(f"{net.name} expects {net.input_size}×{net.input_size} aligned images, got "
+                         f"{images.shape[1:3]}; use align(net, image, landmarks) first")
+    embedding, features = net.module.apply(net.variables, images)
+    if single:
+        embedding = embedding[0]
+        features = {k: v[0] for k, v in features.items()}
+    return embedding, features
+
+
+def align(net, image, landmarks):
+    """Crop `image` (H, W, 3) to the network's template using 68 landmarks (differentiably)."""
+    return _align.align(image, landmarks, net.alignment, net.input_size)
+
+
+def cosine_similarity(a, b, eps=1e-8):
+    a = jnp.asarray(a)
+    b = jnp.asarray(b)
+    return jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + eps)
+
+
+def default_dlib_weights():
+    import face_recognition_models
+
+    return face_recognition_models.face_recognition_model_location()
+
+
+def _tiny_module():
+    return dlib_resnet.DlibResNet(stages=((8, 1, False), (16, 1, True)), stem_features=8,
+                                  embedding_size=32)
+
+
+def load_identity(name=DEFAULT_NAME, weights=None, key=None):
+    """Build an IdentityNet.
+
+    name: 'dlib' (weights: dlib's .dat, default the one in face_recognition_models);
+      'arcface' (= 'arcface-r50'), 'arcface-r18' | -r34 | -r50 | -r100 | -mbf (weights required:
+      arcface_torch .pth, insightface .onnx, or a .msgpack from experiments/convert_identity.py);
+      'tiny' (random weights from `key`; a 2-stage dlib-style net on 112×112 ArcFace crops, 32-d).
+    """
+    if name == "dlib":
+        path = weights or default_dlib_weights()
+        params = dlib_resnet.load_dlib_resnet_params(path)
+        variables = {"params": jax.tree_util.tree_map(jnp.asarray, params)}
+        return IdentityNet(variables, dlib_resnet.DlibResNet(), dlib_resnet.DLIB_INPUT_SIZE, "dlib", name)
+    if name == "tiny":
+        if key is None:
+            raise ValueError("load_identity('tiny') needs a PRNG key: load_identity('tiny', key=...)")
+        module = _tiny_module()
+        variables = module.init(key, jnp.zeros((1, 112, 112, 3)))
+        return IdentityNet(variables, module, 112, "arcface", name)
+    if name.startswith("arcface"):
+        arch = name.split("-", 1)[1] if "-" in name else "r50"
+        module = arcface.make_arcface(arch)
+        if weights is None:
+            raise ValueError(f"load_identity({name!r}) needs weights=PATH: an arcface_torch .pth, an "
+                             "insightface .onnx, or a .msgpack written by experiments/convert_identity")
+        variables = _weights.load_arcface_variables(module, weights)
+        variables = jax.tree_util.tree_map(jnp.asarray, variables)
+        return IdentityNet(variables, module, 112, "arcface", name)
+    raise ValueError(f"unknown identity network {name!r}; expected 'dlib', 'tiny', 'arcface' or "
+                     "'arcface-<r18|r34|r50|r100|mbf>'")
