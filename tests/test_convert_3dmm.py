@@ -63,7 +63,8 @@ def test_bad_inputs(tmp_path, sfm_dir):
     cut = tmp_path / "cut.bin"
     cut.write_bytes(whole[: len(whole) // 2])
     rc, _, stderr = _run("--format=sfm", f"--shape={cut}", f"--output={tmp_path / 'o.npz'}")
-    assert rc != 0 and re.search(r"cut.bin: (truncated|implausible .*not an eos model file)", stderr)
+    assert rc != 0
+    assert re.search(r"cut.bin: (truncated|implausible .*not an eos model file)", stderr)
     assert not (tmp_path / "o.npz").exists()
 
 
