@@ -21,7 +21,7 @@ def _run(*args):
 
 def test_sfm_conversion_and_overwrite_refusal(tmp_path, sfm_dir, sfm_model):
     out = tmp_path / "sfm.npz"
-    args = [f"--format=sfm", f"--shape={sfm_dir / 'sfm_shape_3448.bin'}",
+    args = ["--format=sfm", f"--shape={sfm_dir / 'sfm_shape_3448.bin'}",
             f"--expression={sfm_dir / 'expression_blendshapes_3448.bin'}",
             f"--landmarks={sfm_dir / 'ibug_to_sfm.txt'}",
             f"--contours={sfm_dir / 'sfm_model_contours.json'}", f"--output={out}"]

@@ -9,7 +9,6 @@ import os
 import pickle
 import subprocess
 import sys
-import textwrap
 
 import h5py
 import numpy as np
@@ -283,6 +282,14 @@ def _write_flame(tmp_path, shapedirs="Ch(fields['shapedirs'])", extra=""):
     env = dict(os.environ, PYTHONPATH=str(mods))
     subprocess.run([sys.executable, str(writer), str(tmp_path / "fields.npz"), str(out)],
                    check=True, env=env, cwd=tmp_path)
+    # Spell the globals as a Python 2 / numpy 1 / old scipy pickle does (protocol 2 GLOBAL
+    # opcodes are newline-terminated, so renaming them in place keeps the pickle valid).
+    data = out.read_bytes()
+    for new, old in ((b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"),
+                     (b"cscipy.sparse._csc\n", b"cscipy.sparse.csc\n")):
+        assert new in data
+        data = data.replace(new, old)
+    out.write_bytes(data)
     return out, fields
 
 
