@@ -179,9 +179,10 @@ def _check_v5_complete(path):
             tag = f.read(8)
             if len(tag) < 8:
                 break
-            _, nbytes = np.frombuffer(tag, f"{order}u4")
-            pos += 8 + int(nbytes)
-            pos += (-pos) % 8 if pos < size else 0  # uncompressed elements are 8-byte aligned
+            dtype, nbytes = (int(v) for v in np.frombuffer(tag, f"{order}u4"))
+            pos += 8 + nbytes
+            if dtype != 15:  # miMATRIX elements are padded to 8 bytes; miCOMPRESSED ones are not
+                pos += (-pos) % 8
     if pos > size:
         raise ValueError(f"{path}: truncated MATLAB file (a variable needs {pos} bytes, the "
                          f"file has {size})")
@@ -190,19 +191,19 @@ def _check_v5_complete(path):
 def mat_variables(path):
     """Names of the variables in a MATLAB v5 or v7.3 file, without reading their data."""
     path = _require_file(path)
+    v73 = _is_v73(path)
+    if not v73:
+        _check_v5_complete(path)
     try:
-        if _is_v73(path):
+        if v73:
             import h5py
 
             with h5py.File(path, "r") as f:
                 return [k for k in f.keys() if not k.startswith("#")]
         import scipy.io
 
-        _check_v5_complete(path)
         return [name for name, _, _ in scipy.io.whosmat(path)]
     except (OSError, ValueError, EOFError, TypeError) as e:
-        if isinstance(e, ValueError) and str(e).startswith(path):
-            raise
         raise ValueError(f"{path}: unreadable MATLAB file, truncated or corrupt ({e})") from None
 
 
