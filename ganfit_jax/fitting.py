@@ -114,6 +114,38 @@ class Pipeline:
     texture_dim: int = flax.struct.field(pytree_node=False, default=0)
 
 
+def identity_of(net, image, landmarks):
+    """F(align(I)): the identity network's (embedding, features) of an image, aligned with its
+    68 landmarks; the `identity_fn` of a Pipeline using `ganfit_jax.identity`."""
+    from ganfit_jax import identity
+
+    return identity.embed(net, identity.align(net, image, landmarks))
+
+
+def generate_texture(texture_model, p_t):
+    """G(p_t) of any texture model with a `generate` method (GAN, PCA, direct UV)."""
+    return texture_model.generate(p_t)
+
+
+def make_pipeline(model, texture_model, identity_net=None, image_size=(224, 224)) -> Pipeline:
+    """A Pipeline of the project's own texture models and identity networks."""
+    return Pipeline(model=model, texture_params=texture_model, identity_params=identity_net,
+                    texture_fn=generate_texture,
+                    identity_fn=None if identity_net is None else identity_of,
+                    image_size=tuple(image_size), texture_dim=texture_model.latent_dim)
+
+
+def target_from_image(pipeline: Pipeline, image, landmarks) -> Target:
+    """The Target of a working-resolution photo: identity features computed once, here."""
+    image = jnp.asarray(image, jnp.float32)
+    landmarks = jnp.asarray(landmarks, jnp.float32)
+    embedding = features = None
+    if pipeline.identity_fn is not None:
+        embedding, features = jax.jit(pipeline.identity_fn)(pipeline.identity_params, image,
+                                                            landmarks)
+    return Target(image=image, landmarks=landmarks, embedding=embedding, features=features)
+
+
 # ------------------------------------------------------------------------------------------
 # Initialisation
 # ------------------------------------------------------------------------------------------
@@ -264,8 +296,8 @@ def _fill_jaw(pipeline, params, lm):
     out = lm
     for jaw, contour in ((losses.JAW_RIGHT, model.contour_right),
                          (losses.JAW_LEFT, model.contour_left)):
-        pick = np.linspace(0, len(contour) - 1, len(jaw)).round().astype(int)
-        out = out.at[jnp.asarray(jaw)].set(px[jnp.asarray(np.asarray(contour))[pick]])
+        pick = np.linspace(0, contour.shape[0] - 1, len(jaw)).round().astype(int)
+        out = out.at[jnp.asarray(jaw)].set(px[contour[pick]])
     return out
 
 
@@ -384,9 +416,10 @@ def run_stage(pipeline: Pipeline, params: FitParams, target: Target, config: Fit
 
 
 def fit(pipeline: Pipeline, params: FitParams, target: Target, config: FitConfig = FitConfig(),
-        key=None, batched=False, frames=False, log=print):
+        key=None, batched=False, frames=False, log=print, between_stages=None):
     """Stage 1 (landmarks; shape, expression, camera) then stage 2 (Eq. 12, everything).
 
+    between_stages(params) → params runs once after stage 1 (e.g. `texture_from_photo`).
     Iteration counts are rounded up to whole chunks. Returns (params, {stage: history}).
     """
     key = jax.random.PRNGKey(0) if key is None else key
@@ -395,10 +428,26 @@ def fit(pipeline: Pipeline, params: FitParams, target: Target, config: FitConfig
     if config.stage1_iterations:
         params, histories[1] = run_stage(pipeline, params, target, config, 1,
                                          config.stage1_iterations, k1, batched, frames, log)
+    if between_stages is not None:
+        params = between_stages(params)
     if config.stage2_iterations:
         params, histories[2] = run_stage(pipeline, params, target, config, 2,
                                          config.stage2_iterations, k2, batched, frames, log)
     return params, histories
+
+
+def texture_from_photo(pipeline: Pipeline, params: FitParams, image, resolution=None):
+    """Starts the texture latent from the photo unwrapped onto the stage-1 mesh, for texture
+    models that can invert a UV map (`latent_from_uv`); others keep their latent. Not jitted."""
+    from ganfit_jax.texture import unwrap
+
+    tex = pipeline.texture_params
+    if not hasattr(tex, "latent_from_uv"):
+        return params
+    verts = morphable.vertices(pipeline.model, params.shape, params.expression)
+    uv_map, mask = unwrap.unwrap(pipeline.model, verts, params.camera, np.asarray(image),
+                                 resolution or getattr(tex, "resolution", 128))
+    return params.replace(texture=tex.latent_from_uv(uv_map, mask))
 
 
 def stack(trees):

@@ -42,13 +42,16 @@ def identity_loss(embedding_render, embedding_target):
 def content_loss(features_render, features_target):
     """Eq. 9: L_con = Σ_j ||F^j(I_0) − F^j(I_R)||_2 / (H_j W_j), over intermediate maps.
 
-    Both arguments are dicts name → (H_j, W_j, C_j) (or any array whose leading two axes are
-    spatial); the sum runs over the names they share.
+    Both arguments are dicts name → (H_j, W_j, C_j); the sum runs over the spatial maps
+    (3-D arrays) they share, so a network's pooled vector (its embedding, which L_id already
+    compares) does not count twice.
     """
     total = 0.0
     for name in sorted(set(features_render) & set(features_target)):
         a, b = features_render[name], features_target[name]
-        hw = a.shape[0] * a.shape[1] if a.ndim >= 3 else 1
+        if a.ndim != 3:
+            continue
+        hw = a.shape[0] * a.shape[1]
         # sqrt(x + eps) keeps the gradient finite when the two maps coincide
         total = total + jnp.sqrt(jnp.sum(jnp.square(a - b)) + 1e-12) / hw
     return total

@@ -33,6 +33,18 @@ class DirectUVTexture:
         coarse = jax.nn.sigmoid(p_t.reshape(self.coarse, self.coarse, 3))
         return jax.image.resize(coarse, (self.resolution, self.resolution, 3), "linear")
 
+    def latent_from_uv(self, uv_map, mask):
+        """The latent whose map best matches an unwrapped photo (texels with mask > 0),
+        unseen texels at the skin tone: a start for stage 2 that already looks like the face."""
+        uv_map = np.asarray(uv_map, np.float32)
+        weight = (np.asarray(mask, np.float32) > 0).astype(np.float32)[..., None]
+        size = (self.coarse, self.coarse)
+        colour = np.asarray(jax.image.resize(uv_map * weight, size + (3,), "linear"))
+        seen = np.asarray(jax.image.resize(weight, size + (1,), "linear"))
+        coarse = np.where(seen > 0.05, colour / np.maximum(seen, 1e-6), np.asarray(SKIN_TONE))
+        coarse = np.clip(coarse, 0.02, 0.98)
+        return jnp.asarray(np.log(coarse / (1 - coarse)).reshape(-1), jnp.float32)
+
     def init_latent(self, key=None):
         del key
         logit = np.log(np.asarray(SKIN_TONE) / (1 - np.asarray(SKIN_TONE)))

@@ -1,0 +1,351 @@
+"""GANFIT: fit a textured 3D face to a photo, a folder of photos, or frames of one person.
+
+    python -m experiments.fit --image=PHOTO [--landmarks=PTS_OR_NPY] --output_dir=outputs/NAME
+    python -m experiments.fit --images='DIR_OR_GLOB' --batch_size=8 --output_dir=outputs/batch
+    python -m experiments.fit --frames=DIR --output_dir=outputs/person   # one shared identity
+
+Per result it writes: mesh.obj + mesh.mtl + mesh.png (UV texture), params.npz (every parameter
+block, vertices (N,3) mm in model coordinates, landmarks3d (68,3), landmarks2d in the photo),
+overlay.png (render on the photo), side_by_side.png (photo | render | overlay), views.png (three
+other viewpoints) and loss.png. Existing outputs are never replaced unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("image", None, "One photo.")
+flags.DEFINE_string("images", None, "A folder or glob of photos, fitted independently in "
+                    "vmapped batches of --batch_size.")
+flags.DEFINE_string("frames", None, "A folder of frames of one person: per-frame expression, "
+                    "pose and light, one shared shape and texture (Eq. 13).")
+flags.DEFINE_string("landmarks", None, "68 iBUG landmarks for --image (.pts, .npy (68,2) or "
+                    ".json). Default: a file of the same stem beside the image, else dlib.")
+flags.DEFINE_string("model", None, "3DMM (.npz or any format morphable.load knows). Default: "
+                    "checkpoints/sfm.npz, else $GANFIT_ASSETS/sfm (../shared/assets/sfm).")
+flags.DEFINE_string("identity", "dlib", "Identity network: dlib | tiny | none | arcface-r50 "
+                    "(etc., with --identity_weights).")
+flags.DEFINE_string("identity_weights", None, "Weights for --identity (.msgpack/.pth/.onnx).")
+flags.DEFINE_string("texture", "direct", "Texture model: a GAN .msgpack, a PCA .npz, 'direct' "
+                    "(prior-free UV map; the fallback before a GAN is trained) or 'random' "
+                    "(untrained tiny GAN, tests only).")
+flags.DEFINE_integer("iterations", 300, "Stage-2 iterations (everything, Eq. 12).")
+flags.DEFINE_integer("stage1_iterations", 200, "Stage-1 iterations (landmarks only).")
+flags.DEFINE_integer("chunk", 25, "Iterations per jitted chunk (one progress line each).")
+flags.DEFINE_integer("image_size", 224, "Working (render) resolution.")
+flags.DEFINE_integer("batch_size", 8, "Photos per vmapped batch with --images.")
+flags.DEFINE_string("detector", "hog", "dlib face detector when landmarks must be detected.")
+flags.DEFINE_integer("seed", 0, "PRNG seed (random second render, texture init).")
+flags.DEFINE_float("lambda_id", 2.0, "λ_id")
+flags.DEFINE_float("lambda_id_random", 2.0, "λ̂_id")
+flags.DEFINE_float("lambda_content", 50.0, "λ_con")
+flags.DEFINE_float("lambda_pixel", 1.0, "λ_pix")
+flags.DEFINE_float("lambda_landmark", 0.001, "λ_lan")
+flags.DEFINE_float("lambda_shape", 0.05, "λ_reg on shape")
+flags.DEFINE_float("lambda_expression", 0.05, "λ_reg on expression")
+flags.DEFINE_float("lambda_light", 0.01, "λ_reg on light")
+flags.DEFINE_string("output_dir", None, "Where results go (one sub-folder per photo with "
+                    "--images; the folder itself with --image/--frames).")
+flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
+OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
+                "side_by_side.png", "views.png", "loss.png")
+
+
+class InputError(Exception):
+    """A problem with what the user gave: reported in one line, exit code 1, nothing written."""
+
+
+# ------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------
+
+
+def list_images(spec, flag):
+    if os.path.isdir(spec):
+        paths = [p for p in sorted(glob.glob(os.path.join(spec, "*")))
+                 if p.lower().endswith(IMAGE_EXTENSIONS)]
+    else:
+        paths = sorted(p for p in glob.glob(spec) if p.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise InputError(f"--{flag}={spec}: no images found")
+    return paths
+
+
+def default_model_path():
+    assets = os.environ.get("GANFIT_ASSETS", os.path.join("..", "shared", "assets"))
+    for c in (os.path.join("checkpoints", "sfm.npz"), os.path.join(assets, "sfm",
+                                                                   "sfm_shape_3448.bin")):
+        if os.path.exists(c):
+            return c
+    raise InputError("no --model given, and neither checkpoints/sfm.npz nor "
+                     f"{assets}/sfm/sfm_shape_3448.bin exists (see WORKSPACE.md)")
+
+
+def load_model(path):
+    from ganfit_jax import morphable
+
+    try:
+        return morphable.load(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(f"--model: {e}") from None
+
+
+def load_texture(spec, key):
+    from ganfit_jax.texture.direct import DirectUVTexture
+
+    if spec == "direct":
+        return DirectUVTexture()
+    from ganfit_jax.texture import model as texture_model
+
+    if spec == "random":
+        return texture_model.random_texture_model(key, resolution=64, latent_dim=32)
+    try:
+        return texture_model.load_texture_model(spec)
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(f"--texture: {e}") from None
+
+
+def load_identity_net(name, weights, key):
+    if name == "none":
+        return None
+    from ganfit_jax import identity
+
+    try:
+        if name == "tiny":
+            return identity.load_identity("tiny", key=key)
+        return identity.load_identity(name, weights=weights)
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(f"--identity={name}: {e}") from None
+
+
+def prepare(path, landmarks_path, size, detector):
+    """Photo → (original image, working crop, crop landmarks, CropTransform)."""
+    from ganfit_jax import inputs, landmarks
+
+    try:
+        image = landmarks.load_image(path)
+        lm = landmarks.load_or_detect(path, landmarks_path, detector=detector)
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(str(e)) from None
+    crop, lm_crop, transform = inputs.crop_face(image, lm, size)
+    return image, crop, lm_crop, transform
+
+
+def check_outputs_free(folders):
+    if FLAGS.overwrite:
+        return
+    for folder in folders:
+        existing = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(folder, f))]
+        if existing:
+            raise InputError(f"{folder} already holds {', '.join(existing)}; pass --overwrite "
+                             "to replace them or choose another --output_dir")
+
+
+# ------------------------------------------------------------------------------------------
+# Outputs
+# ------------------------------------------------------------------------------------------
+
+
+def write_result(folder, pipeline, params, original, crop, transform, history, source):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ganfit_jax import camera as camera_lib
+    from ganfit_jax import fitting, inputs, io, morphable
+
+    os.makedirs(folder, exist_ok=True)
+    model = pipeline.model
+    verts = np.asarray(morphable.vertices(model, params.shape, params.expression))
+    texture = np.clip(np.asarray(pipeline.texture_fn(pipeline.texture_params, params.texture)), 0, 1)
+    over = FLAGS.overwrite
+    io.write_obj(os.path.join(folder, "mesh.obj"), verts, np.asarray(model.triangles),
+                 np.asarray(model.uv), texture, overwrite=over)
+    lm2d_crop = np.asarray(fitting.project_landmarks(pipeline, params, None))
+    io.save_params(os.path.join(folder, "params.npz"),
+                   dict(shape=params.shape, expression=params.expression, texture=params.texture,
+                        camera=params.camera, light=params.light, vertices=verts,
+                        landmarks3d=np.asarray(morphable.landmarks3d(model, jnp.asarray(verts))),
+                        landmarks2d=transform.to_original(lm2d_crop),
+                        crop_origin=np.asarray(transform.origin), crop_scale=transform.scale),
+                   overwrite=over, source=str(source))
+    render, aux = fitting.render_face(pipeline, params)
+    render = np.clip(np.asarray(render), 0, 1)
+    mask = np.asarray(aux["mask"])
+    overlay = inputs.paste_back(original, render, mask, transform)
+    io.save_image(os.path.join(folder, "overlay.png"), overlay, overwrite=over)
+    crop_overlay = crop * (1 - mask[..., None]) + render * mask[..., None]
+    io.save_image(os.path.join(folder, "side_by_side.png"),
+                  np.concatenate([crop, render, crop_overlay], axis=1), overwrite=over)
+    views = []
+    for yaw in (-60.0, 0.0, 60.0):
+        turned = _turn(params, yaw)
+        img, _ = fitting.render_face(pipeline, turned, background=jnp.ones(3))
+        views.append(np.clip(np.asarray(img), 0, 1))
+    io.save_image(os.path.join(folder, "views.png"), np.concatenate(views, axis=1), overwrite=over)
+    curves = {}
+    for stage, hist in sorted(history.items()):
+        for name, values in hist.items():
+            curves[f"{name} (stage {stage})"] = np.asarray(values)
+    io.save_loss_curves(os.path.join(folder, "loss.png"), curves, log_y=True,
+                        title=f"GANFIT fit of {os.path.basename(str(source))}", overwrite=over)
+
+
+def _turn(params, yaw_degrees):
+    """A frontal camera at the fitted distance, turned by yaw about the face's centre (model
+    coordinates: the face looks along +z)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    distance = float(jnp.linalg.norm(params.camera[0:3] - params.camera[3:6]))
+    yaw = np.deg2rad(yaw_degrees)
+    eye = np.array([distance * np.sin(yaw), 0.0, distance * np.cos(yaw)])
+    cam = np.concatenate([eye, [0.0, 0.0, 0.0], [float(params.camera[6])], [0.0]])
+    light = np.asarray(params.light).copy()
+    light[0:3] = eye + np.array([0.0, 300.0, 0.0])
+    return params.replace(camera=jnp.asarray(cam, jnp.float32),
+                          light=jnp.asarray(light, jnp.float32))
+
+
+def history_slice(history, i):
+    return {stage: {k: v[:, i] for k, v in h.items()} for stage, h in history.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------
+
+
+def run():
+    import jax
+    import numpy as np
+
+    from ganfit_jax import fitting, losses
+
+    modes = [m for m in ("image", "images", "frames") if getattr(FLAGS, m)]
+    if len(modes) != 1:
+        raise InputError("give exactly one of --image, --images, --frames")
+    if not FLAGS.output_dir:
+        raise InputError("--output_dir is required")
+    if FLAGS.landmarks and not FLAGS.image:
+        raise InputError("--landmarks goes with --image (for folders, put a .pts/.npy beside "
+                         "each photo)")
+    mode = modes[0]
+    if mode == "image":
+        if not os.path.exists(FLAGS.image):
+            raise InputError(f"--image={FLAGS.image}: no such file")
+        paths = [FLAGS.image]
+    else:
+        paths = list_images(getattr(FLAGS, mode), mode)
+    if FLAGS.landmarks and not os.path.exists(FLAGS.landmarks):
+        raise InputError(f"--landmarks={FLAGS.landmarks}: no such file")
+    if mode == "images":
+        folders = [os.path.join(FLAGS.output_dir, os.path.splitext(os.path.basename(p))[0])
+                   for p in paths]
+    elif mode == "frames":
+        folders = [os.path.join(FLAGS.output_dir, os.path.splitext(os.path.basename(p))[0])
+                   for p in paths]
+    else:
+        folders = [FLAGS.output_dir]
+    check_outputs_free(folders)
+
+    model = load_model(FLAGS.model or default_model_path())
+    key = jax.random.PRNGKey(FLAGS.seed)
+    k_tex, k_id, k_fit = jax.random.split(key, 3)
+    texture_model = load_texture(FLAGS.texture, k_tex)
+    net = load_identity_net(FLAGS.identity, FLAGS.identity_weights, k_id)
+    size = (FLAGS.image_size, FLAGS.image_size)
+    pipeline = fitting.make_pipeline(model, texture_model, net, size)
+    weights = losses.LossWeights(
+        identity=FLAGS.lambda_id, identity_random=FLAGS.lambda_id_random,
+        content=FLAGS.lambda_content, pixel=FLAGS.lambda_pixel, landmark=FLAGS.lambda_landmark,
+        shape_reg=FLAGS.lambda_shape, expression_reg=FLAGS.lambda_expression,
+        light_reg=FLAGS.lambda_light)
+    config = fitting.FitConfig(stage1_iterations=FLAGS.stage1_iterations,
+                               stage2_iterations=FLAGS.iterations, chunk=FLAGS.chunk,
+                               weights=weights)
+
+    # every input is read and checked before anything is fitted or written
+    prepared = []
+    for k, path in enumerate(paths):
+        lm_path = FLAGS.landmarks if mode == "image" else None
+        prepared.append(prepare(path, lm_path, FLAGS.image_size, FLAGS.detector))
+        if len(paths) > 1:
+            print(f"prepared {k + 1}/{len(paths)}: {path}", flush=True)
+    texture_init = np.asarray(texture_model.init_latent(k_tex))
+
+    def start(item):
+        _, crop, lm, _ = item
+        return (fitting.init_params(model, lm, size, texture_model.latent_dim,
+                                    texture_init=texture_init),
+                fitting.target_from_image(pipeline, crop, lm))
+
+    def photo_texture(crops):
+        """Stage 2 starts from the photo's own colours, unwrapped onto the stage-1 mesh."""
+        def hook(params):
+            if params.shape.ndim == 1:
+                return fitting.texture_from_photo(pipeline, params, crops[0])
+            n = params.shape.shape[0]
+            return fitting.stack([fitting.texture_from_photo(pipeline, p, c)
+                                  for p, c in zip(fitting.unstack(params, n), crops)])
+        return hook
+
+    t0 = time.time()
+    if mode == "image":
+        params, target = start(prepared[0])
+        params, history = fitting.fit(pipeline, params, target, config, k_fit,
+                                      between_stages=photo_texture([prepared[0][1]]))
+        results = [(params, history)]
+    elif mode == "frames":
+        starts = [start(item) for item in prepared]
+        params, history = fitting.fit(pipeline, fitting.stack([s[0] for s in starts]),
+                                      fitting.stack([s[1] for s in starts]), config, k_fit,
+                                      frames=True)
+        # (frames share one texture; it starts from the prior's own start, not one frame)
+        results = [(p, history_slice(history, i))
+                   for i, p in enumerate(fitting.unstack(params, len(paths)))]
+    else:
+        results = []
+        for b in range(0, len(paths), FLAGS.batch_size):
+            items = prepared[b:b + FLAGS.batch_size]
+            real = len(items)
+            # pad the last batch by repeating its last photo: one compiled shape for all
+            items = items + [items[-1]] * (FLAGS.batch_size - real)
+            starts = [start(item) for item in items]
+            print(f"batch {b // FLAGS.batch_size + 1}: photos {b + 1}-{b + real} of {len(paths)}",
+                  flush=True)
+            params, history = fitting.fit(pipeline, fitting.stack([s[0] for s in starts]),
+                                          fitting.stack([s[1] for s in starts]), config,
+                                          jax.random.fold_in(k_fit, b), batched=True,
+                                          between_stages=photo_texture([i[1] for i in items]))
+            results += [(p, history_slice(history, i))
+                        for i, p in enumerate(fitting.unstack(params, real))]
+    print(f"fitted {len(paths)} photo(s) in {time.time() - t0:.1f}s", flush=True)
+
+    for (params, history), (original, crop, _, transform), folder, path in zip(
+            results, prepared, folders, paths):
+        write_result(folder, pipeline, params, original, crop, transform, history, path)
+        print(f"wrote {folder}/: " + " ".join(OUTPUT_FILES), flush=True)
+    if mode == "frames":
+        print("shared shape and texture: identical in every frame's params.npz")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    try:
+        run()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
