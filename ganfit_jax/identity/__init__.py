@@ -26,7 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ganfit_jax.identity import align as _align
+from ganfit_jax.identity import alignment as _align
 from ganfit_jax.identity import arcface, dlib_resnet
 from ganfit_jax.identity import weights as _weights
 

@@ -51,7 +51,7 @@ class _StorageType:
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
     if len(size) == 0:
-        return storage[offset].copy()
+        return np.array(storage[offset])
     itemsize = storage.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
                                            strides=tuple(s * itemsize for s in stride))
@@ -236,6 +236,7 @@ def _onnx_entries(path):
         op = node.op_type
         consts = [inits.get(i) for i in node.input]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        n_before = len(entries)
         if op == "Conv":
             entries.append(dict(op="conv", weight=consts[1],
                                 bias=consts[2] if len(consts) > 2 else None, attrs=attrs))
@@ -256,6 +257,12 @@ def _onnx_entries(path):
             entries[-1]["bias"] = next(c for c in consts if c is not None)
         elif not entries and op in ("Sub", "Mul", "Div"):
             pre_conv_ops.append((op, next((c for c in consts if c is not None), None)))
+        if len(entries) > n_before:
+            entries[-1]["input"] = node.input[0]
+        if entries and op in ("Conv", "BatchNormalization", "PRelu", "Gemm", "MatMul", "Add"):
+            entries[-1].setdefault("output", node.output[0])
+            if op == "Add" and entries[-1]["op"] == "dense":
+                entries[-1]["output"] = node.output[0]
     return entries, pre_conv_ops
 
 
@@ -273,6 +280,7 @@ def variables_from_onnx(module, path, log=None):
                 f"arcface_torch's {type(module).__name__} in order")
     i = 0
     pending_shift = None  # bias of a conv/dense whose following batch norm was folded away
+    previous = None  # the entry matched to the previous Flax layer
     for name, kind in layers:
         e = entries[i] if i < len(entries) else None
         where = f"node #{i} ({e['op'] if e else 'end of graph'}) for Flax {name} ({kind})"
@@ -302,7 +310,11 @@ def variables_from_onnx(module, path, log=None):
             i += 1
         elif kind == "bn":
             c = variables["params"][name]["scale"].shape[0]
-            if e is not None and e["op"] == "bn":
+            # A norm right after a conv/dense must read that layer's output; otherwise it was folded
+            # and the BatchNormalization in sight belongs to a later layer.
+            follows = previous is None or previous["op"] not in ("conv", "dense") or (
+                e is not None and e.get("input") == previous.get("output"))
+            if e is not None and e["op"] == "bn" and follows:
                 var = np.asarray(e["var"], np.float64) + float(e["eps"]) - arcface.BN_EPS
                 mean = np.asarray(e["mean"], np.float64)
                 if pending_shift is not None:  # a conv bias in front of an unfolded norm
@@ -319,6 +331,10 @@ def variables_from_onnx(module, path, log=None):
             for leaf in ("mean", "var"):
                 _assign(variables, "batch_stats", name, leaf, values[leaf], where, path)
             pending_shift = None
+        if kind != "bn" or (e is not None and e["op"] == "bn" and follows):
+            previous = e
+        else:
+            previous = None
         if log is not None:
             log(f"{where} -> {name}")
     if i != len(entries):

@@ -117,10 +117,11 @@ def bilinear_sample(image, xy):
 def warp_affine(image, out_to_in, out_hw):
     """Output image (out_h, out_w, C) whose pixel centre p shows the input at out_to_in(p)."""
     oh, ow = out_hw
-    ys, xs = jnp.meshgrid(jnp.arange(oh, dtype=jnp.float32) + 0.5,
-                          jnp.arange(ow, dtype=jnp.float32) + 0.5, indexing="ij")
+    dtype = jnp.promote_types(jnp.asarray(out_to_in).dtype, jnp.float32)
+    ys, xs = jnp.meshgrid(jnp.arange(oh, dtype=dtype) + 0.5,
+                          jnp.arange(ow, dtype=dtype) + 0.5, indexing="ij")
     grid = jnp.stack([xs, ys], -1)
-    return bilinear_sample(image, apply_affine(out_to_in.astype(jnp.float32), grid))
+    return bilinear_sample(image, apply_affine(out_to_in, grid))
 
 
 def arcface_transform(landmarks, size=112):

@@ -1,0 +1,102 @@
+"""dlib's face-recognition ResNet in Flax vs dlib itself, on the real released weights."""
+
+import itertools
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+dlib = pytest.importorskip("dlib")
+frm = pytest.importorskip("face_recognition_models")
+
+from ganfit_jax.identity import dlib_format, dlib_resnet  # noqa: E402
+
+CHIPS_PER_PERSON = 4
+
+
+@pytest.fixture(scope="module")
+def chips(faces_dir):
+    """Aligned 150×150 chips of 5 people (dlib's examples/johns), a few each."""
+    from PIL import Image
+
+    people = sorted(p for p in (faces_dir / "dlib" / "johns").iterdir() if p.is_dir())
+    images, labels = [], []
+    for i, person in enumerate(people):
+        for f in sorted(person.iterdir())[:CHIPS_PER_PERSON]:
+            images.append(np.asarray(Image.open(f).convert("RGB")))
+            labels.append(i)
+    return np.stack(images), np.array(labels)
+
+
+@pytest.fixture(scope="module")
+def descriptors(chips):
+    images, _ = chips
+    path = frm.face_recognition_model_location()
+    reference = dlib.face_recognition_model_v1(path)
+    ref = np.stack([np.asarray(reference.compute_face_descriptor(im, 0)) for im in images])
+    params = dlib_resnet.load_dlib_resnet_params(path)
+    ours, features = jax.jit(dlib_resnet.DlibResNet().apply)({"params": params},
+                                                              jnp.asarray(images, jnp.float32) / 255.0)
+    return np.asarray(ours, np.float64), ref, features
+
+
+def test_descriptors_match_dlib(descriptors):
+    ours, ref, features = descriptors
+    cos = np.sum(ours * ref, 1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cos.min() >= 0.999, cos.min()
+    np.testing.assert_allclose(ours, ref, atol=1e-4)  # measured: ~5e-7
+    assert features["stage1"].shape[1:] == (35, 35, 32)
+    assert features["stage4"].shape[1:] == (4, 4, 256)   # 3×3 branch zero-padded onto 4×4 shortcut
+    assert features["stage5"].shape[1:] == (2, 2, 256)
+
+
+def test_same_person_closer_as_in_dlib(chips, descriptors):
+    _, labels = chips
+    ours, ref, _ = descriptors
+    pairs = list(itertools.combinations(range(len(labels)), 2))
+    d_ours = np.array([np.linalg.norm(ours[i] - ours[j]) for i, j in pairs])
+    d_ref = np.array([np.linalg.norm(ref[i] - ref[j]) for i, j in pairs])
+    same = np.array([labels[i] == labels[j] for i, j in pairs])
+    assert d_ours[same].mean() < d_ours[~same].mean()
+    # dlib's own verification decisions (threshold 0.6) are reproduced pair by pair
+    np.testing.assert_array_equal(d_ours < 0.6, d_ref < 0.6)
+    assert (d_ours[same] < 0.6).mean() >= (d_ref[same] < 0.6).mean()
+    np.testing.assert_allclose(d_ours, d_ref, atol=1e-4)
+
+
+def test_gradient_wrt_input_is_finite(chips):
+    params = dlib_resnet.load_dlib_resnet_params(frm.face_recognition_model_location())
+    image = jnp.asarray(chips[0][:1], jnp.float32) / 255.0
+    net = dlib_resnet.DlibResNet()
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(net.apply({"params": params}, x)[0] ** 2)))(image)
+    assert grad.shape == image.shape and bool(jnp.all(jnp.isfinite(grad)))
+    assert float(jnp.abs(grad).max()) > 0
+
+
+def test_reader_layers():
+    loss, inp, layers = dlib_format.read_dlib_network(frm.face_recognition_model_location())
+    assert loss["kind"] == "loss_metric_2" and abs(loss["distance_threshold"] - 0.6) < 1e-6
+    assert (inp["nr"], inp["nc"]) == (150, 150)
+    kinds = [layer.kind for layer in layers]
+    assert kinds.count("con_4") == 29 and kinds.count("add_prev_") == 14 and kinds[-1] == "fc_2"
+
+
+def test_bad_files_name_the_file(tmp_path):
+    truncated = tmp_path / "resnet_truncated.dat"
+    with open(frm.face_recognition_model_location(), "rb") as fh:
+        truncated.write_bytes(fh.read(1_000_000))
+    with pytest.raises(dlib_format.DlibFormatError, match=r"resnet_truncated\.dat.*past the end of the file"):
+        dlib_resnet.load_dlib_resnet_params(truncated)
+    # another dlib file (the 5-point shape predictor) is not this network
+    other = tmp_path / "shape_predictor_5.dat"
+    shutil.copy(frm.pose_predictor_five_point_model_location(), other)
+    with pytest.raises(dlib_format.DlibFormatError, match=r"shape_predictor_5\.dat.*expected dlib"):
+        dlib_resnet.load_dlib_resnet_params(other)
+    junk = tmp_path / "junk.dat"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(dlib_format.DlibFormatError, match=r"junk\.dat"):
+        dlib_resnet.load_dlib_resnet_params(junk)
+    with pytest.raises(FileNotFoundError, match="nowhere.dat"):
+        dlib_resnet.load_dlib_resnet_params(tmp_path / "nowhere.dat")
