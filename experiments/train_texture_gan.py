@@ -1,0 +1,253 @@
+"""Train the progressive UV-texture GAN of GANFIT (Sec. 3.1; Karras et al., ICLR 2018).
+
+    python -m experiments.train_texture_gan --uv_dir=DIR --output_dir=DIR \
+        --max_resolution=64 --steps_per_phase=1000 --batch_size=16
+
+Reads every UV map in --uv_dir (NAME.png / .jpg, optional NAME_mask.png for unobserved texels),
+trains 4x4 -> --max_resolution with fade-in phases, and writes into --output_dir:
+
+  checkpoint.msgpack        full training state (latest; resumed automatically)
+  generator.msgpack         EMA generator at the latest finished phase (texture.load_gan)
+  samples_phaseKK_RxR_{fade,stable}.png   sample grid at the end of each phase (fixed latents)
+  losses_phaseKK.png        D/G loss curves of each phase
+  metrics.jsonl             one line of metrics per step
+  config.json               the flags of the first run
+
+Running again on the same --output_dir resumes from checkpoint.msgpack (and says so); a larger
+--max_resolution grows the networks and appends phases. Training is data-parallel over all
+local devices (batch sharded on a 1-D jax.sharding mesh, state replicated) and deterministic
+given --seed: batch indices and PRNG keys are functions of (seed, step) only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from PIL import Image, ImageDraw
+
+from ganfit_jax.texture import model as texture_model
+from ganfit_jax.texture import progan, train, uv_io
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("uv_dir", None, "Folder of UV maps (NAME.png, optional NAME_mask.png).")
+flags.DEFINE_string("output_dir", None, "Where checkpoints, samples and curves go.")
+flags.DEFINE_integer("max_resolution", 64, "Final resolution (power of two, 4..1024).")
+flags.DEFINE_integer("steps_per_phase", 1000, "Steps in each fade-in and each stable phase.")
+flags.DEFINE_integer("batch_size", 16, "Global batch (divisible by the number of devices).")
+flags.DEFINE_integer("latent_dim", 512, "Size of p_t (the paper: 512).")
+flags.DEFINE_integer("fmap_base", 8192, "Channel width base: width(res) = min(base/(res/2), max).")
+flags.DEFINE_integer("fmap_max", 512, "Largest channel width.")
+flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate (Karras et al.: 0.001).")
+flags.DEFINE_float("ema_decay", 0.999, "Decay of the generator EMA used for samples/export.")
+flags.DEFINE_integer("seed", 0, "Seed of initialisation, batches and latents.")
+flags.DEFINE_integer("checkpoint_every", 500, "Also checkpoint every N steps (0: phase ends only).")
+flags.DEFINE_integer("log_every", 50, "Progress line every N steps.")
+flags.DEFINE_integer("num_samples", 16, "Samples per grid (a square number reads best).")
+flags.DEFINE_integer("max_steps", 0, "Stop after this many steps in this invocation (0: none).")
+
+
+def _atomic_write(path, data: bytes):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def sample_grid(images, tile: int = 64):
+    """(N, r, r, 3) in [0, 1] -> one uint8 grid image, tiles upscaled (nearest) to >= tile px."""
+    n, r = images.shape[0], images.shape[1]
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    scale = max(1, tile // r)
+    big = np.repeat(np.repeat(np.asarray(images), scale, 1), scale, 2)
+    s = r * scale
+    grid = np.ones((rows * (s + 2) + 2, cols * (s + 2) + 2, 3), np.float32)
+    for i in range(n):
+        y, x = 2 + (i // cols) * (s + 2), 2 + (i % cols) * (s + 2)
+        grid[y:y + s, x:x + s] = big[i]
+    return Image.fromarray(np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8))
+
+
+def loss_curves(series: dict, title: str, size=(640, 360)):
+    """Line plot of each named series (x = step) drawn with Pillow."""
+    colours = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (150, 90, 20), (120, 40, 160)]
+    w, h = size
+    left, right, top, bottom = 60, 10, 24, 30
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 4), title, fill="black")
+    values = [np.asarray(v, np.float64) for _, v in series.values() if len(v)]
+    if not values:
+        return img
+    lo = min(float(np.nanmin(v)) for v in values)
+    hi = max(float(np.nanmax(v)) for v in values)
+    hi = hi if hi > lo else lo + 1.0
+    steps = [np.asarray(s) for s, v in series.values() if len(v)]
+    s0, s1 = min(int(s.min()) for s in steps), max(int(s.max()) for s in steps)
+    s1 = s1 if s1 > s0 else s0 + 1
+    px = lambda s: left + (s - s0) / (s1 - s0) * (w - left - right)
+    py = lambda v: top + (hi - v) / (hi - lo) * (h - top - bottom)
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    if lo < 0 < hi:
+        draw.line([(left, py(0)), (w - right, py(0))], fill=(200, 200, 200))
+    draw.text((4, top - 6), f"{hi:.3g}", fill="black")
+    draw.text((4, h - bottom - 6), f"{lo:.3g}", fill="black")
+    draw.text((left, h - bottom + 4), f"step {s0}", fill="black")
+    draw.text((w - right - 80, h - bottom + 4), f"step {s1}", fill="black")
+    for k, (name, (s, v)) in enumerate(series.items()):
+        colour = colours[k % len(colours)]
+        pts = [(px(a), py(b)) for a, b in zip(s, v) if np.isfinite(b)]
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=1)
+        draw.text((left + 8 + 90 * k, top + 4), name, fill=colour)
+    return img
+
+
+def _eta(seconds):
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def main(argv):
+    del argv
+    if not FLAGS.uv_dir or not FLAGS.output_dir:
+        raise app.UsageError("--uv_dir and --output_dir are required")
+    config = progan.ProGANConfig(latent_dim=FLAGS.latent_dim, max_resolution=FLAGS.max_resolution,
+                                 fmap_base=FLAGS.fmap_base, fmap_max=FLAGS.fmap_max)
+    devices = jax.local_devices()
+    if FLAGS.batch_size % len(devices):
+        raise ValueError(f"--batch_size={FLAGS.batch_size} must be divisible by the "
+                         f"{len(devices)} local devices")
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    names, images, masks = uv_io.load_uv_folder(FLAGS.uv_dir, config.max_resolution)
+    print(f"Loaded {len(names)} UV maps from {FLAGS.uv_dir} at {config.max_resolution}px, "
+          f"observed texels {100 * masks.mean():.1f}%; {len(devices)} device(s): "
+          f"{devices[0].platform}", flush=True)
+
+    phases = train.schedule(config.max_resolution, FLAGS.steps_per_phase)
+    total = phases[-1].end_step
+    ckpt_path = os.path.join(FLAGS.output_dir, "checkpoint.msgpack")
+    meta = {"seed": FLAGS.seed, "steps_per_phase": FLAGS.steps_per_phase,
+            "batch_size": FLAGS.batch_size, "learning_rate": FLAGS.learning_rate,
+            "ema_decay": FLAGS.ema_decay}
+    if os.path.exists(ckpt_path):
+        with open(ckpt_path, "rb") as f:
+            state, saved, old_meta = train.checkpoint_from_bytes(
+                f.read(), config, FLAGS.learning_rate, source=ckpt_path)
+        for k in ("seed", "steps_per_phase"):
+            if old_meta.get(k) != meta[k]:
+                raise ValueError(f"{ckpt_path} was trained with --{k}={old_meta.get(k)}; resume "
+                                 f"with the same value (got {meta[k]}) or use a new --output_dir")
+        step = int(state.step)
+        print(f"Resuming from {ckpt_path} at step {step}"
+              + (f"; max_resolution raised {saved.max_resolution} -> {config.max_resolution}: "
+                 f"networks grown, {len(phases) - len(train.schedule(saved.max_resolution, FLAGS.steps_per_phase))}"
+                 " phases appended" if saved.max_resolution != config.max_resolution else ""),
+              flush=True)
+    else:
+        state = train.init_state(jax.random.key(FLAGS.seed), config, FLAGS.learning_rate)
+        step = 0
+        with open(os.path.join(FLAGS.output_dir, "config.json"), "w") as f:
+            json.dump(dict(meta, **config.to_dict(), uv_dir=os.path.abspath(FLAGS.uv_dir)), f,
+                      indent=1)
+        print(f"Starting a new run in {FLAGS.output_dir}", flush=True)
+    if step >= total:
+        print(f"Schedule already complete ({step}/{total} steps); nothing to do.")
+        return
+
+    # Auto axis: XLA partitions the step (minibatch-stddev groups may span devices).
+    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = jax.device_put(state, replicated)
+    step_fn = jax.jit(train.train_step, static_argnames=("config", "level", "learning_rate",
+                                                         "ema_decay"), donate_argnums=0)
+    sample_fn = jax.jit(progan.generator_apply, static_argnums=(1, 3))
+    z_samples = jax.random.normal(jax.random.key(FLAGS.seed + 1_000_003),
+                                  (FLAGS.num_samples, config.latent_dim))
+    base_key = jax.random.key(FLAGS.seed + 1)
+    metrics_path = os.path.join(FLAGS.output_dir, "metrics.jsonl")
+    history = []
+    if os.path.exists(metrics_path):  # keep only what the checkpoint has seen
+        with open(metrics_path) as f:
+            history = [r for r in map(json.loads, f) if r["step"] < step]
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in history)
+
+    def save_checkpoint():
+        _atomic_write(ckpt_path, train.checkpoint_to_bytes(state, config, meta))
+
+    start_time, start_step, pending = time.time(), step, []
+    n = images.shape[0]
+    while step < total and (not FLAGS.max_steps or step - start_step < FLAGS.max_steps):
+        phase = train.phase_at(phases, step)
+        if step == phase.start_step:
+            state = train.reset_optimizers(state, FLAGS.learning_rate)
+            state = jax.device_put(state, replicated)
+            print(f"== {phase.describe()}: steps {phase.start_step}..{phase.end_step - 1}",
+                  flush=True)
+        rng = np.random.default_rng([FLAGS.seed, step])
+        idx = rng.choice(n, FLAGS.batch_size, replace=n < FLAGS.batch_size)
+        batch = jax.device_put(images[idx], batch_sharding)
+        batch_masks = jax.device_put(masks[idx], batch_sharding)
+        alpha = phase.alpha(step)
+        state, metrics = step_fn(state, batch, batch_masks, jax.random.fold_in(base_key, step),
+                                 config=config, level=phase.level, alpha=jnp.float32(alpha),
+                                 learning_rate=FLAGS.learning_rate, ema_decay=FLAGS.ema_decay)
+        pending.append((step, alpha, metrics))
+        step += 1
+        done_phase = step == phase.end_step
+        stopping = bool(FLAGS.max_steps) and step - start_step >= FLAGS.max_steps
+        if done_phase or stopping or step % FLAGS.log_every == 0 or step == total:
+            rows = []
+            for s, a, m in pending:
+                row = {"step": s, "phase": phase.index, "resolution": phase.resolution,
+                       "alpha": round(float(a), 6)}
+                row.update({k: float(v) for k, v in jax.device_get(m).items()})
+                rows.append(row)
+            pending = []
+            history.extend(rows)
+            with open(metrics_path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            r = rows[-1]
+            rate = (step - start_step) / max(time.time() - start_time, 1e-9)
+            print(f"[{phase.describe()}] step {step}/{total} alpha={r['alpha']:.2f} "
+                  f"d_loss={r['d_loss']:.4f} g_loss={r['g_loss']:.4f} wdist={r['wdist']:.4f} "
+                  f"gp={r['gp']:.4f} | {rate:.2f} it/s ETA {_eta((total - step) / rate)}",
+                  flush=True)
+        if done_phase:
+            fakes = sample_fn(state.g_ema, config, z_samples, phase.level, 1.0)
+            grid = sample_grid(np.clip(0.5 * (np.asarray(fakes) + 1.0), 0.0, 1.0))
+            kind = "fade" if phase.fade else "stable"
+            res = phase.resolution
+            grid.save(os.path.join(FLAGS.output_dir,
+                                   f"samples_phase{phase.index:02d}_{res}x{res}_{kind}.png"))
+            rows = [h for h in history if h["phase"] == phase.index]
+            series = {k: ([h["step"] for h in rows], [h[k] for h in rows])
+                      for k in ("d_loss", "g_loss", "wdist")}
+            loss_curves(series, f"{phase.describe()}: WGAN-GP losses").save(
+                os.path.join(FLAGS.output_dir, f"losses_phase{phase.index:02d}.png"))
+            gen = texture_model.GANTexture(jax.device_get(state.g_ema), config, phase.level)
+            _atomic_write(os.path.join(FLAGS.output_dir, "generator.msgpack"),
+                          texture_model.gan_to_bytes(gen))
+            save_checkpoint()
+            print(f"   wrote samples, loss curves, generator ({res}x{res}) and checkpoint",
+                  flush=True)
+        elif FLAGS.checkpoint_every and step % FLAGS.checkpoint_every == 0:
+            save_checkpoint()
+    save_checkpoint()
+    print(f"Stopped at step {step}/{total}; checkpoint {ckpt_path}", flush=True)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["uv_dir", "output_dir"])
+    app.run(main)
