@@ -103,15 +103,15 @@ def crop(vertices, triangles, center, radius=DEFAULT_CROP_RADIUS_MM) -> Crop:
 
 
 def find_nose_tip(vertices, forward=(0.0, 0.0, 1.0), up=(0.0, 1.0, 0.0), lateral_radius=35.0,
-                  smoothing_radius=5.0) -> int:
+                  neighbours=10) -> int:
     """Index of the nose tip of a roughly frontal face scan.
 
     The usual heuristic for scans without landmarks: the nose tip is the most protruding point
     along the viewing direction. To keep hair, shoulders or a jutting chin from winning we
-    (1) look only near the face's lateral centre (within `lateral_radius` mm of the median in the
-    plane orthogonal to `forward`, iterated once around the first guess) and (2) score each point
-    by the mean protrusion of its `smoothing_radius` neighbourhood, which suppresses spikes from
-    scanner noise.
+    (1) look only near the face's lateral centre (within 2.5 `lateral_radius` mm of the median in
+    the plane orthogonal to `forward`, then within `lateral_radius` of that first guess) and
+    (2) score each point by the median protrusion of its `neighbours` nearest points, so an
+    isolated spike of scanner noise cannot win.
 
     Args:
       vertices: (N,3) points in mm of a face looking along `forward` with `up` roughly up.
@@ -129,13 +129,15 @@ def find_nose_tip(vertices, forward=(0.0, 0.0, 1.0), up=(0.0, 1.0, 0.0), lateral
     centre = np.median(plane, axis=0)
     tree = cKDTree(v)
     best = None
-    for _ in range(2):  # second pass re-centres the window on the first guess
-        window = np.flatnonzero(np.linalg.norm(plane - centre, axis=1) <= lateral_radius)
+    # a wide first window (the median may sit low when the scan includes neck and shoulders),
+    # then a narrow one re-centred on the first guess
+    for radius in (2.5 * lateral_radius, lateral_radius):
+        window = np.flatnonzero(np.linalg.norm(plane - centre, axis=1) <= radius)
         if window.size == 0:
             window = np.arange(len(v))
         top = window[np.argsort(depth[window])[-min(200, window.size):]]
-        neighbours = tree.query_ball_point(v[top], smoothing_radius)
-        score = np.array([depth[n].mean() for n in neighbours])
+        _, near = tree.query(v[top], k=min(neighbours, len(v)))
+        score = np.median(depth[near.reshape(len(top), -1)], axis=1)
         best = int(top[np.argmax(score)])
         centre = plane[best]
     return best
@@ -246,7 +248,8 @@ def icp(source, target_vertices, target_triangles=None, *, with_scale=False, met
     solves for the update: "point" minimises Σ|s R p + t - q|² in closed form (Umeyama);
     "plane" minimises Σ((s R p + t - q)·n_q)² linearised in the small rotation (and scale), with
     n_q the target's vertex normals (needs `target_triangles`). Iteration stops when the mean
-    residual changes by less than `tolerance` (relative) or after `max_iterations`.
+    residual changes by less than `tolerance` (relative), or repeats its value of two iterations
+    before (a 2-cycle of the nearest-vertex pairing), or after `max_iterations`.
 
     Returns the accumulated transform mapping the original `source` onto the target.
     """
@@ -294,8 +297,12 @@ def icp(source, target_vertices, target_triangles=None, *, with_scale=False, met
             # x ↦ s R (x - centre) + centre + t
             step = Similarity(scale, rot, centre + x[3:6] - scale * rot @ centre)
         transform = transform.then(step)
-        # relative change, with a floor of 1 nm so exact fits (error ~1e-12 mm) stop too
-        if it > 0 and abs(errors[-2] - errors[-1]) <= max(tolerance * errors[-2], 1e-6):
+        # relative change, with a floor of 1 nm so exact fits (error ~1e-12 mm) stop too; the
+        # discrete nearest-vertex pairing can also settle into a 2-cycle, which is as converged
+        # as it gets
+        tol = max(tolerance * errors[-1], 1e-6)
+        if (it > 0 and abs(errors[-2] - errors[-1]) <= tol) or (
+                it > 1 and abs(errors[-3] - errors[-1]) <= tol):
             converged = True
             break
     return IcpResult(transform, np.asarray(errors), len(errors), converged)

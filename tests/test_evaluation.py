@@ -146,6 +146,15 @@ def test_find_nose_tip_on_the_sfm(sfm_face):
     for v in (mean, verts):
         tip = ev.find_nose_tip(v)
         assert np.linalg.norm(v[tip] - v[SFM_NOSE_TIP]) < 6.0
+    # a scan with neck and shoulders below (a wide plate 10 cm behind the face) and a noise spike
+    # on the cheek: still the nose
+    xs, ys = np.meshgrid(np.linspace(-250, 250, 60), np.linspace(-350, -60, 40))
+    body = np.stack([xs.ravel(), ys.ravel(), np.full(xs.size, -100.0)], axis=1)
+    spiky = verts.copy()
+    cheek = np.argmin(np.linalg.norm(verts - (verts[SFM_NOSE_TIP] + [45, -10, -40]), axis=1))
+    spiky[cheek, 2] = verts[SFM_NOSE_TIP, 2] + 8.0
+    tip = ev.find_nose_tip(np.concatenate([spiky, body]))
+    assert np.linalg.norm(spiky[tip] - verts[SFM_NOSE_TIP]) < 6.0
 
 
 # ---------------------------------------------------------------------------------------------
