@@ -384,9 +384,10 @@ def closest_points_on_mesh(points, vertices, triangles, chunk=50000):
     """Exact closest points on a triangle mesh: (closest (M,3), distance (M,), triangle (M,)).
 
     Exact, not approximate: with u the distance to the nearest mesh vertex, the closest triangle
-    T lies within u of the point, so its centroid lies within u + r_T (r_T its circumradius
-    about the centroid). Triangles with r_T up to a threshold are found by a centroid-tree ball
-    query of radius u + threshold; the few larger ones are tested against every point.
+    T lies within u of the point, so its centroid lies within u + r_T (r_T the largest distance
+    from its centroid to a corner). Triangles are bucketed by r_T in powers of two; each bucket
+    is searched with a centroid-tree ball query of radius u + (the bucket's largest r_T), so a
+    few huge triangles cost no more than a few small ones.
     """
     p = _as_points(points, "points")
     v = _as_points(vertices, "vertices")
@@ -396,41 +397,36 @@ def closest_points_on_mesh(points, vertices, triangles, chunk=50000):
     corners = v[t]
     centroid = corners.mean(axis=1)
     radius = np.linalg.norm(corners - centroid[:, None], axis=2).max(axis=1)
-    threshold = 2.0 * np.median(radius) + 1e-9
-    small = np.flatnonzero(radius <= threshold)
-    big = np.flatnonzero(radius > threshold)
-    used = np.unique(t)
-    bound, _ = cKDTree(v[used]).query(p)
+    unit = 2.0 * np.median(radius) + 1e-9
+    level = np.maximum(np.ceil(np.log2(np.maximum(radius, 1e-300) / unit)), 0).astype(int)
+    bound, _ = cKDTree(v[np.unique(t)]).query(p)
     best_d2 = np.full(len(p), np.inf)
     best_tri = np.zeros(len(p), np.int64)
     best_pt = np.zeros_like(p)
 
-    def offer(qi, ti):
-        cp = closest_point_on_triangles(p[qi], corners[ti, 0], corners[ti, 1], corners[ti, 2])
-        d2 = np.sum((p[qi] - cp) ** 2, axis=1)
-        order = np.lexsort((d2, qi))
-        qs, first = np.unique(qi[order], return_index=True)
-        win = order[first]
-        better = d2[win] < best_d2[qs]
-        qs, win = qs[better], win[better]
-        best_d2[qs], best_tri[qs], best_pt[qs] = d2[win], ti[win], cp[win]
-
-    if small.size:
-        tree = cKDTree(centroid[small])
+    for lv in np.unique(level):
+        members = np.flatnonzero(level == lv)
+        reach = radius[members].max() + 1e-9
+        tree = cKDTree(centroid[members])
         for start in range(0, len(p), chunk):
             sl = slice(start, start + chunk)
-            lists = tree.query_ball_point(p[sl], bound[sl] + threshold)
+            # best_d2 so far also bounds the search, which prunes the later (bigger) buckets
+            r = np.minimum(bound[sl], np.sqrt(best_d2[sl])) + reach
+            lists = tree.query_ball_point(p[sl], r)
             lengths = np.fromiter((len(x) for x in lists), np.int64, len(lists))
             if lengths.sum() == 0:
                 continue
             qi = np.repeat(np.arange(start, start + len(lists)), lengths)
-            ti = small[np.concatenate([np.asarray(x, np.int64) for x in lists])]
-            offer(qi, ti)
-    if big.size:
-        step = max(1, chunk // max(1, big.size))
-        for start in range(0, len(p), step):
-            rows = np.arange(start, min(start + step, len(p)))
-            offer(np.repeat(rows, big.size), np.tile(big, rows.size))
+            ti = members[np.concatenate([np.asarray(x, np.int64) for x in lists])]
+            cp = closest_point_on_triangles(p[qi], corners[ti, 0], corners[ti, 1],
+                                            corners[ti, 2])
+            d2 = np.sum((p[qi] - cp) ** 2, axis=1)
+            order = np.lexsort((d2, qi))
+            qs, first = np.unique(qi[order], return_index=True)
+            win = order[first]
+            better = d2[win] < best_d2[qs]
+            qs, win = qs[better], win[better]
+            best_d2[qs], best_tri[qs], best_pt[qs] = d2[win], ti[win], cp[win]
     return best_pt, np.sqrt(best_d2), best_tri
 
 
@@ -453,6 +449,12 @@ def scan_to_mesh_distances(scan_points, mesh_vertices, mesh_triangles):
     """NoW-style scan-to-mesh error (Sanyal et al., CVPR 2019): each scan point's distance to the
     closest point on the reconstructed mesh's surface (M,)."""
     return closest_points_on_mesh(scan_points, mesh_vertices, mesh_triangles)[1]
+
+
+def now_statistics(scan_points, mesh_vertices, mesh_triangles):
+    """The NoW benchmark's summary of scan-to-mesh errors: median, mean and std (mm)."""
+    d = scan_to_mesh_distances(scan_points, mesh_vertices, mesh_triangles)
+    return dict(median=float(np.median(d)), mean=float(d.mean()), std=float(d.std()))
 
 
 DISTANCES = ("plane", "surface", "point")
@@ -651,8 +653,11 @@ def load_mesh(path):
         return load_vrml(path)
     import trimesh
 
+    # maintain_order: without it trimesh duplicates OBJ vertices along texture seams, which
+    # would split the vertex normals of textured scans
+    extra = dict(maintain_order=True) if path.lower().endswith(".obj") else {}
     try:
-        mesh = trimesh.load(path, force="mesh", process=False, skip_materials=True)
+        mesh = trimesh.load(path, force="mesh", process=False, skip_materials=True, **extra)
     except Exception as e:  # trimesh raises many types for foreign files
         raise ValueError(f"{path}: cannot read a mesh ({e})") from None
     faces = np.asarray(mesh.faces, np.int64).reshape(-1, 3)
