@@ -692,54 +692,73 @@ def colormap(values, vmin=0.0, vmax=1.0):
     return np.where(np.isnan(values)[..., None], 0.6, rgb)
 
 
-def rasterize(pixels, depth, triangles, image_size):
+def rasterize(pixels, depth, triangles, image_size, max_fragments=4_000_000):
     """Z-buffer visibility: (triangle id (H,W) int, -1 = background; barycentrics (H,W,3)).
 
     Pixel centres at +0.5; a pixel is covered if its centre is inside or on the triangle's
-    edges; the nearest positive depth wins. Barycentrics are perspective-correct. Loops over
-    triangles in Python, bounded by each triangle's pixel box — fine for visualisation.
+    edges; the nearest positive depth wins (ties: the lower triangle index). Barycentrics are
+    perspective-correct. Vectorised: triangles are grouped by the power-of-two size of their
+    pixel box, every (triangle, pixel-in-box) fragment is tested at once, and the nearest
+    fragment per pixel is found by sorting.
     """
     from ganfit_jax.camera import image_hw
 
     h, w = image_hw(image_size)
     pixels = np.asarray(pixels, np.float64)
     depth = np.asarray(depth, np.float64)
-    tris = np.asarray(triangles, np.int64)
-    zbuf = np.full((h, w), np.inf)
-    ids = -np.ones((h, w), np.int64)
-    bary = np.zeros((h, w, 3))
-    for f, (i, j, k) in enumerate(tris):
-        if min(depth[i], depth[j], depth[k]) <= 0:
-            continue
-        p0, p1, p2 = pixels[i], pixels[j], pixels[k]
-        area = (p1[0] - p0[0]) * (p2[1] - p0[1]) - (p1[1] - p0[1]) * (p2[0] - p0[0])
-        if abs(area) < 1e-12:
-            continue
-        xs = (p0[0], p1[0], p2[0])
-        ys = (p0[1], p1[1], p2[1])
-        x0, x1 = max(int(np.ceil(min(xs) - 0.5)), 0), min(int(np.floor(max(xs) - 0.5)), w - 1)
-        y0, y1 = max(int(np.ceil(min(ys) - 0.5)), 0), min(int(np.floor(max(ys) - 0.5)), h - 1)
-        if x0 > x1 or y0 > y1:
-            continue
-        gx, gy = np.meshgrid(np.arange(x0, x1 + 1) + 0.5, np.arange(y0, y1 + 1) + 0.5)
-        l0 = ((p1[0] - gx) * (p2[1] - gy) - (p1[1] - gy) * (p2[0] - gx)) / area
-        l1 = ((p2[0] - gx) * (p0[1] - gy) - (p2[1] - gy) * (p0[0] - gx)) / area
-        l2 = 1.0 - l0 - l1
-        inside = (l0 >= 0) & (l1 >= 0) & (l2 >= 0)
-        if not inside.any():
-            continue
-        # perspective-correct: interpolate 1/z linearly in screen space
-        inv = l0 / depth[i] + l1 / depth[j] + l2 / depth[k]
-        z = 1.0 / inv
-        region = zbuf[y0:y1 + 1, x0:x1 + 1]
-        win = inside & (z < region)
-        if not win.any():
-            continue
-        region[win] = z[win]
-        ids[y0:y1 + 1, x0:x1 + 1][win] = f
-        b = np.stack([l0 / depth[i], l1 / depth[j], l2 / depth[k]], axis=-1) * z[..., None]
-        bary[y0:y1 + 1, x0:x1 + 1][win] = b[win]
-    return ids, bary
+    tris = np.asarray(triangles, np.int64).reshape(-1, 3)
+    px, py, pz = pixels[tris, 0], pixels[tris, 1], depth[tris]  # (F,3) each
+    area = ((px[:, 1] - px[:, 0]) * (py[:, 2] - py[:, 0])
+            - (py[:, 1] - py[:, 0]) * (px[:, 2] - px[:, 0]))
+    x0 = np.maximum(np.ceil(px.min(axis=1) - 0.5), 0)
+    x1 = np.minimum(np.floor(px.max(axis=1) - 0.5), w - 1)
+    y0 = np.maximum(np.ceil(py.min(axis=1) - 0.5), 0)
+    y1 = np.minimum(np.floor(py.max(axis=1) - 0.5), h - 1)
+    ok = (pz.min(axis=1) > 0) & (np.abs(area) > 1e-12) & (x0 <= x1) & (y0 <= y1)
+    ok &= np.isfinite(px).all(axis=1) & np.isfinite(py).all(axis=1)
+    faces = np.flatnonzero(ok)
+    size = np.maximum(x1 - x0, y1 - y0)[faces] + 1
+    level = np.ceil(np.log2(size)).astype(int)
+    frag = {k: [] for k in ("pix", "z", "f", "b")}
+    for lv in np.unique(level):
+        side = 2 ** lv
+        members = faces[level == lv]
+        per_chunk = max(1, max_fragments // (side * side))
+        dy, dx = np.divmod(np.arange(side * side), side)
+        for start in range(0, len(members), per_chunk):
+            f = members[start:start + per_chunk]
+            gx = x0[f, None] + dx[None]
+            gy = y0[f, None] + dy[None]
+            valid = (gx <= x1[f, None]) & (gy <= y1[f, None])
+            cx, cy = gx + 0.5, gy + 0.5
+            X, Y, A = px[f], py[f], area[f, None]
+            l0 = ((X[:, 1, None] - cx) * (Y[:, 2, None] - cy)
+                  - (Y[:, 1, None] - cy) * (X[:, 2, None] - cx)) / A
+            l1 = ((X[:, 2, None] - cx) * (Y[:, 0, None] - cy)
+                  - (Y[:, 2, None] - cy) * (X[:, 0, None] - cx)) / A
+            l2 = 1.0 - l0 - l1
+            keep = valid & (l0 >= 0) & (l1 >= 0) & (l2 >= 0)
+            if not keep.any():
+                continue
+            rows, cols = np.nonzero(keep)
+            # perspective-correct: 1/z is affine in screen space
+            lin = np.stack([l0[rows, cols], l1[rows, cols], l2[rows, cols]], axis=1)
+            persp = lin / pz[f[rows]]
+            z = 1.0 / persp.sum(axis=1)
+            frag["pix"].append((gy[rows, cols] * w + gx[rows, cols]).astype(np.int64))
+            frag["z"].append(z)
+            frag["f"].append(f[rows])
+            frag["b"].append(persp * z[:, None])
+    ids = -np.ones(h * w, np.int64)
+    bary = np.zeros((h * w, 3))
+    if frag["pix"]:
+        pix, z, fid, b = (np.concatenate(frag[k]) for k in ("pix", "z", "f", "b"))
+        order = np.lexsort((fid, z, pix))
+        _, first = np.unique(pix[order], return_index=True)
+        win = order[first]
+        ids[pix[win]] = fid[win]
+        bary[pix[win]] = b[win]
+    return ids.reshape(h, w), bary.reshape(h, w, 3)
 
 
 def view_camera(vertices, view="front", image_size=256, distance=600.0, fov_degrees=None):
