@@ -97,6 +97,8 @@ flags.DEFINE_bool("error_maps", True, "Write per-vertex error map PNGs.")
 flags.DEFINE_float("error_map_vmax", 4.0, "Top of the error-map colour scale, mm.")
 flags.DEFINE_integer("error_map_size", 256, "Pixels per error-map view.")
 flags.DEFINE_integer("seed", 0, "PRNG seed passed to the fitting.")
+flags.DEFINE_string("fit_kwargs", "{}", "JSON object of extra keyword arguments for "
+                    "fitting.fit_frames (e.g. checkpoint paths, iteration counts).")
 flags.DEFINE_bool("overwrite", False, "Re-evaluate subjects that already have a CSV.")
 
 
@@ -280,8 +282,13 @@ def _reconstruction_vertices(result):
     return verts
 
 
-def make_fit_method(model, seed, save_dir):
-    """Reconstruct with ganfit_jax.fitting.fit_frames(frames, model=..., seed=...)."""
+def make_fit_method(model, seed, save_dir, fit_kwargs=None):
+    """Reconstruct with ganfit_jax.fitting.fit_frames(frames, model=..., seed=..., **fit_kwargs).
+
+    frames: list of float32 H×W×3 images in [0,1] (the sampled video frames, one person);
+    the result: (N,3) vertices in mm in the model's topology, or a dict/object holding
+    `vertices`. The mesh is saved as reconstructions/subject_NN/SETTING.obj.
+    """
     try:
         from ganfit_jax import fitting
     except ImportError as e:
@@ -295,7 +302,8 @@ def make_fit_method(model, seed, save_dir):
 
     def reconstruct(subject, setting, load_frames):
         frames, idx = load_frames()
-        verts = _reconstruction_vertices(fitting.fit_frames(frames, model=model, seed=seed))
+        verts = _reconstruction_vertices(
+            fitting.fit_frames(frames, model=model, seed=seed, **(fit_kwargs or {})))
         path = os.path.join(save_dir, subject, f"{setting}.obj")
         write_obj(path, verts, triangles)
         return verts, triangles, idx, path
@@ -576,8 +584,14 @@ def config_from_flags():
     if FLAGS.method == "fit":
         if model is None:
             raise ValueError("--method=fit needs --model (a 3DMM file for morphable.load)")
+        try:
+            fit_kwargs = json.loads(FLAGS.fit_kwargs)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--fit_kwargs: not a JSON object ({e})") from None
+        if not isinstance(fit_kwargs, dict):
+            raise ValueError(f"--fit_kwargs: expected a JSON object, got {FLAGS.fit_kwargs!r}")
         reconstruct = make_fit_method(model, FLAGS.seed,
-                                      os.path.join(FLAGS.output_dir, "reconstructions"))
+                                      os.path.join(FLAGS.output_dir, "reconstructions"), fit_kwargs)
     else:
         reconstruct = make_precomputed_method(FLAGS.reconstructions_dir)
     return cfg, reconstruct

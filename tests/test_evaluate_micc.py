@@ -169,3 +169,30 @@ def test_fit_method_gets_five_frames_and_missing_fitting_is_a_clear_error(
     v2, t2 = ev.load_mesh(path)  # the fit is saved for later --method=precomputed runs
     np.testing.assert_allclose(v2, np.asarray(sfm_model.mean), atol=1e-5)
     np.testing.assert_array_equal(t2, np.asarray(sfm_model.triangles))
+
+
+def test_missing_reconstruction_is_reported_not_fatal(micc_folder, tmp_path):
+    import shutil
+
+    micc_dir, rec_dir = micc_folder
+    partial = tmp_path / "recons"
+    shutil.copytree(rec_dir, partial)
+    os.remove(partial / "subject_02" / "PTZ-Outdoor.obj")
+    cfg = dict(micc_dir=str(micc_dir), output_dir=str(tmp_path / "out"), method="precomputed",
+               settings=list(micc.SETTINGS), scans=["frontal1", "frontal2"], subjects=[],
+               frames_per_video=5, radius=95.0, distance="surface", icp_method="point",
+               icp_scale=False, scan_scale=1.0, forward=np.array([0.0, 0, 1]), yaws=[0.0],
+               rec_nose=None, model_nose=None, landmark_indices=None, num_model_vertices=None,
+               scan_landmarks_dir=None, landmark_mode="similarity", error_maps=False,
+               error_map_vmax=4.0, error_map_size=32, overwrite=False)
+    table = micc.run(cfg, micc.make_precomputed_method(str(partial)))
+    assert table["PTZ-Outdoor"]["n"] == 1 and table["PTZ-Outdoor"]["missing"] == 1
+    assert table["Indoor-Cooperative"]["n"] == 2 and table["Indoor-Cooperative"]["missing"] == 0
+    with open(tmp_path / "out" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    missing = [r for r in rows if r["status"] != "ok"]
+    assert len(missing) == 1 and missing[0]["status"].startswith("missing")
+    # frontal2 does not exist in this folder: evaluated against frontal1 only
+    assert {r["scan"] for r in rows if r["status"] == "ok"} == {"frontal1"}
+    with pytest.raises(FileNotFoundError, match="reconstructions_dir"):
+        micc.make_precomputed_method(str(tmp_path / "nowhere"))
