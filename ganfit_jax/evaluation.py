@@ -103,15 +103,15 @@ def crop(vertices, triangles, center, radius=DEFAULT_CROP_RADIUS_MM) -> Crop:
 
 
 def find_nose_tip(vertices, forward=(0.0, 0.0, 1.0), up=(0.0, 1.0, 0.0), lateral_radius=35.0,
-                  smoothing_radius=5.0) -> int:
+                  neighbours=10) -> int:
     """Index of the nose tip of a roughly frontal face scan.
 
     The usual heuristic for scans without landmarks: the nose tip is the most protruding point
     along the viewing direction. To keep hair, shoulders or a jutting chin from winning we
-    (1) look only near the face's lateral centre (within `lateral_radius` mm of the median in the
-    plane orthogonal to `forward`, iterated once around the first guess) and (2) score each point
-    by the mean protrusion of its `smoothing_radius` neighbourhood, which suppresses spikes from
-    scanner noise.
+    (1) look only near the face's lateral centre (within 2.5 `lateral_radius` mm of the median in
+    the plane orthogonal to `forward`, then within `lateral_radius` of that first guess) and
+    (2) score each point by the median protrusion of its `neighbours` nearest points, so an
+    isolated spike of scanner noise cannot win.
 
     Args:
       vertices: (N,3) points in mm of a face looking along `forward` with `up` roughly up.
@@ -129,13 +129,15 @@ def find_nose_tip(vertices, forward=(0.0, 0.0, 1.0), up=(0.0, 1.0, 0.0), lateral
     centre = np.median(plane, axis=0)
     tree = cKDTree(v)
     best = None
-    for _ in range(2):  # second pass re-centres the window on the first guess
-        window = np.flatnonzero(np.linalg.norm(plane - centre, axis=1) <= lateral_radius)
+    # a wide first window (the median may sit low when the scan includes neck and shoulders),
+    # then a narrow one re-centred on the first guess
+    for radius in (2.5 * lateral_radius, lateral_radius):
+        window = np.flatnonzero(np.linalg.norm(plane - centre, axis=1) <= radius)
         if window.size == 0:
             window = np.arange(len(v))
         top = window[np.argsort(depth[window])[-min(200, window.size):]]
-        neighbours = tree.query_ball_point(v[top], smoothing_radius)
-        score = np.array([depth[n].mean() for n in neighbours])
+        _, near = tree.query(v[top], k=min(neighbours, len(v)))
+        score = np.median(depth[near.reshape(len(top), -1)], axis=1)
         best = int(top[np.argmax(score)])
         centre = plane[best]
     return best
@@ -246,7 +248,8 @@ def icp(source, target_vertices, target_triangles=None, *, with_scale=False, met
     solves for the update: "point" minimises Σ|s R p + t - q|² in closed form (Umeyama);
     "plane" minimises Σ((s R p + t - q)·n_q)² linearised in the small rotation (and scale), with
     n_q the target's vertex normals (needs `target_triangles`). Iteration stops when the mean
-    residual changes by less than `tolerance` (relative) or after `max_iterations`.
+    residual changes by less than `tolerance` (relative), or repeats its value of two iterations
+    before (a 2-cycle of the nearest-vertex pairing), or after `max_iterations`.
 
     Returns the accumulated transform mapping the original `source` onto the target.
     """
@@ -294,8 +297,12 @@ def icp(source, target_vertices, target_triangles=None, *, with_scale=False, met
             # x ↦ s R (x - centre) + centre + t
             step = Similarity(scale, rot, centre + x[3:6] - scale * rot @ centre)
         transform = transform.then(step)
-        # relative change, with a floor of 1 nm so exact fits (error ~1e-12 mm) stop too
-        if it > 0 and abs(errors[-2] - errors[-1]) <= max(tolerance * errors[-2], 1e-6):
+        # relative change, with a floor of 1 nm so exact fits (error ~1e-12 mm) stop too; the
+        # discrete nearest-vertex pairing can also settle into a 2-cycle, which is as converged
+        # as it gets
+        tol = max(tolerance * errors[-1], 1e-6)
+        if (it > 0 and abs(errors[-2] - errors[-1]) <= tol) or (
+                it > 1 and abs(errors[-3] - errors[-1]) <= tol):
             converged = True
             break
     return IcpResult(transform, np.asarray(errors), len(errors), converged)
@@ -377,9 +384,10 @@ def closest_points_on_mesh(points, vertices, triangles, chunk=50000):
     """Exact closest points on a triangle mesh: (closest (M,3), distance (M,), triangle (M,)).
 
     Exact, not approximate: with u the distance to the nearest mesh vertex, the closest triangle
-    T lies within u of the point, so its centroid lies within u + r_T (r_T its circumradius
-    about the centroid). Triangles with r_T up to a threshold are found by a centroid-tree ball
-    query of radius u + threshold; the few larger ones are tested against every point.
+    T lies within u of the point, so its centroid lies within u + r_T (r_T the largest distance
+    from its centroid to a corner). Triangles are bucketed by r_T in powers of two; each bucket
+    is searched with a centroid-tree ball query of radius u + (the bucket's largest r_T), so a
+    few huge triangles cost no more than a few small ones.
     """
     p = _as_points(points, "points")
     v = _as_points(vertices, "vertices")
@@ -389,41 +397,36 @@ def closest_points_on_mesh(points, vertices, triangles, chunk=50000):
     corners = v[t]
     centroid = corners.mean(axis=1)
     radius = np.linalg.norm(corners - centroid[:, None], axis=2).max(axis=1)
-    threshold = 2.0 * np.median(radius) + 1e-9
-    small = np.flatnonzero(radius <= threshold)
-    big = np.flatnonzero(radius > threshold)
-    used = np.unique(t)
-    bound, _ = cKDTree(v[used]).query(p)
+    unit = 2.0 * np.median(radius) + 1e-9
+    level = np.maximum(np.ceil(np.log2(np.maximum(radius, 1e-300) / unit)), 0).astype(int)
+    bound, _ = cKDTree(v[np.unique(t)]).query(p)
     best_d2 = np.full(len(p), np.inf)
     best_tri = np.zeros(len(p), np.int64)
     best_pt = np.zeros_like(p)
 
-    def offer(qi, ti):
-        cp = closest_point_on_triangles(p[qi], corners[ti, 0], corners[ti, 1], corners[ti, 2])
-        d2 = np.sum((p[qi] - cp) ** 2, axis=1)
-        order = np.lexsort((d2, qi))
-        qs, first = np.unique(qi[order], return_index=True)
-        win = order[first]
-        better = d2[win] < best_d2[qs]
-        qs, win = qs[better], win[better]
-        best_d2[qs], best_tri[qs], best_pt[qs] = d2[win], ti[win], cp[win]
-
-    if small.size:
-        tree = cKDTree(centroid[small])
+    for lv in np.unique(level):
+        members = np.flatnonzero(level == lv)
+        reach = radius[members].max() + 1e-9
+        tree = cKDTree(centroid[members])
         for start in range(0, len(p), chunk):
             sl = slice(start, start + chunk)
-            lists = tree.query_ball_point(p[sl], bound[sl] + threshold)
+            # best_d2 so far also bounds the search, which prunes the later (bigger) buckets
+            r = np.minimum(bound[sl], np.sqrt(best_d2[sl])) + reach
+            lists = tree.query_ball_point(p[sl], r)
             lengths = np.fromiter((len(x) for x in lists), np.int64, len(lists))
             if lengths.sum() == 0:
                 continue
             qi = np.repeat(np.arange(start, start + len(lists)), lengths)
-            ti = small[np.concatenate([np.asarray(x, np.int64) for x in lists])]
-            offer(qi, ti)
-    if big.size:
-        step = max(1, chunk // max(1, big.size))
-        for start in range(0, len(p), step):
-            rows = np.arange(start, min(start + step, len(p)))
-            offer(np.repeat(rows, big.size), np.tile(big, rows.size))
+            ti = members[np.concatenate([np.asarray(x, np.int64) for x in lists])]
+            cp = closest_point_on_triangles(p[qi], corners[ti, 0], corners[ti, 1],
+                                            corners[ti, 2])
+            d2 = np.sum((p[qi] - cp) ** 2, axis=1)
+            order = np.lexsort((d2, qi))
+            qs, first = np.unique(qi[order], return_index=True)
+            win = order[first]
+            better = d2[win] < best_d2[qs]
+            qs, win = qs[better], win[better]
+            best_d2[qs], best_tri[qs], best_pt[qs] = d2[win], ti[win], cp[win]
     return best_pt, np.sqrt(best_d2), best_tri
 
 
@@ -446,6 +449,12 @@ def scan_to_mesh_distances(scan_points, mesh_vertices, mesh_triangles):
     """NoW-style scan-to-mesh error (Sanyal et al., CVPR 2019): each scan point's distance to the
     closest point on the reconstructed mesh's surface (M,)."""
     return closest_points_on_mesh(scan_points, mesh_vertices, mesh_triangles)[1]
+
+
+def now_statistics(scan_points, mesh_vertices, mesh_triangles):
+    """The NoW benchmark's summary of scan-to-mesh errors: median, mean and std (mm)."""
+    d = scan_to_mesh_distances(scan_points, mesh_vertices, mesh_triangles)
+    return dict(median=float(np.median(d)), mean=float(d.mean()), std=float(d.std()))
 
 
 DISTANCES = ("plane", "surface", "point")
@@ -644,8 +653,11 @@ def load_mesh(path):
         return load_vrml(path)
     import trimesh
 
+    # maintain_order: without it trimesh duplicates OBJ vertices along texture seams, which
+    # would split the vertex normals of textured scans
+    extra = dict(maintain_order=True) if path.lower().endswith(".obj") else {}
     try:
-        mesh = trimesh.load(path, force="mesh", process=False, skip_materials=True)
+        mesh = trimesh.load(path, force="mesh", process=False, skip_materials=True, **extra)
     except Exception as e:  # trimesh raises many types for foreign files
         raise ValueError(f"{path}: cannot read a mesh ({e})") from None
     faces = np.asarray(mesh.faces, np.int64).reshape(-1, 3)
@@ -680,54 +692,73 @@ def colormap(values, vmin=0.0, vmax=1.0):
     return np.where(np.isnan(values)[..., None], 0.6, rgb)
 
 
-def rasterize(pixels, depth, triangles, image_size):
+def rasterize(pixels, depth, triangles, image_size, max_fragments=4_000_000):
     """Z-buffer visibility: (triangle id (H,W) int, -1 = background; barycentrics (H,W,3)).
 
     Pixel centres at +0.5; a pixel is covered if its centre is inside or on the triangle's
-    edges; the nearest positive depth wins. Barycentrics are perspective-correct. Loops over
-    triangles in Python, bounded by each triangle's pixel box — fine for visualisation.
+    edges; the nearest positive depth wins (ties: the lower triangle index). Barycentrics are
+    perspective-correct. Vectorised: triangles are grouped by the power-of-two size of their
+    pixel box, every (triangle, pixel-in-box) fragment is tested at once, and the nearest
+    fragment per pixel is found by sorting.
     """
     from ganfit_jax.camera import image_hw
 
     h, w = image_hw(image_size)
     pixels = np.asarray(pixels, np.float64)
     depth = np.asarray(depth, np.float64)
-    tris = np.asarray(triangles, np.int64)
-    zbuf = np.full((h, w), np.inf)
-    ids = -np.ones((h, w), np.int64)
-    bary = np.zeros((h, w, 3))
-    for f, (i, j, k) in enumerate(tris):
-        if min(depth[i], depth[j], depth[k]) <= 0:
-            continue
-        p0, p1, p2 = pixels[i], pixels[j], pixels[k]
-        area = (p1[0] - p0[0]) * (p2[1] - p0[1]) - (p1[1] - p0[1]) * (p2[0] - p0[0])
-        if abs(area) < 1e-12:
-            continue
-        xs = (p0[0], p1[0], p2[0])
-        ys = (p0[1], p1[1], p2[1])
-        x0, x1 = max(int(np.ceil(min(xs) - 0.5)), 0), min(int(np.floor(max(xs) - 0.5)), w - 1)
-        y0, y1 = max(int(np.ceil(min(ys) - 0.5)), 0), min(int(np.floor(max(ys) - 0.5)), h - 1)
-        if x0 > x1 or y0 > y1:
-            continue
-        gx, gy = np.meshgrid(np.arange(x0, x1 + 1) + 0.5, np.arange(y0, y1 + 1) + 0.5)
-        l0 = ((p1[0] - gx) * (p2[1] - gy) - (p1[1] - gy) * (p2[0] - gx)) / area
-        l1 = ((p2[0] - gx) * (p0[1] - gy) - (p2[1] - gy) * (p0[0] - gx)) / area
-        l2 = 1.0 - l0 - l1
-        inside = (l0 >= 0) & (l1 >= 0) & (l2 >= 0)
-        if not inside.any():
-            continue
-        # perspective-correct: interpolate 1/z linearly in screen space
-        inv = l0 / depth[i] + l1 / depth[j] + l2 / depth[k]
-        z = 1.0 / inv
-        region = zbuf[y0:y1 + 1, x0:x1 + 1]
-        win = inside & (z < region)
-        if not win.any():
-            continue
-        region[win] = z[win]
-        ids[y0:y1 + 1, x0:x1 + 1][win] = f
-        b = np.stack([l0 / depth[i], l1 / depth[j], l2 / depth[k]], axis=-1) * z[..., None]
-        bary[y0:y1 + 1, x0:x1 + 1][win] = b[win]
-    return ids, bary
+    tris = np.asarray(triangles, np.int64).reshape(-1, 3)
+    px, py, pz = pixels[tris, 0], pixels[tris, 1], depth[tris]  # (F,3) each
+    area = ((px[:, 1] - px[:, 0]) * (py[:, 2] - py[:, 0])
+            - (py[:, 1] - py[:, 0]) * (px[:, 2] - px[:, 0]))
+    x0 = np.maximum(np.ceil(px.min(axis=1) - 0.5), 0)
+    x1 = np.minimum(np.floor(px.max(axis=1) - 0.5), w - 1)
+    y0 = np.maximum(np.ceil(py.min(axis=1) - 0.5), 0)
+    y1 = np.minimum(np.floor(py.max(axis=1) - 0.5), h - 1)
+    ok = (pz.min(axis=1) > 0) & (np.abs(area) > 1e-12) & (x0 <= x1) & (y0 <= y1)
+    ok &= np.isfinite(px).all(axis=1) & np.isfinite(py).all(axis=1)
+    faces = np.flatnonzero(ok)
+    size = np.maximum(x1 - x0, y1 - y0)[faces] + 1
+    level = np.ceil(np.log2(size)).astype(int)
+    frag = {k: [] for k in ("pix", "z", "f", "b")}
+    for lv in np.unique(level):
+        side = 2 ** lv
+        members = faces[level == lv]
+        per_chunk = max(1, max_fragments // (side * side))
+        dy, dx = np.divmod(np.arange(side * side), side)
+        for start in range(0, len(members), per_chunk):
+            f = members[start:start + per_chunk]
+            gx = x0[f, None] + dx[None]
+            gy = y0[f, None] + dy[None]
+            valid = (gx <= x1[f, None]) & (gy <= y1[f, None])
+            cx, cy = gx + 0.5, gy + 0.5
+            X, Y, A = px[f], py[f], area[f, None]
+            l0 = ((X[:, 1, None] - cx) * (Y[:, 2, None] - cy)
+                  - (Y[:, 1, None] - cy) * (X[:, 2, None] - cx)) / A
+            l1 = ((X[:, 2, None] - cx) * (Y[:, 0, None] - cy)
+                  - (Y[:, 2, None] - cy) * (X[:, 0, None] - cx)) / A
+            l2 = 1.0 - l0 - l1
+            keep = valid & (l0 >= 0) & (l1 >= 0) & (l2 >= 0)
+            if not keep.any():
+                continue
+            rows, cols = np.nonzero(keep)
+            # perspective-correct: 1/z is affine in screen space
+            lin = np.stack([l0[rows, cols], l1[rows, cols], l2[rows, cols]], axis=1)
+            persp = lin / pz[f[rows]]
+            z = 1.0 / persp.sum(axis=1)
+            frag["pix"].append((gy[rows, cols] * w + gx[rows, cols]).astype(np.int64))
+            frag["z"].append(z)
+            frag["f"].append(f[rows])
+            frag["b"].append(persp * z[:, None])
+    ids = -np.ones(h * w, np.int64)
+    bary = np.zeros((h * w, 3))
+    if frag["pix"]:
+        pix, z, fid, b = (np.concatenate(frag[k]) for k in ("pix", "z", "f", "b"))
+        order = np.lexsort((fid, z, pix))
+        _, first = np.unique(pix[order], return_index=True)
+        win = order[first]
+        ids[pix[win]] = fid[win]
+        bary[pix[win]] = b[win]
+    return ids.reshape(h, w), bary.reshape(h, w, 3)
 
 
 def view_camera(vertices, view="front", image_size=256, distance=600.0, fov_degrees=None):

@@ -146,6 +146,15 @@ def test_find_nose_tip_on_the_sfm(sfm_face):
     for v in (mean, verts):
         tip = ev.find_nose_tip(v)
         assert np.linalg.norm(v[tip] - v[SFM_NOSE_TIP]) < 6.0
+    # a scan with neck and shoulders below (a wide plate 10 cm behind the face) and a noise spike
+    # on the cheek: still the nose
+    xs, ys = np.meshgrid(np.linspace(-250, 250, 60), np.linspace(-350, -60, 40))
+    body = np.stack([xs.ravel(), ys.ravel(), np.full(xs.size, -100.0)], axis=1)
+    spiky = verts.copy()
+    cheek = np.argmin(np.linalg.norm(verts - (verts[SFM_NOSE_TIP] + [45, -10, -40]), axis=1))
+    spiky[cheek, 2] = verts[SFM_NOSE_TIP, 2] + 8.0
+    tip = ev.find_nose_tip(np.concatenate([spiky, body]))
+    assert np.linalg.norm(spiky[tip] - verts[SFM_NOSE_TIP]) < 6.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +234,9 @@ def test_known_offset_gives_the_known_distance():
         sym = ev.symmetric_distance(shifted, tris, verts, tris, kind)
         np.testing.assert_allclose(sym.mean, 2.5, atol=1e-9)
         np.testing.assert_allclose(sym.a_to_b, 2.5, atol=1e-9)
+    stats = ev.now_statistics(shifted, verts, tris)
+    np.testing.assert_allclose([stats["median"], stats["mean"], stats["std"]], [2.5, 2.5, 0.0],
+                               atol=1e-9)
     # sliding along the plane changes point-to-point but not point-to-plane (interior points)
     slid = verts + [1.0, 0.0, 2.5]
     interior = np.abs(slid[:, 0]) < 49
@@ -315,6 +327,14 @@ def test_vrml_and_obj_readers_agree(tmp_path):
     v2, t2 = ev.load_mesh(obj)
     np.testing.assert_allclose(v2, verts)
     np.testing.assert_array_equal(t2, t)
+    # a textured scan: texture seams must not duplicate vertices
+    seams = tmp_path / "textured.obj"
+    seams.write_text("".join(f"v {x} {y} {z}\n" for x, y, z in verts)
+                     + "vt 0 0\nvt 1 0\nvt 1 1\nvt 0 1\nvt .5 .5\n"
+                     + "f 1/1 2/2 3/3\nf 1/5 3/3 4/4\nf 1/1 2/2 5/5\n")
+    v3, t3 = ev.load_mesh(seams)
+    np.testing.assert_allclose(v3, verts)
+    np.testing.assert_array_equal(t3, t)
     with pytest.raises(FileNotFoundError):
         ev.load_mesh(tmp_path / "missing.obj")
     bad = tmp_path / "bad.wrl"
