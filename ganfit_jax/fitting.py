@@ -380,6 +380,17 @@ def _print_progress(stage, done, total, terms, t0, log):
     log(f"stage {stage} iter {done}/{total} {shown} elapsed {elapsed:.1f}s eta {eta:.1f}s")
 
 
+def batch_sharding(batch_size: int):
+    """NamedSharding that splits a leading batch axis over all devices (a 1-D 'batch' mesh), or
+    None when there is one device or the batch does not divide evenly. Across hosts this spans
+    every process's devices once `jax.distributed.initialize()` has run."""
+    devices = jax.devices()
+    if len(devices) == 1 or batch_size % len(devices):
+        return None
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+
+
 def run_stage(pipeline: Pipeline, params: FitParams, target: Target, config: FitConfig,
               stage: int, iterations: int, key, batched=False, frames=False, log=print):
     """Runs one stage; returns (params, history: term → (iterations[, batch]) arrays).
@@ -394,7 +405,17 @@ def run_stage(pipeline: Pipeline, params: FitParams, target: Target, config: Fit
     if vectorised:
         opt_state = jax.vmap(tx.init)(params)
         n = params.shape.shape[0]
-        call = lambda p, s, k: run(pipeline, p, s, target, jax.random.split(k, n), light_init)
+        sharding = batch_sharding(n) if batched else None
+        if sharding is not None:
+            # the batch axis lives split over devices; jit partitions the vmapped step to match
+            params, opt_state, target, light_init = jax.device_put(
+                (params, opt_state, target, light_init), sharding)
+
+        def call(p, s, k):
+            keys = jax.random.split(k, n)
+            if sharding is not None:
+                keys = jax.device_put(keys, sharding)
+            return run(pipeline, p, s, target, keys, light_init)
     else:
         opt_state = tx.init(params)
         call = lambda p, s, k: run(pipeline, p, s, target, k, light_init)
@@ -448,6 +469,59 @@ def texture_from_photo(pipeline: Pipeline, params: FitParams, image, resolution=
     uv_map, mask = unwrap.unwrap(pipeline.model, verts, params.camera, np.asarray(image),
                                  resolution or getattr(tex, "resolution", 128))
     return params.replace(texture=tex.latent_from_uv(uv_map, mask))
+
+
+def fit_frames(frames, model, seed=0, identity="dlib", identity_weights=None, texture=None,
+               stage1_iterations=200, iterations=300, image_size=224, detector="hog",
+               weights: losses.LossWeights = losses.LossWeights(), log=print):
+    """Multi-frame GANFIT on images of one person (Eq. 13): per-frame expression, pose and
+    light, one shape and texture. Landmarks are detected with dlib; frames without a face are
+    left out (at least one must have one).
+
+    Args:
+      frames: list of float32 (H,W,3) images in [0,1].
+      model: a MorphableModel.
+      identity: 'dlib', 'tiny', 'none' or an ArcFace name (with identity_weights).
+      texture: a texture model (GAN, PCA, direct); default the prior-free direct UV map.
+
+    Returns a dict: vertices (N,3) mm of the shared identity at neutral expression, params
+    (the batched FitParams), used (indices of the frames fitted), history.
+    """
+    from ganfit_jax import identity as identity_lib
+    from ganfit_jax import inputs, landmarks
+    from ganfit_jax.texture.direct import DirectUVTexture
+
+    key = jax.random.PRNGKey(seed)
+    k_id, k_fit = jax.random.split(key)
+    texture = DirectUVTexture() if texture is None else texture
+    net = None
+    if identity != "none":
+        net = (identity_lib.load_identity("tiny", key=k_id) if identity == "tiny"
+               else identity_lib.load_identity(identity, weights=identity_weights))
+    size = (image_size, image_size)
+    pipeline = make_pipeline(model, texture, net, size)
+    starts, used = [], []
+    for i, frame in enumerate(frames):
+        try:
+            lm = landmarks.detect_landmarks(np.asarray(frame), detector=detector,
+                                            name=f"frame {i}")
+        except ValueError as e:
+            if log is not None:
+                log(f"frame {i} left out: {e}")
+            continue
+        crop, lm_crop, _ = inputs.crop_face(frame, lm, image_size)
+        starts.append((init_params(model, lm_crop, size, texture.latent_dim,
+                                   texture_init=texture.init_latent(k_id)),
+                       target_from_image(pipeline, crop, lm_crop)))
+        used.append(i)
+    if not starts:
+        raise ValueError(f"no face found in any of the {len(frames)} frames")
+    config = FitConfig(stage1_iterations=stage1_iterations, stage2_iterations=iterations,
+                       weights=weights)
+    params, history = fit(pipeline, stack([s[0] for s in starts]), stack([s[1] for s in starts]),
+                          config, k_fit, frames=True, log=log)
+    vertices = morphable.vertices(model, params.shape[0], 0.0)
+    return dict(vertices=np.asarray(vertices), params=params, used=used, history=history)
 
 
 def stack(trees):
