@@ -82,6 +82,9 @@ flags.DEFINE_enum("distance", "plane", list(ev.DISTANCES),
                   "plane: nearest-vertex tangent plane; surface: exact point-to-surface; point.")
 flags.DEFINE_enum("icp_method", "plane", ["plane", "point"], "ICP residual.")
 flags.DEFINE_bool("icp_scale", False, "Let ICP scale the reconstruction (the paper: rigid).")
+flags.DEFINE_float("max_correspondence_mm", 0.0,
+                   "ICP ignores pairs farther apart than this (0: keep all), e.g. where the scan "
+                   "has hair or neck the reconstruction lacks.")
 flags.DEFINE_float("scan_scale", 1.0, "Multiplies scan coordinates to give millimetres.")
 flags.DEFINE_list("scan_forward", ["0", "0", "1"], "Direction the scanned face looks.")
 flags.DEFINE_list("init_yaw_degrees", ["0", "-20", "20"],
@@ -377,10 +380,11 @@ def _yaw(degrees, centre):
 
 
 def evaluate_pair(rec_v, rec_t, scan_v, scan_t, *, rec_nose, rec_landmarks, scan_landmarks,
-                  yaws, radius, distance, icp_method, icp_scale, landmark_mode, forward):
+                  yaws, radius, distance, icp_method, icp_scale, landmark_mode, forward,
+                  max_correspondence=None):
     """Best evaluation over the initial alignments tried; returns (Evaluation, yaw or nan)."""
     common = dict(radius=radius, kind=distance, icp_method=icp_method, icp_scale=icp_scale,
-                  forward=forward)
+                  forward=forward, max_correspondence_distance=max_correspondence)
     if scan_landmarks is not None and rec_landmarks is not None:
         return ev.evaluate(rec_v, rec_t, scan_v, scan_t, reconstruction_landmarks=rec_landmarks,
                            scan_landmarks=scan_landmarks, landmark_mode=landmark_mode,
@@ -447,7 +451,8 @@ def evaluate_subject(micc_dir, subject, reconstruct, cfg, error_map_dir=None):
                 scan_landmarks=load_scan_landmarks(cfg["scan_landmarks_dir"], subject, scan),
                 yaws=cfg["yaws"], radius=cfg["radius"], distance=cfg["distance"],
                 icp_method=cfg["icp_method"], icp_scale=cfg["icp_scale"],
-                landmark_mode=cfg["landmark_mode"], forward=cfg["forward"])
+                landmark_mode=cfg["landmark_mode"], forward=cfg["forward"],
+                max_correspondence=cfg.get("max_correspondence"))
             rows.append({**base, "scan": scan, "status": "ok", **result.as_row(),
                          "init_yaw_degrees": yaw, "frames": " ".join(map(str, frame_idx)),
                          "reconstruction": rec_path, "scan_file": scan_path})
@@ -574,6 +579,7 @@ def config_from_flags():
                subjects=list(FLAGS.subjects), frames_per_video=FLAGS.frames_per_video,
                radius=FLAGS.crop_radius, distance=FLAGS.distance, icp_method=FLAGS.icp_method,
                icp_scale=FLAGS.icp_scale, scan_scale=FLAGS.scan_scale, forward=forward,
+               max_correspondence=FLAGS.max_correspondence_mm or None,
                yaws=[float(y) for y in FLAGS.init_yaw_degrees] or [0.0], rec_nose=rec_nose,
                model_nose=model_nose, error_map_size=FLAGS.error_map_size,
                landmark_indices=landmark_indices,
