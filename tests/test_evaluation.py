@@ -185,7 +185,8 @@ def test_closest_points_on_mesh_matches_brute_force_and_trimesh(sfm_face):
     np.testing.assert_allclose(dist, want, atol=1e-8)
     np.testing.assert_allclose(np.linalg.norm(pts - closest, axis=1), dist, atol=1e-9)
     # the reported triangle holds the reported point
-    q = ev.closest_point_on_triangles(closest, *np.moveaxis(small.vertices[small.triangles[tri]], 1, 0))
+    corners = np.moveaxis(small.vertices[small.triangles[tri]], 1, 0)
+    q = ev.closest_point_on_triangles(closest, *corners)
     np.testing.assert_allclose(q, closest, atol=1e-8)
     pytest.importorskip("rtree")
     mesh = trimesh.Trimesh(small.vertices, small.triangles, process=False)
