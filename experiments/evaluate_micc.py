@@ -48,8 +48,6 @@ import json
 import os
 import re
 import sys
-from typing import Callable, Sequence
-
 import numpy as np
 from absl import app, flags, logging
 
@@ -64,42 +62,54 @@ FIELDS = ("subject", "setting", "scan", "status", "error_mm", "rec_to_scan_mm", 
           "scan_file")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("micc_dir", None, "MICC Florence root holding subject_NN/ folders.")
-flags.DEFINE_string("output_dir", None, "Where CSVs, table1.md, error maps (and fits) go.")
-flags.DEFINE_enum("method", "fit", ["fit", "precomputed"],
-                  "fit: ganfit_jax.fitting.fit_frames on the sampled frames; precomputed: read "
-                  "--reconstructions_dir/subject_NN/SETTING.obj.")
-flags.DEFINE_string("reconstructions_dir", None, "For --method=precomputed.")
-flags.DEFINE_string("model", None, "3DMM file (morphable.load) for --method=fit; for "
-                    "precomputed meshes in the model's topology it supplies the nose tip vertex "
-                    "and landmark vertices.")
-flags.DEFINE_list("settings", list(SETTINGS), "Video settings to evaluate.")
-flags.DEFINE_list("scans", ["frontal1"], "Scans under Model/ to compare against (min over them).")
-flags.DEFINE_list("subjects", [], "Only these subjects (e.g. subject_01,subject_02); default all.")
-flags.DEFINE_integer("frames_per_video", 5, "Frames sampled uniformly per video (paper: 5).")
-flags.DEFINE_float("crop_radius", ev.DEFAULT_CROP_RADIUS_MM, "Crop radius around the nose tip, mm.")
-flags.DEFINE_enum("distance", "plane", list(ev.DISTANCES),
-                  "plane: nearest-vertex tangent plane; surface: exact point-to-surface; point.")
-flags.DEFINE_enum("icp_method", "plane", ["plane", "point"], "ICP residual.")
-flags.DEFINE_bool("icp_scale", False, "Let ICP scale the reconstruction (the paper: rigid).")
-flags.DEFINE_float("scan_scale", 1.0, "Multiplies scan coordinates to give millimetres.")
-flags.DEFINE_list("scan_forward", ["0", "0", "1"], "Direction the scanned face looks.")
-flags.DEFINE_list("init_yaw_degrees", ["0", "-20", "20"],
-                  "Yaw angles tried for the nose-tip initial alignment (best ICP result wins).")
-flags.DEFINE_integer("reconstruction_nose_vertex", -1,
-                     "Nose-tip vertex of the reconstructions; -1: the model's iBUG-31 landmark "
-                     "if --model is given, else evaluation.find_nose_tip.")
-flags.DEFINE_string("scan_landmarks_dir", None,
-                    "Optional 68x3 scan landmarks, subject_NN[_SCAN].{npy,txt,ljson}.")
-flags.DEFINE_enum("landmark_mode", "similarity", ["similarity", "rigid"],
-                  "Landmark initial alignment (with --scan_landmarks_dir).")
-flags.DEFINE_bool("error_maps", True, "Write per-vertex error map PNGs.")
-flags.DEFINE_float("error_map_vmax", 4.0, "Top of the error-map colour scale, mm.")
-flags.DEFINE_integer("error_map_size", 256, "Pixels per error-map view.")
-flags.DEFINE_integer("seed", 0, "PRNG seed passed to the fitting.")
-flags.DEFINE_string("fit_kwargs", "{}", "JSON object of extra keyword arguments for "
-                    "fitting.fit_frames (e.g. checkpoint paths, iteration counts).")
-flags.DEFINE_bool("overwrite", False, "Re-evaluate subjects that already have a CSV.")
+
+
+def define_flags():
+    """Flags of this binary; defined only when it runs, so importing the module (tests, other
+    binaries) cannot collide with flags of the same name elsewhere."""
+    flags.DEFINE_string("micc_dir", None, "MICC Florence root holding subject_NN/ folders.")
+    flags.DEFINE_string("output_dir", None, "Where CSVs, table1.md, error maps (and fits) go.")
+    flags.DEFINE_enum("method", "fit", ["fit", "precomputed"],
+                      "fit: ganfit_jax.fitting.fit_frames on the sampled frames; precomputed: read "
+                      "--reconstructions_dir/subject_NN/SETTING.obj.")
+    flags.DEFINE_string("reconstructions_dir", None, "For --method=precomputed.")
+    flags.DEFINE_string("model", None, "3DMM file (morphable.load) for --method=fit; for "
+                        "precomputed meshes in the model's topology it supplies the nose tip "
+                        "vertex and landmark vertices.")
+    flags.DEFINE_list("settings", list(SETTINGS), "Video settings to evaluate.")
+    flags.DEFINE_list("scans", ["frontal1"],
+                      "Scans under Model/ to compare against (min over them).")
+    flags.DEFINE_list("subjects", [],
+                      "Only these subjects (e.g. subject_01,subject_02); default all.")
+    flags.DEFINE_integer("frames_per_video", 5, "Frames sampled uniformly per video (paper: 5).")
+    flags.DEFINE_float("crop_radius", ev.DEFAULT_CROP_RADIUS_MM,
+                       "Crop radius around the nose tip, mm.")
+    flags.DEFINE_enum("distance", "plane", list(ev.DISTANCES),
+                      "plane: nearest-vertex tangent plane; surface: exact point-to-surface; "
+                      "point: nearest vertex.")
+    flags.DEFINE_enum("icp_method", "plane", ["plane", "point"], "ICP residual.")
+    flags.DEFINE_bool("icp_scale", False, "Let ICP scale the reconstruction (the paper: rigid).")
+    flags.DEFINE_float("max_correspondence_mm", 0.0,
+                       "ICP ignores pairs farther apart than this (0: keep all), e.g. where the "
+                       "scan has hair or neck the reconstruction lacks.")
+    flags.DEFINE_float("scan_scale", 1.0, "Multiplies scan coordinates to give millimetres.")
+    flags.DEFINE_list("scan_forward", ["0", "0", "1"], "Direction the scanned face looks.")
+    flags.DEFINE_list("init_yaw_degrees", ["0", "-20", "20"],
+                      "Yaw angles tried for the nose-tip initial alignment (best ICP result wins).")
+    flags.DEFINE_integer("reconstruction_nose_vertex", -1,
+                         "Nose-tip vertex of the reconstructions; -1: the model's iBUG-31 landmark "
+                         "if --model is given, else evaluation.find_nose_tip.")
+    flags.DEFINE_string("scan_landmarks_dir", None,
+                        "Optional 68x3 scan landmarks, subject_NN[_SCAN].{npy,txt,ljson}.")
+    flags.DEFINE_enum("landmark_mode", "similarity", ["similarity", "rigid"],
+                      "Landmark initial alignment (with --scan_landmarks_dir).")
+    flags.DEFINE_bool("error_maps", True, "Write per-vertex error map PNGs.")
+    flags.DEFINE_float("error_map_vmax", 4.0, "Top of the error-map colour scale, mm.")
+    flags.DEFINE_integer("error_map_size", 256, "Pixels per error-map view.")
+    flags.DEFINE_integer("seed", 0, "PRNG seed passed to the fitting.")
+    flags.DEFINE_string("fit_kwargs", "{}", "JSON object of extra keyword arguments for "
+                        "fitting.fit_frames (e.g. checkpoint paths, iteration counts).")
+    flags.DEFINE_bool("overwrite", False, "Re-evaluate subjects that already have a CSV.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,9 +124,8 @@ def _natural_key(name):
 def find_subjects(micc_dir, only=()):
     if not os.path.isdir(micc_dir):
         raise FileNotFoundError(f"--micc_dir {micc_dir}: no such directory")
-    names = sorted((n for n in os.listdir(micc_dir)
-                    if re.fullmatch(r"subject_\d+", n) and os.path.isdir(os.path.join(micc_dir, n))),
-                   key=_natural_key)
+    names = sorted((n for n in os.listdir(micc_dir) if re.fullmatch(r"subject_\d+", n)
+                    and os.path.isdir(os.path.join(micc_dir, n))), key=_natural_key)
     if only:
         missing = sorted(set(only) - set(names))
         if missing:
@@ -251,7 +260,8 @@ def sample_frames(source, k=5):
         data, spans = mjpeg_frames(source)
         if spans:
             idx = uniform_indices(len(spans), k)
-            return [_to_float_image(Image.open(io.BytesIO(data[slice(*spans[i])]))) for i in idx], idx
+            return [_to_float_image(Image.open(io.BytesIO(data[slice(*spans[i])])))
+                    for i in idx], idx
     try:
         import av  # optional: PyAV for codecs other than motion JPEG
     except ImportError:
@@ -377,10 +387,11 @@ def _yaw(degrees, centre):
 
 
 def evaluate_pair(rec_v, rec_t, scan_v, scan_t, *, rec_nose, rec_landmarks, scan_landmarks,
-                  yaws, radius, distance, icp_method, icp_scale, landmark_mode, forward):
+                  yaws, radius, distance, icp_method, icp_scale, landmark_mode, forward,
+                  max_correspondence=None):
     """Best evaluation over the initial alignments tried; returns (Evaluation, yaw or nan)."""
     common = dict(radius=radius, kind=distance, icp_method=icp_method, icp_scale=icp_scale,
-                  forward=forward)
+                  forward=forward, max_correspondence_distance=max_correspondence)
     if scan_landmarks is not None and rec_landmarks is not None:
         return ev.evaluate(rec_v, rec_t, scan_v, scan_t, reconstruction_landmarks=rec_landmarks,
                            scan_landmarks=scan_landmarks, landmark_mode=landmark_mode,
@@ -447,7 +458,8 @@ def evaluate_subject(micc_dir, subject, reconstruct, cfg, error_map_dir=None):
                 scan_landmarks=load_scan_landmarks(cfg["scan_landmarks_dir"], subject, scan),
                 yaws=cfg["yaws"], radius=cfg["radius"], distance=cfg["distance"],
                 icp_method=cfg["icp_method"], icp_scale=cfg["icp_scale"],
-                landmark_mode=cfg["landmark_mode"], forward=cfg["forward"])
+                landmark_mode=cfg["landmark_mode"], forward=cfg["forward"],
+                max_correspondence=cfg.get("max_correspondence"))
             rows.append({**base, "scan": scan, "status": "ok", **result.as_row(),
                          "init_yaw_degrees": yaw, "frames": " ".join(map(str, frame_idx)),
                          "reconstruction": rec_path, "scan_file": scan_path})
@@ -574,6 +586,7 @@ def config_from_flags():
                subjects=list(FLAGS.subjects), frames_per_video=FLAGS.frames_per_video,
                radius=FLAGS.crop_radius, distance=FLAGS.distance, icp_method=FLAGS.icp_method,
                icp_scale=FLAGS.icp_scale, scan_scale=FLAGS.scan_scale, forward=forward,
+               max_correspondence=FLAGS.max_correspondence_mm or None,
                yaws=[float(y) for y in FLAGS.init_yaw_degrees] or [0.0], rec_nose=rec_nose,
                model_nose=model_nose, error_map_size=FLAGS.error_map_size,
                landmark_indices=landmark_indices,
@@ -605,4 +618,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -275,7 +275,8 @@ def icp(source, target_vertices, target_triangles=None, *, with_scale=False, met
             keep &= np.linalg.norm(normals[j], axis=1) > 0
         if keep.sum() < 6:
             raise ValueError(f"ICP: only {keep.sum()} correspondences within "
-                             f"{max_correspondence_distance} mm; the initial alignment is too far off")
+                             f"{max_correspondence_distance} mm; the initial alignment is too "
+                             "far off")
         p, q = moved[keep], tgt[j[keep]]
         if method == "point":
             errors.append(float(dist[keep].mean()))

@@ -1,4 +1,5 @@
-"""End-to-end test of experiments/evaluate_micc.py on a small MICC-layout folder made from the SFM."""
+"""End-to-end test of experiments/evaluate_micc.py on a small MICC-layout folder made from the
+SFM."""
 
 import csv
 import io

@@ -185,7 +185,8 @@ def test_closest_points_on_mesh_matches_brute_force_and_trimesh(sfm_face):
     np.testing.assert_allclose(dist, want, atol=1e-8)
     np.testing.assert_allclose(np.linalg.norm(pts - closest, axis=1), dist, atol=1e-9)
     # the reported triangle holds the reported point
-    q = ev.closest_point_on_triangles(closest, *np.moveaxis(small.vertices[small.triangles[tri]], 1, 0))
+    corners = np.moveaxis(small.vertices[small.triangles[tri]], 1, 0)
+    q = ev.closest_point_on_triangles(closest, *corners)
     np.testing.assert_allclose(q, closest, atol=1e-8)
     pytest.importorskip("rtree")
     mesh = trimesh.Trimesh(small.vertices, small.triangles, process=False)
@@ -321,6 +322,15 @@ def test_vrml_and_obj_readers_agree(tmp_path):
     v, t = ev.load_vrml(wrl)
     np.testing.assert_allclose(v, verts)
     np.testing.assert_array_equal(t, [[0, 1, 2], [0, 2, 3], [0, 1, 4]])
+    # VRML 1.0 with two shapes: indices of the second shape are offset by the first's points
+    wrl1 = tmp_path / "scan1.wrl"
+    wrl1.write_text("#VRML V1.0 ascii\nSeparator { Coordinate3 { point [ 0 0 0, 1 0 0, 1 1 0 ] }\n"
+                    " IndexedFaceSet { coordIndex [ 0, 1, 2, -1 ] } }\n"
+                    "Separator { Coordinate3 { point [ 0 0 1, 1 0 1, 1 1 1, 0 1 1 ] }\n"
+                    " IndexedFaceSet { coordIndex [ 0, 1, 2, 3 ] } }\n")
+    v1, t1 = ev.load_vrml(wrl1)
+    assert v1.shape == (7, 3)
+    np.testing.assert_array_equal(t1, [[0, 1, 2], [3, 4, 5], [3, 5, 6]])
     obj = tmp_path / "scan.obj"
     obj.write_text("".join(f"v {x} {y} {z}\n" for x, y, z in verts)
                    + "f 1 2 3\nf 1 3 4\nf 1 2 5\n")
@@ -387,3 +397,16 @@ def test_render_error_map_colours_the_face(sfm_face):
     left, right = front[:, cols[:6]][face[:, cols[:6]]], front[:, cols[-6:]][face[:, cols[-6:]]]
     assert left[:, 2].mean() > left[:, 1].mean() * 0.8  # bluish
     assert right[:, 0].mean() > left[:, 0].mean() and right[:, 1].mean() > left[:, 1].mean()
+
+
+def test_icp_correspondence_rejection_ignores_parts_the_target_lacks(sfm_face):
+    verts, tris, _ = sfm_face
+    partial = ev.crop(verts, tris, SFM_NOSE_TIP, 45.0)  # the "scan" covers only the centre
+    rng = np.random.default_rng(7)
+    moved = verts @ _random_rotation(rng, 3).T + [2.0, -1.5, 1.0]
+    plain = ev.icp(moved, partial.vertices, partial.triangles, method="point")
+    robust = ev.icp(moved, partial.vertices, partial.triangles, method="point",
+                    max_correspondence_distance=3.0, max_iterations=200)
+    err = lambda r: np.abs(r.transform(moved)[partial.indices] - partial.vertices).max()
+    # pairs within 3 mm of the crop border remain, so not exactly 0, but far better than without
+    assert err(robust) < 0.1 and err(plain) > 5 * err(robust), (err(robust), err(plain))
