@@ -47,6 +47,6 @@ def test_sharded_equals_unsharded(sfm_dir, tmp_path):
     log1 = run(1, tmp_path / "one.npy", sfm_dir, tmp_path)
     assert "DEVICES 4 SHARDED True" in log4 and "DEVICES 1 SHARDED False" in log1
     # the fitted batch comes back split over the 4 devices, not gathered onto one
-    assert "PartitionSpec('batch'" in log4, log4
+    assert "Mesh('batch': 4" in log4 and "spec=P('batch',)" in log4, log4
     np.testing.assert_allclose(np.load(tmp_path / "four.npy"), np.load(tmp_path / "one.npy"),
                                rtol=1e-4, atol=1e-4)
