@@ -306,18 +306,20 @@ def _fill_jaw(pipeline, params, lm):
 # ------------------------------------------------------------------------------------------
 
 
-def parameter_units(params: FitParams) -> FitParams:
+def parameter_units(params: FitParams, texture_step=1.0) -> FitParams:
     """How far one unit of Adam's step moves each block (see CAMERA_UNITS)."""
     return FitParams(shape=jnp.ones_like(params.shape), expression=jnp.ones_like(params.expression),
-                     texture=jnp.ones_like(params.texture),
+                     texture=texture_step * jnp.ones_like(params.texture),
                      camera=jnp.asarray(CAMERA_UNITS[: params.camera.shape[-1]]),
                      light=jnp.asarray(LIGHT_UNITS))
 
 
-def optimiser(learning_rate: float, params: FitParams, stage: int):
+def optimiser(learning_rate: float, params: FitParams, stage: int, texture_step=1.0):
     """optax Adam at the paper's rate, scaled per parameter block; stage 1 frees only shape,
-    expression and camera (landmark fitting), stage 2 everything."""
-    units = parameter_units(params)
+    expression and camera (landmark fitting), stage 2 everything. `texture_step` is the texture
+    model's own `step_scale` (a prior-free texture moves slowly, or the identity network's
+    gradients paint adversarial noise into it)."""
+    units = parameter_units(params, texture_step)
     if stage == 1:
         units = units.replace(texture=jnp.zeros_like(units.texture),
                               light=jnp.zeros_like(units.light))
@@ -333,6 +335,10 @@ def _stage_loss(stage, config: FitConfig, pipeline, params, target, key, light_i
     return loss(params, target, pipeline, key, config.weights, config.random_render, light_init)
 
 
+def _texture_step(pipeline: Pipeline) -> float:
+    return float(getattr(pipeline.texture_params, "step_scale", 1.0))
+
+
 def make_chunk(config: FitConfig, stage: int, share_axis: Optional[str] = None):
     """A function (pipeline, params, opt_state, target, key, light_init) → (params, opt_state,
     terms) running `config.chunk` Adam steps in one lax.scan; terms are per step. With
@@ -340,7 +346,7 @@ def make_chunk(config: FitConfig, stage: int, share_axis: Optional[str] = None):
     step (Eq. 13, multi-frame fitting)."""
 
     def chunk(pipeline, params, opt_state, target, key, light_init):
-        tx = optimiser(config.learning_rate, params, stage)
+        tx = optimiser(config.learning_rate, params, stage, _texture_step(pipeline))
         loss_fn = functools.partial(_stage_loss, stage, config, pipeline)
 
         def body(carry, k):
@@ -400,7 +406,7 @@ def run_stage(pipeline: Pipeline, params: FitParams, target: Target, config: Fit
     """
     vectorised = batched or frames
     run = compiled_chunk(config, stage, "frames" if frames else "batch" if batched else "single")
-    tx = optimiser(config.learning_rate, params, stage)
+    tx = optimiser(config.learning_rate, params, stage, _texture_step(pipeline))
     light_init = params.light  # Reg on light pulls towards where stage 2 starts
     if vectorised:
         opt_state = jax.vmap(tx.init)(params)

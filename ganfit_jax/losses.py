@@ -40,20 +40,23 @@ def identity_loss(embedding_render, embedding_target):
 
 
 def content_loss(features_render, features_target):
-    """Eq. 9: L_con = Σ_j ||F^j(I_0) − F^j(I_R)||_2 / (H_j W_j), over intermediate maps.
+    """Eq. 9: L_con = Σ_j ||F^j(I_0) − F^j(I_R)||_2 / (H_j W_j C_j), over intermediate maps.
 
-    Both arguments are dicts name → (H_j, W_j, C_j); the sum runs over the spatial maps
-    (3-D arrays) they share, so a network's pooled vector (its embedding, which L_id already
-    compares) does not count twice.
+    The paper divides by H_j W_j only; we also divide by the channel count C_j, because without
+    it the term's size depends on the network's width (measured on dlib's ResNet: Σ_j ≈ 10 for two
+    different faces, so λ_con = 50 swamped every other term and pulled the landmarks 3× further
+    off during stage 2). With C_j, λ_con = 50 sits beside λ_id·L_id and λ_lan·L_lan.
+
+    Both arguments are dicts name → (H_j, W_j, C_j); the sum runs over the spatial maps they
+    share, so a network's pooled vector (its embedding, which L_id compares) does not count twice.
     """
     total = 0.0
     for name in sorted(set(features_render) & set(features_target)):
         a, b = features_render[name], features_target[name]
         if a.ndim != 3:
             continue
-        hw = a.shape[0] * a.shape[1]
         # sqrt(x + eps) keeps the gradient finite when the two maps coincide
-        total = total + jnp.sqrt(jnp.sum(jnp.square(a - b)) + 1e-12) / hw
+        total = total + jnp.sqrt(jnp.sum(jnp.square(a - b)) + 1e-12) / a.size
     return total
 
 

@@ -118,7 +118,7 @@ def test_synthetic_recovery_two_stages(sfm_model):
     faces on real photos over exact recovery."""
     from ganfit_jax.texture.direct import DirectUVTexture
 
-    tex = DirectUVTexture(coarse=8, resolution=64)
+    tex = DirectUVTexture(coarse=8, resolution=64, step_scale=1.0)
     rng = np.random.default_rng(0)
     truth = random_truth(sfm_model, 0).replace(
         texture=jnp.asarray(rng.normal(size=tex.latent_dim) * 0.5 + 0.5, jnp.float32))

@@ -21,6 +21,9 @@ SKIN_TONE = (0.78, 0.60, 0.50)
 class DirectUVTexture:
     coarse: int = flax.struct.field(pytree_node=False, default=32)
     resolution: int = flax.struct.field(pytree_node=False, default=128)
+    # Adam moves texels this many logits per unit step: without a prior, the identity network's
+    # gradients would otherwise paint adversarial colour noise into the map
+    step_scale: float = flax.struct.field(pytree_node=False, default=0.1)
 
     @property
     def latent_dim(self) -> int:
