@@ -1,0 +1,83 @@
+"""experiments/fit.py end to end on a real photo (tiny settings) and on bad input."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_fit(*args, timeout=600):
+    proc = subprocess.run([sys.executable, "-m", "experiments.fit", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+TINY = ["--identity=tiny", "--texture=direct", "--stage1_iterations=4", "--iterations=2",
+        "--chunk=2", "--image_size=64"]
+
+
+@pytest.fixture(scope="module")
+def ffhq_photo(faces_dir):
+    return faces_dir / "ffhq" / "FFHQ" / "00002.png"
+
+
+def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, tmp_path):
+    out = tmp_path / "fit"
+    code, stdout, stderr = run_fit(f"--image={ffhq_photo}", f"--output_dir={out}",
+                                   f"--model={sfm_dir / 'sfm_shape_3448.bin'}", *TINY)
+    assert code == 0, stderr[-2000:]
+    assert "stage 2 iter 2/2" in stdout and "eta" in stdout
+    for name in ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
+                 "side_by_side.png", "views.png", "loss.png"):
+        assert (out / name).stat().st_size > 0, name
+    params = np.load(out / "params.npz")
+    for key in ("shape", "expression", "texture", "camera", "light", "vertices", "landmarks3d"):
+        assert key in params.files, key
+    assert params["vertices"].shape == (3448, 3) and params["landmarks3d"].shape == (68, 3)
+    assert np.isnan(params["landmarks3d"][0]).all() and np.isfinite(params["landmarks3d"][30]).all()
+    obj_vertices = [l for l in (out / "mesh.obj").read_text().splitlines() if l.startswith("v ")]
+    assert len(obj_vertices) == 3448
+    np.testing.assert_allclose(np.array(obj_vertices[114].split()[1:4], float),
+                               params["vertices"][114], atol=1e-3)  # model vertex order kept
+    before = (out / "params.npz").read_bytes()
+    code, _, stderr = run_fit(f"--image={ffhq_photo}", f"--output_dir={out}",
+                              f"--model={sfm_dir / 'sfm_shape_3448.bin'}", *TINY)
+    assert code != 0 and "--overwrite" in stderr
+    assert (out / "params.npz").read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["missing_image", "not_an_image", "no_face", "bad_landmarks",
+                                  "unknown_model"])
+def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path):
+    out = tmp_path / "out"
+    image, extra, expect = ffhq_photo, [], None
+    model = f"--model={sfm_dir / 'sfm_shape_3448.bin'}"
+    if case == "missing_image":
+        image, expect = tmp_path / "nope.png", "nope.png: no such file"
+    elif case == "not_an_image":
+        image = tmp_path / "text.png"
+        image.write_text("not a picture")
+        expect = "text.png is not an image"
+    elif case == "no_face":
+        from PIL import Image
+
+        image = tmp_path / "grey.png"
+        Image.fromarray(np.full((120, 160, 3), 128, np.uint8)).save(image)
+        expect = "no face found in"
+    elif case == "bad_landmarks":
+        lm = tmp_path / "short.npy"
+        np.save(lm, np.zeros((5, 2)))
+        extra, expect = [f"--landmarks={lm}"], "short.npy"
+    elif case == "unknown_model":
+        model, expect = f"--model={tmp_path / 'missing.npz'}", "missing.npz: no such model file"
+    code, stdout, stderr = run_fit(f"--image={image}", f"--output_dir={out}", model, *TINY, *extra)
+    assert code == 1, (code, stderr[-2000:])
+    lines = [l for l in stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and expect in lines[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert not out.exists()
