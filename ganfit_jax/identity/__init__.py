@@ -25,6 +25,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ganfit_jax.identity import alignment as _align
 from ganfit_jax.identity import arcface, dlib_resnet
@@ -80,6 +81,27 @@ def _tiny_module():
                                   embedding_size=32)
 
 
+def _random_variables(module, key, input_size):
+    """He-normal kernels, unit scales, zero shifts, drawn with numpy from `key`.
+
+    (flax's jitted `init` of even the tiny net takes ~10 s to compile on a 2-core CPU; this is
+    instant and just as random for tests.)
+    """
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, input_size, input_size, 3)))
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['kernel']"):
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return jnp.asarray(rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in), leaf.dtype)
+        if name.endswith("['scale']"):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.zeros(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 def load_identity(name=DEFAULT_NAME, weights=None, key=None):
     """Build an IdentityNet.
 
@@ -97,8 +119,7 @@ def load_identity(name=DEFAULT_NAME, weights=None, key=None):
         if key is None:
             raise ValueError("load_identity('tiny') needs a PRNG key: load_identity('tiny', key=...)")
         module = _tiny_module()
-        variables = module.init(key, jnp.zeros((1, 112, 112, 3)))
-        return IdentityNet(variables, module, 112, "arcface", name)
+        return IdentityNet(_random_variables(module, key, 112), module, 112, "arcface", name)
     if name.startswith("arcface"):
         arch = name.split("-", 1)[1] if "-" in name else "r50"
         module = arcface.make_arcface(arch)
