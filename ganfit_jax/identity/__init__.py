@@ -105,15 +105,18 @@ def _random_variables(module, key, input_size):
 def load_identity(name=DEFAULT_NAME, weights=None, key=None):
     """Build an IdentityNet.
 
-    name: 'dlib' (weights: dlib's .dat, default the one in face_recognition_models);
+    name: 'dlib' (weights: dlib's .dat, default the one in face_recognition_models, or a .msgpack);
       'arcface' (= 'arcface-r50'), 'arcface-r18' | -r34 | -r50 | -r100 | -mbf (weights required:
       arcface_torch .pth, insightface .onnx, or a .msgpack from experiments/convert_identity.py);
       'tiny' (random weights from `key`; a 2-stage dlib-style net on 112×112 ArcFace crops, 32-d).
     """
     if name == "dlib":
-        path = weights or default_dlib_weights()
-        params = dlib_resnet.load_dlib_resnet_params(path)
-        variables = {"params": jax.tree_util.tree_map(jnp.asarray, params)}
+        path = pathlib.Path(weights or default_dlib_weights())
+        if path.suffix.lower() in (".msgpack", ".flax"):
+            variables = _weights.load_variables(path, dlib_resnet.DlibResNet(), dlib_resnet.DLIB_INPUT_SIZE)
+        else:
+            variables = {"params": dlib_resnet.load_dlib_resnet_params(path)}
+        variables = jax.tree_util.tree_map(jnp.asarray, variables)
         return IdentityNet(variables, dlib_resnet.DlibResNet(), dlib_resnet.DLIB_INPUT_SIZE, "dlib", name)
     if name == "tiny":
         if key is None:
