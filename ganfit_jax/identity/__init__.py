@@ -59,9 +59,13 @@ def embed(net, aligned_image):
     return embedding, features
 
 
-def align(net, image, landmarks):
-    """Crop `image` (H, W, 3) to the network's template using 68 landmarks (differentiably)."""
-    return _align.align(image, landmarks, net.alignment, net.input_size)
+def align(net, image, landmarks, supersample=1):
+    """Crop `image` (H, W, 3) to the network's template using 68 landmarks (differentiably).
+
+    supersample (static int): k×k samples per output pixel against aliasing when the face in
+    `image` is much larger than the crop (see alignment.warp_affine).
+    """
+    return _align.align(image, landmarks, net.alignment, net.input_size, supersample)
 
 
 def cosine_similarity(a, b, eps=1e-8):
