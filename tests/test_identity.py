@@ -10,7 +10,7 @@ from ganfit_jax import identity
 
 @pytest.fixture(scope="module")
 def tiny():
-    return identity.load_identity("tiny", key=jax.random.key(0))
+    return identity.load_identity("tiny", jax.random.key(0))  # key positionally, as documented
 
 
 def test_tiny_is_jit_vmap_grad_safe(tiny):

@@ -124,3 +124,14 @@ def test_no_face_names_the_image(tmp_path, dlib_available):
     Image.fromarray(np.full((120, 160, 3), 128, np.uint8)).save(path)
     with pytest.raises(ValueError, match=r"no face found in .*blank_wall\.png"):
         landmarks.detect_landmarks(path)
+
+
+def test_cnn_detector(faces_dir, dlib_available):
+    """The MMOD CNN detector from face_recognition_models, feeding the same 68-point predictor."""
+    image = faces_dir / "ffhq" / "FFHQ" / "00003.png"
+    reference = landmarks.load_landmarks(image.with_suffix(".npy"))
+    detected = landmarks.detect_landmarks(image, detector="cnn", upsample=0)
+    err = np.linalg.norm(detected - reference, axis=1) / landmarks.interocular_distance(reference)
+    assert np.median(err) < 0.05
+    with pytest.raises(ValueError, match="detector must be 'hog' or 'cnn'"):
+        landmarks.detect_faces(image, detector="mtcnn")

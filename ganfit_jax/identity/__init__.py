@@ -123,6 +123,8 @@ def load_identity(name=DEFAULT_NAME, weights=None, key=None):
         variables = jax.tree_util.tree_map(jnp.asarray, variables)
         return IdentityNet(variables, dlib_resnet.DlibResNet(), dlib_resnet.DLIB_INPUT_SIZE, "dlib", name)
     if name == "tiny":
+        if key is None and weights is not None and not isinstance(weights, (str, os.PathLike)):
+            key, weights = weights, None  # load_identity('tiny', key)
         if key is None:
             raise ValueError("load_identity('tiny') needs a PRNG key: load_identity('tiny', key=...)")
         module = _tiny_module()
