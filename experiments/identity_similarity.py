@@ -1,7 +1,8 @@
 """Pairwise identity similarity of face images (e.g. a reconstruction's render against the photo).
 
   python -m experiments.identity_similarity photo.jpg render.png
-  python -m experiments.identity_similarity --identity=arcface-r50 --weights=checkpoints/r50.msgpack a.jpg b.jpg
+  python -m experiments.identity_similarity --identity=arcface-r50 \
+      --weights=checkpoints/arcface_r50_backbone.msgpack a.jpg b.jpg
   python -m experiments.identity_similarity --aligned --embeddings_out=emb.npz chip1.jpg chip2.jpg
 
 Without --aligned each image's face is found by dlib (HOG detector + 68-point predictor, the largest

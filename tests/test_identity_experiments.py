@@ -1,7 +1,6 @@
 """experiments/convert_identity and experiments/identity_similarity, run in-process."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags

@@ -11,7 +11,6 @@ Templates published in pixel-index coordinates (centre of the first pixel at 0: 
 OpenCV, dlib) are shifted by +0.5 on the way in.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
