@@ -216,7 +216,8 @@ def detect_landmarks(image, detector="hog", face=None, upsample=1, name=None):
     if not boxes:
         raise ValueError(f"no face found in {name} by dlib's {detector} detector "
                          f"(upsample={upsample}); pass landmarks explicitly or try detector='cnn'")
-    order = sorted(range(len(boxes)), key=lambda i: -(boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1]))
+    areas = [(right - left) * (bottom - top) for left, top, right, bottom in boxes]
+    order = sorted(range(len(boxes)), key=lambda i: -areas[i])
     index = 0 if face is None else int(face)
     if not 0 <= index < len(boxes):
         raise ValueError(f"face index {index} out of range: {len(boxes)} face(s) found in {name}")

@@ -25,6 +25,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ganfit_jax.identity import alignment as _align
 from ganfit_jax.identity import arcface, dlib_resnet
@@ -58,9 +59,13 @@ def embed(net, aligned_image):
     return embedding, features
 
 
-def align(net, image, landmarks):
-    """Crop `image` (H, W, 3) to the network's template using 68 landmarks (differentiably)."""
-    return _align.align(image, landmarks, net.alignment, net.input_size)
+def align(net, image, landmarks, supersample=1):
+    """Crop `image` (H, W, 3) to the network's template using 68 landmarks (differentiably).
+
+    supersample (static int): k×k samples per output pixel against aliasing when the face in
+    `image` is much larger than the crop (see alignment.warp_affine).
+    """
+    return _align.align(image, landmarks, net.alignment, net.input_size, supersample)
 
 
 def cosine_similarity(a, b, eps=1e-8):
@@ -80,25 +85,50 @@ def _tiny_module():
                                   embedding_size=32)
 
 
+def _random_variables(module, key, input_size):
+    """He-normal kernels, unit scales, zero shifts, drawn with numpy from `key`.
+
+    (flax's jitted `init` of even the tiny net takes ~10 s to compile on a 2-core CPU; this is
+    instant and just as random for tests.)
+    """
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, input_size, input_size, 3)))
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['kernel']"):
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return jnp.asarray(rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in), leaf.dtype)
+        if name.endswith("['scale']"):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.zeros(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 def load_identity(name=DEFAULT_NAME, weights=None, key=None):
     """Build an IdentityNet.
 
-    name: 'dlib' (weights: dlib's .dat, default the one in face_recognition_models);
+    name: 'dlib' (weights: dlib's .dat, default the one in face_recognition_models, or a .msgpack);
       'arcface' (= 'arcface-r50'), 'arcface-r18' | -r34 | -r50 | -r100 | -mbf (weights required:
       arcface_torch .pth, insightface .onnx, or a .msgpack from experiments/convert_identity.py);
       'tiny' (random weights from `key`; a 2-stage dlib-style net on 112×112 ArcFace crops, 32-d).
     """
     if name == "dlib":
-        path = weights or default_dlib_weights()
-        params = dlib_resnet.load_dlib_resnet_params(path)
-        variables = {"params": jax.tree_util.tree_map(jnp.asarray, params)}
+        path = pathlib.Path(weights or default_dlib_weights())
+        if path.suffix.lower() in (".msgpack", ".flax"):
+            variables = _weights.load_variables(path, dlib_resnet.DlibResNet(), dlib_resnet.DLIB_INPUT_SIZE)
+        else:
+            variables = {"params": dlib_resnet.load_dlib_resnet_params(path)}
+        variables = jax.tree_util.tree_map(jnp.asarray, variables)
         return IdentityNet(variables, dlib_resnet.DlibResNet(), dlib_resnet.DLIB_INPUT_SIZE, "dlib", name)
     if name == "tiny":
+        if key is None and weights is not None and not isinstance(weights, (str, os.PathLike)):
+            key, weights = weights, None  # load_identity('tiny', key)
         if key is None:
             raise ValueError("load_identity('tiny') needs a PRNG key: load_identity('tiny', key=...)")
         module = _tiny_module()
-        variables = module.init(key, jnp.zeros((1, 112, 112, 3)))
-        return IdentityNet(variables, module, 112, "arcface", name)
+        return IdentityNet(_random_variables(module, key, 112), module, 112, "arcface", name)
     if name.startswith("arcface"):
         arch = name.split("-", 1)[1] if "-" in name else "r50"
         module = arcface.make_arcface(arch)

@@ -11,7 +11,6 @@ Templates published in pixel-index coordinates (centre of the first pixel at 0: 
 OpenCV, dlib) are shifted by +0.5 on the way in.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -114,14 +113,25 @@ def bilinear_sample(image, xy):
             + fv * ((1 - fu) * tap(v0 + 1, u0) + fu * tap(v0 + 1, u0 + 1)))
 
 
-def warp_affine(image, out_to_in, out_hw):
-    """Output image (out_h, out_w, C) whose pixel centre p shows the input at out_to_in(p)."""
+def warp_affine(image, out_to_in, out_hw, supersample=1):
+    """Output image (out_h, out_w, C) whose pixel centre p shows the input at out_to_in(p).
+
+    supersample=k averages k×k bilinear samples spread over each output pixel: a box pre-filter
+    against aliasing when the warp shrinks the image by more than ~2× (a high-resolution photo to
+    a 112×112 crop). k=1 is plain bilinear sampling, like OpenCV's warpAffine and dlib's chips.
+    """
     oh, ow = out_hw
     dtype = jnp.promote_types(jnp.asarray(out_to_in).dtype, jnp.float32)
     ys, xs = jnp.meshgrid(jnp.arange(oh, dtype=dtype) + 0.5,
                           jnp.arange(ow, dtype=dtype) + 0.5, indexing="ij")
     grid = jnp.stack([xs, ys], -1)
-    return bilinear_sample(image, apply_affine(out_to_in, grid))
+    if supersample == 1:
+        return bilinear_sample(image, apply_affine(out_to_in, grid))
+    k = int(supersample)
+    offsets = (jnp.arange(k, dtype=dtype) + 0.5) / k - 0.5
+    oy, ox = jnp.meshgrid(offsets, offsets, indexing="ij")
+    sub = grid[:, :, None, :] + jnp.stack([ox.ravel(), oy.ravel()], -1)  # (oh, ow, k², 2)
+    return bilinear_sample(image, apply_affine(out_to_in, sub)).mean(axis=2)
 
 
 def arcface_transform(landmarks, size=112):
@@ -129,10 +139,13 @@ def arcface_transform(landmarks, size=112):
     return similarity_transform(five_points(landmarks), arcface_template(size))
 
 
-def align_arcface(image, landmarks, size=112):
-    """ArcFace-style 5-point aligned crop (size×size×C), differentiable in image and landmarks."""
+def align_arcface(image, landmarks, size=112, supersample=1):
+    """ArcFace-style 5-point aligned crop (size×size×C), differentiable in image and landmarks.
+
+    With supersample=1 this is insightface's norm_crop (skimage similarity + cv2.warpAffine).
+    """
     A = arcface_transform(landmarks, size)
-    return warp_affine(image, invert_affine(A), (size, size))
+    return warp_affine(image, invert_affine(A), (size, size), supersample)
 
 
 def dlib_chip_transform(landmarks, size=150, padding=0.25):
@@ -155,16 +168,19 @@ def dlib_chip_transform(landmarks, size=150, padding=0.25):
     return jnp.concatenate([step, offset[:, None]], axis=1)
 
 
-def align_dlib(image, landmarks, size=150, padding=0.25):
-    """dlib face chip (size×size×C) as `dlib.get_face_chip(img, shape, size, padding)` makes it
-    (without dlib's pyramid pre-filter for faces more than 2× the chip; bilinear throughout)."""
-    return warp_affine(image, dlib_chip_transform(landmarks, size, padding), (size, size))
+def align_dlib(image, landmarks, size=150, padding=0.25, supersample=1):
+    """dlib face chip (size×size×C) as `dlib.get_face_chip(img, shape, size, padding)` makes it.
+
+    dlib pre-shrinks faces over 2× the chip size with an image pyramid before its bilinear
+    sampling; that step is not reproduced (use supersample > 1 for a comparable pre-filter).
+    """
+    return warp_affine(image, dlib_chip_transform(landmarks, size, padding), (size, size), supersample)
 
 
-def align(image, landmarks, method, size):
+def align(image, landmarks, method, size, supersample=1):
     """Dispatch on a network's alignment: 'arcface' (5-point) or 'dlib' (mean-face chip)."""
     if method == "arcface":
-        return align_arcface(image, landmarks, size)
+        return align_arcface(image, landmarks, size, supersample=supersample)
     if method == "dlib":
-        return align_dlib(image, landmarks, size)
+        return align_dlib(image, landmarks, size, supersample=supersample)
     raise ValueError(f"unknown alignment {method!r}; expected 'arcface' or 'dlib'")

@@ -94,7 +94,8 @@ class _StateDictUnpickler(pickle.Unpickler):
         try:
             raw = self.archive.read(f"{self.root}/data/{key}")
         except KeyError:
-            raise WeightFormatError(f"{self.path}: storage {self.root}/data/{key} missing from the zip") from None
+            raise WeightFormatError(
+                f"{self.path}: storage {self.root}/data/{key} missing from the zip") from None
         return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
 
 
@@ -119,7 +120,8 @@ def read_torch_state_dict(path):
         except WeightFormatError:
             raise
         except Exception as e:  # truncated or corrupt pickle
-            raise WeightFormatError(f"{path}: could not unpickle {pkls[0]} ({type(e).__name__}: {e})") from None
+            raise WeightFormatError(
+                f"{path}: could not unpickle {pkls[0]} ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
