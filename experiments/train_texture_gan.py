@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from absl import app, flags
@@ -116,52 +115,55 @@ def _eta(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def main(argv):
-    del argv
-    if not FLAGS.uv_dir or not FLAGS.output_dir:
-        raise app.UsageError("--uv_dir and --output_dir are required")
-    config = progan.ProGANConfig(latent_dim=FLAGS.latent_dim, max_resolution=FLAGS.max_resolution,
-                                 fmap_base=FLAGS.fmap_base, fmap_max=FLAGS.fmap_max)
-    devices = jax.local_devices()
-    if FLAGS.batch_size % len(devices):
-        raise ValueError(f"--batch_size={FLAGS.batch_size} must be divisible by the "
-                         f"{len(devices)} local devices")
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    names, images, masks = uv_io.load_uv_folder(FLAGS.uv_dir, config.max_resolution)
-    print(f"Loaded {len(names)} UV maps from {FLAGS.uv_dir} at {config.max_resolution}px, "
-          f"observed texels {100 * masks.mean():.1f}%; {len(devices)} device(s): "
-          f"{devices[0].platform}", flush=True)
+_train_step = jax.jit(train.train_step, donate_argnums=0,
+                      static_argnames=("config", "level", "learning_rate", "ema_decay"))
+_sample = jax.jit(progan.generator_apply, static_argnums=(1, 3))
 
-    phases = train.schedule(config.max_resolution, FLAGS.steps_per_phase)
+
+def train_gan(uv_dir, output_dir, config: progan.ProGANConfig, steps_per_phase: int,
+              batch_size: int, learning_rate: float = 1e-3, ema_decay: float = 0.999,
+              seed: int = 0, checkpoint_every: int = 500, log_every: int = 50,
+              num_samples: int = 16, max_steps: int = 0, log=print):
+    """The whole run (what main() calls with the flags); returns the final global step."""
+    devices = jax.local_devices()
+    if batch_size % len(devices):
+        raise ValueError(f"--batch_size={batch_size} must be divisible by the "
+                         f"{len(devices)} local devices")
+    os.makedirs(output_dir, exist_ok=True)
+    names, images, masks = uv_io.load_uv_folder(uv_dir, config.max_resolution)
+    log(f"Loaded {len(names)} UV maps from {uv_dir} at {config.max_resolution}px, "
+        f"observed texels {100 * masks.mean():.1f}%; {len(devices)} device(s): "
+        f"{devices[0].platform}")
+    phases = train.schedule(config.max_resolution, steps_per_phase)
     total = phases[-1].end_step
-    ckpt_path = os.path.join(FLAGS.output_dir, "checkpoint.msgpack")
-    meta = {"seed": FLAGS.seed, "steps_per_phase": FLAGS.steps_per_phase,
-            "batch_size": FLAGS.batch_size, "learning_rate": FLAGS.learning_rate,
-            "ema_decay": FLAGS.ema_decay}
+    ckpt_path = os.path.join(output_dir, "checkpoint.msgpack")
+    meta = {"seed": seed, "steps_per_phase": steps_per_phase, "batch_size": batch_size,
+            "learning_rate": learning_rate, "ema_decay": ema_decay}
     if os.path.exists(ckpt_path):
         with open(ckpt_path, "rb") as f:
             state, saved, old_meta = train.checkpoint_from_bytes(
-                f.read(), config, FLAGS.learning_rate, source=ckpt_path)
+                f.read(), config, learning_rate, source=ckpt_path)
         for k in ("seed", "steps_per_phase"):
             if old_meta.get(k) != meta[k]:
                 raise ValueError(f"{ckpt_path} was trained with --{k}={old_meta.get(k)}; resume "
                                  f"with the same value (got {meta[k]}) or use a new --output_dir")
         step = int(state.step)
-        print(f"Resuming from {ckpt_path} at step {step}"
-              + (f"; max_resolution raised {saved.max_resolution} -> {config.max_resolution}: "
-                 f"networks grown, {len(phases) - len(train.schedule(saved.max_resolution, FLAGS.steps_per_phase))}"
-                 " phases appended" if saved.max_resolution != config.max_resolution else ""),
-              flush=True)
+        grown = ""
+        if saved.max_resolution != config.max_resolution:
+            added = len(phases) - len(train.schedule(saved.max_resolution, steps_per_phase))
+            grown = (f"; max_resolution raised {saved.max_resolution} -> "
+                     f"{config.max_resolution}: networks grown, {added} phases appended")
+        log(f"Resuming from {ckpt_path} at step {step}{grown}")
     else:
-        state = train.init_state(jax.random.key(FLAGS.seed), config, FLAGS.learning_rate)
+        state = train.init_state(jax.random.key(seed), config, learning_rate)
         step = 0
-        with open(os.path.join(FLAGS.output_dir, "config.json"), "w") as f:
-            json.dump(dict(meta, **config.to_dict(), uv_dir=os.path.abspath(FLAGS.uv_dir)), f,
+        with open(os.path.join(output_dir, "config.json"), "w") as f:
+            json.dump(dict(meta, **config.to_dict(), uv_dir=os.path.abspath(uv_dir)), f,
                       indent=1)
-        print(f"Starting a new run in {FLAGS.output_dir}", flush=True)
+        log(f"Starting a new run in {output_dir}")
     if step >= total:
-        print(f"Schedule already complete ({step}/{total} steps); nothing to do.")
-        return
+        log(f"Schedule already complete ({step}/{total} steps); nothing to do.")
+        return step
 
     # Auto axis: XLA partitions the step (minibatch-stddev groups may span devices).
     mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
@@ -169,13 +171,10 @@ def main(argv):
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     replicated = NamedSharding(mesh, PartitionSpec())
     state = jax.device_put(state, replicated)
-    step_fn = jax.jit(train.train_step, static_argnames=("config", "level", "learning_rate",
-                                                         "ema_decay"), donate_argnums=0)
-    sample_fn = jax.jit(progan.generator_apply, static_argnums=(1, 3))
-    z_samples = jax.random.normal(jax.random.key(FLAGS.seed + 1_000_003),
-                                  (FLAGS.num_samples, config.latent_dim))
-    base_key = jax.random.key(FLAGS.seed + 1)
-    metrics_path = os.path.join(FLAGS.output_dir, "metrics.jsonl")
+    z_samples = jax.random.normal(jax.random.key(seed + 1_000_003),
+                                  (num_samples, config.latent_dim))
+    base_key = jax.random.key(seed + 1)
+    metrics_path = os.path.join(output_dir, "metrics.jsonl")
     history = []
     if os.path.exists(metrics_path):  # keep only what the checkpoint has seen
         with open(metrics_path) as f:
@@ -188,26 +187,26 @@ def main(argv):
 
     start_time, start_step, pending = time.time(), step, []
     n = images.shape[0]
-    while step < total and (not FLAGS.max_steps or step - start_step < FLAGS.max_steps):
+    while step < total and (not max_steps or step - start_step < max_steps):
         phase = train.phase_at(phases, step)
         if step == phase.start_step:
-            state = train.reset_optimizers(state, FLAGS.learning_rate)
+            state = train.reset_optimizers(state, learning_rate)
             state = jax.device_put(state, replicated)
-            print(f"== {phase.describe()}: steps {phase.start_step}..{phase.end_step - 1}",
-                  flush=True)
-        rng = np.random.default_rng([FLAGS.seed, step])
-        idx = rng.choice(n, FLAGS.batch_size, replace=n < FLAGS.batch_size)
+            log(f"== {phase.describe()}: steps {phase.start_step}..{phase.end_step - 1}")
+        rng = np.random.default_rng([seed, step])
+        idx = rng.choice(n, batch_size, replace=n < batch_size)
         batch = jax.device_put(images[idx], batch_sharding)
         batch_masks = jax.device_put(masks[idx], batch_sharding)
         alpha = phase.alpha(step)
-        state, metrics = step_fn(state, batch, batch_masks, jax.random.fold_in(base_key, step),
-                                 config=config, level=phase.level, alpha=jnp.float32(alpha),
-                                 learning_rate=FLAGS.learning_rate, ema_decay=FLAGS.ema_decay)
+        state, metrics = _train_step(
+            state, batch, batch_masks, jax.random.fold_in(base_key, step), config=config,
+            level=phase.level, alpha=jnp.float32(alpha), learning_rate=learning_rate,
+            ema_decay=ema_decay)
         pending.append((step, alpha, metrics))
         step += 1
         done_phase = step == phase.end_step
-        stopping = bool(FLAGS.max_steps) and step - start_step >= FLAGS.max_steps
-        if done_phase or stopping or step % FLAGS.log_every == 0 or step == total:
+        stopping = bool(max_steps) and step - start_step >= max_steps
+        if done_phase or stopping or step % log_every == 0 or step == total:
             rows = []
             for s, a, m in pending:
                 row = {"step": s, "phase": phase.index, "resolution": phase.resolution,
@@ -220,32 +219,41 @@ def main(argv):
                 f.writelines(json.dumps(r) + "\n" for r in rows)
             r = rows[-1]
             rate = (step - start_step) / max(time.time() - start_time, 1e-9)
-            print(f"[{phase.describe()}] step {step}/{total} alpha={r['alpha']:.2f} "
-                  f"d_loss={r['d_loss']:.4f} g_loss={r['g_loss']:.4f} wdist={r['wdist']:.4f} "
-                  f"gp={r['gp']:.4f} | {rate:.2f} it/s ETA {_eta((total - step) / rate)}",
-                  flush=True)
+            log(f"[{phase.describe()}] step {step}/{total} alpha={r['alpha']:.2f} "
+                f"d_loss={r['d_loss']:.4f} g_loss={r['g_loss']:.4f} wdist={r['wdist']:.4f} "
+                f"gp={r['gp']:.4f} | {rate:.2f} it/s ETA {_eta((total - step) / rate)}")
         if done_phase:
-            fakes = sample_fn(state.g_ema, config, z_samples, phase.level, 1.0)
+            fakes = _sample(state.g_ema, config, z_samples, phase.level, 1.0)
             grid = sample_grid(np.clip(0.5 * (np.asarray(fakes) + 1.0), 0.0, 1.0))
             kind = "fade" if phase.fade else "stable"
             res = phase.resolution
-            grid.save(os.path.join(FLAGS.output_dir,
+            grid.save(os.path.join(output_dir,
                                    f"samples_phase{phase.index:02d}_{res}x{res}_{kind}.png"))
             rows = [h for h in history if h["phase"] == phase.index]
             series = {k: ([h["step"] for h in rows], [h[k] for h in rows])
                       for k in ("d_loss", "g_loss", "wdist")}
             loss_curves(series, f"{phase.describe()}: WGAN-GP losses").save(
-                os.path.join(FLAGS.output_dir, f"losses_phase{phase.index:02d}.png"))
+                os.path.join(output_dir, f"losses_phase{phase.index:02d}.png"))
             gen = texture_model.GANTexture(jax.device_get(state.g_ema), config, phase.level)
-            _atomic_write(os.path.join(FLAGS.output_dir, "generator.msgpack"),
+            _atomic_write(os.path.join(output_dir, "generator.msgpack"),
                           texture_model.gan_to_bytes(gen))
             save_checkpoint()
-            print(f"   wrote samples, loss curves, generator ({res}x{res}) and checkpoint",
-                  flush=True)
-        elif FLAGS.checkpoint_every and step % FLAGS.checkpoint_every == 0:
+            log(f"   wrote samples, loss curves, generator ({res}x{res}) and checkpoint")
+        elif checkpoint_every and step % checkpoint_every == 0:
             save_checkpoint()
     save_checkpoint()
-    print(f"Stopped at step {step}/{total}; checkpoint {ckpt_path}", flush=True)
+    log(f"Stopped at step {step}/{total}; checkpoint {ckpt_path}")
+    return step
+
+
+def main(argv):
+    del argv
+    config = progan.ProGANConfig(latent_dim=FLAGS.latent_dim, max_resolution=FLAGS.max_resolution,
+                                 fmap_base=FLAGS.fmap_base, fmap_max=FLAGS.fmap_max)
+    train_gan(FLAGS.uv_dir, FLAGS.output_dir, config, FLAGS.steps_per_phase, FLAGS.batch_size,
+              FLAGS.learning_rate, FLAGS.ema_decay, FLAGS.seed, FLAGS.checkpoint_every,
+              FLAGS.log_every, FLAGS.num_samples, FLAGS.max_steps,
+              log=lambda msg: print(msg, flush=True))
 
 
 if __name__ == "__main__":

@@ -126,9 +126,9 @@ def rasterize(pixels, depth, triangles, image_size, near=DEFAULT_NEAR, chunk_siz
       triangles: (F,3) int vertex indices.
       image_size: int or (height, width).
       near: triangles with any vertex at depth <= near are culled.
-      chunk_size: fragments processed per loop iteration (static); default H·W, so a mesh whose
-        bounding boxes cover the image about once takes one or two iterations. Any value is
-        exact; it only trades memory for loop overhead.
+      chunk_size: fragments processed per loop iteration (static); default 2·H·W clamped to
+        [4096, 131072] (measured: larger chunks fall out of cache on this CPU, smaller ones pay
+        per-iteration overhead). Any value is exact; it only trades memory for loop overhead.
 
     Returns:
       triangle_ids: (H,W) int32, -1 where no triangle covers the pixel centre.
@@ -143,7 +143,7 @@ def rasterize(pixels, depth, triangles, image_size, near=DEFAULT_NEAR, chunk_siz
                          f"{pixels.shape} and {depth.shape}")
     if triangles.ndim != 2 or triangles.shape[1] != 3:
         raise ValueError(f"rasterize: triangles must be (F,3), got {triangles.shape}")
-    chunk = int(chunk_size or height * width)
+    chunk = int(chunk_size or min(max(2 * height * width, 4096), 131072))
     num_pixels = height * width
     floats, ints, count = _setup(pixels, depth, triangles, height, width, near)
     total = jnp.sum(count)

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LEAKY_SLOPE = 0.2  # Karras et al. Sec. 4.2 / Table 2
 EPS_DRIFT = 0.001  # Karras et al. Sec. A.1: keeps D's output near zero
@@ -127,7 +129,7 @@ def minibatch_stddev(x, group_size=4):
     """
     n, h, w, _ = x.shape
     g = max(d for d in range(1, min(group_size, n) + 1) if n % d == 0)
-    y = x.reshape(g, n // g, h, w, -1).astype(jnp.float32)
+    y = x.reshape(g, n // g, h, w, -1).astype(jnp.result_type(x.dtype, jnp.float32))
     y = y - jnp.mean(y, axis=0, keepdims=True)
     y = jnp.sqrt(jnp.mean(jnp.square(y), axis=0) + 1e-8)  # (n/g, h, w, c)
     y = jnp.mean(y, axis=(1, 2, 3))  # (n/g,)
@@ -202,7 +204,7 @@ class Generator(nn.Module):
         cfg = self.config
         level = cfg.check_level(level)
         top = cfg.max_level if init_all else level
-        x = pixel_norm(z.astype(jnp.float32))
+        x = pixel_norm(jnp.asarray(z, jnp.result_type(z.dtype, jnp.float32)))
         x = pixel_norm(leaky_relu(self.block_4_dense(x).reshape(-1, 4, 4, cfg.num_features(1))))
         x = pixel_norm(leaky_relu(self.block_4_conv(x)))
         features = {2: x}
@@ -250,7 +252,7 @@ class Discriminator(nn.Module):
         if img.shape[-3:] != (2 ** level, 2 ** level, cfg.channels):
             raise ValueError(f"discriminator at level {level} expects images (N, {2 ** level}, "
                              f"{2 ** level}, {cfg.channels}), got {img.shape}")
-        img = img.astype(jnp.float32)
+        img = jnp.asarray(img, jnp.result_type(img.dtype, jnp.float32))  # f64 stays f64 (tests)
         if init_all:
             # Create every resolution's parameters (dummy inputs; outputs discarded).
             for r in range(cfg.max_level, 2, -1):
@@ -270,17 +272,41 @@ class Discriminator(nn.Module):
         return self.block_4_dense1(x)[:, 0]
 
 
+def _init_by_path(key, shapes):
+    """Equalised-LR init of a shape tree: kernels N(0, 1), biases 0, seeded by the leaf's path.
+
+    Seeding each leaf with (key, hash of its path) gives a layer the same values whatever the
+    rest of the tree is, so networks for different max resolutions share their common layers.
+    Drawn with numpy on the host: compiling threefry for every layer costs seconds on CPU, and
+    initialisation never needs to be traced.
+    """
+    entropy = [int(v) for v in np.asarray(jax.random.key_data(key)).reshape(-1)]
+
+    def leaf(path, shape):
+        name = "/".join(str(getattr(p, "key", p)) for p in path)
+        if name.endswith("bias"):
+            return jnp.zeros(shape.shape, shape.dtype)
+        rng = np.random.default_rng(entropy + [zlib.crc32(name.encode())])
+        return jnp.asarray(rng.standard_normal(shape.shape, np.float32), shape.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
 def init_generator(key, config: ProGANConfig):
     """Parameters of G for every level up to config.max_resolution."""
     z = jnp.zeros((1, config.latent_dim), jnp.float32)
-    return Generator(config).init(key, z, config.max_level, 1.0, init_all=True)["params"]
+    shapes = jax.eval_shape(lambda: Generator(config).init(
+        jax.random.key(0), z, config.max_level, 1.0, init_all=True)["params"])
+    return _init_by_path(key, shapes)
 
 
 def init_discriminator(key, config: ProGANConfig):
     """Parameters of D for every level up to config.max_resolution."""
     r = config.max_resolution
     x = jnp.zeros((2, r, r, config.channels), jnp.float32)
-    return Discriminator(config).init(key, x, config.max_level, 1.0, init_all=True)["params"]
+    shapes = jax.eval_shape(lambda: Discriminator(config).init(
+        jax.random.key(0), x, config.max_level, 1.0, init_all=True)["params"])
+    return _init_by_path(key, shapes)
 
 
 def generator_apply(params, config: ProGANConfig, z, level: int, alpha=1.0):

@@ -1,0 +1,195 @@
+"""Timings of the hot paths, one subcommand per component.
+
+  python -m experiments.benchmark render [--json] [--cases sfm-224,dense-512] [--repeats 10]
+
+Each subcommand prints a table (or, with --json, one JSON object per line). To add one, write
+`def run_NAME(argv) -> list[dict]` and register it in SUBCOMMANDS.
+
+Timings are medians over --repeats calls after compilation, wall clock, with
+`block_until_ready`; compile_s is lowering + XLA compilation of the forward+backward function;
+peak_mb is XLA's own memory analysis of that compiled function (arguments + outputs + temporaries),
+which on CPU is the buffer footprint of one call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("json", False, "print one JSON object per line instead of a table")
+flags.DEFINE_integer("repeats", 10, "timed calls per measurement (the median is reported)")
+flags.DEFINE_list("cases", None, "subset of cases to run (default: all of the subcommand's)")
+flags.DEFINE_string("model", None, "SFM shape model (.bin); default: the shared assets' "
+                    "sfm/sfm_shape_3448.bin")
+
+_DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              os.pardir, "shared", "assets", "sfm", "sfm_shape_3448.bin")
+
+
+def _median_ms(fn, args, repeats):
+    import jax
+
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times)
+
+
+def _peak_mb(compiled):
+    try:
+        m = compiled.memory_analysis()
+        total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                 - m.alias_size_in_bytes)
+        return total / 2 ** 20
+    except Exception:  # memory analysis is backend-dependent; absent → not reported
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# render
+# ---------------------------------------------------------------------------------------------
+
+RENDER_CASES = {
+    # name: (mesh, image size, batch)
+    "sfm-224": ("sfm", 224, 1),
+    "sfm-512": ("sfm", 512, 1),
+    "dense-224": ("dense", 224, 1),
+    "dense-512": ("dense", 512, 1),
+    "sfm-224-batch16": ("sfm", 224, 16),
+    # Not run by default (about 430k triangles): the SFM subdivided three times.
+    "dense3-512": ("dense3", 512, 1),
+}
+_DEFAULT_RENDER_CASES = ["sfm-224", "sfm-512", "dense-224", "dense-512", "sfm-224-batch16"]
+
+
+def _render_inputs(mesh, size, batch, model_path):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ganfit_jax import camera, morphable
+    from ganfit_jax.render import subdivide
+
+    model = morphable.load(model_path)
+    verts, tris, uv = (np.asarray(model.mean), np.asarray(model.triangles), np.asarray(model.uv))
+    for _ in range({"sfm": 0, "dense": 2, "dense3": 3}[mesh]):
+        verts, tris, uv = subdivide(verts, tris, uv)
+    rng = np.random.default_rng(0)
+    # A smooth random 512×512 UV map, the size of the paper's GAN textures.
+    coarse = rng.uniform(0.3, 0.9, (16, 16, 3)).astype(np.float32)
+    texture = np.kron(coarse, np.ones((32, 32, 1), np.float32))
+    focal = camera.default_focal(size)
+    light = np.array([200, 300, 800, 0.8, 0.75, 0.7, 0.3, 0.3, 0.3], np.float32)
+    if batch == 1:
+        cam = np.array([0, 0, 600, 0, 0, 0, focal], np.float32)
+        return verts, tris, uv, texture, cam, light
+    # A batch of different faces and poses: per-item vertices (random shape coefficients) and
+    # cameras (yaw within ±30°).
+    coeffs = rng.normal(0, 1, (batch, model.num_shape)).astype(np.float32)
+    batch_verts = np.stack([np.asarray(morphable.vertices(model, c)) for c in coeffs])
+    yaw = np.deg2rad(np.linspace(-30, 30, batch))
+    cams = np.stack([[600 * np.sin(a), 0, 600 * np.cos(a), 0, 0, 0, focal] for a in yaw])
+    return batch_verts, tris, uv, texture, cams.astype(np.float32), light
+
+
+def bench_render_case(name, model_path, repeats):
+    import jax
+    import jax.numpy as jnp
+
+    from ganfit_jax import render
+
+    mesh, size, batch = RENDER_CASES[name]
+    verts, tris, uv, texture, cam, light = _render_inputs(mesh, size, batch, model_path)
+    tris, uv = jnp.asarray(tris), jnp.asarray(uv)
+
+    def image(v, t, c, l):
+        return render.render(v, tris, uv, t, c, l, size)[0]
+
+    if batch > 1:
+        image = jax.vmap(image, in_axes=(0, None, 0, None))
+    target = 0.5
+
+    def loss(v, t, c, l):
+        return jnp.mean((image(v, t, c, l) - target) ** 2)
+
+    args = tuple(jnp.asarray(a) for a in (verts, texture, cam, light))
+    forward = jax.jit(image)
+    forward_backward = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+    start = time.perf_counter()
+    compiled = forward_backward.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    jax.block_until_ready(forward(*args))  # compile the forward outside the timing
+    jax.block_until_ready(compiled(*args))
+    return dict(
+        case=name, triangles=int(tris.shape[0]), pixels=size * size, batch=batch,
+        forward_ms=round(_median_ms(forward, args, repeats), 2),
+        forward_backward_ms=round(_median_ms(compiled, args, repeats), 2),
+        compile_s=round(compile_s, 2), peak_mb=_round(_peak_mb(compiled)))
+
+
+def _round(x):
+    return None if x is None else round(x, 1)
+
+
+def run_render(argv):
+    model_path = FLAGS.model or _DEFAULT_MODEL
+    if not os.path.exists(model_path):
+        raise FileNotFoundError(f"--model {model_path}: no such SFM model file (the shared "
+                                "assets' sfm/sfm_shape_3448.bin)")
+    cases = FLAGS.cases or _DEFAULT_RENDER_CASES
+    unknown = [c for c in cases if c not in RENDER_CASES]
+    if unknown:
+        raise ValueError(f"--cases: unknown render cases {unknown}; known: {list(RENDER_CASES)}")
+    rows = []
+    for name in cases:
+        row = bench_render_case(name, model_path, FLAGS.repeats)
+        rows.append(row)
+        _emit([row], header=len(rows) == 1)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Output and dispatch
+# ---------------------------------------------------------------------------------------------
+
+_COLUMNS = ("case", "triangles", "pixels", "batch", "forward_ms", "forward_backward_ms",
+            "compile_s", "peak_mb")
+
+
+def _emit(rows, header):
+    import jax
+
+    for row in rows:
+        if FLAGS.json:
+            row = dict(row, machine=f"{os.cpu_count()}-core {platform.machine()}",
+                       backend=jax.default_backend(),
+                       load_average=round(os.getloadavg()[0], 2))
+            print(json.dumps(row), flush=True)
+        else:
+            columns = [c for c in _COLUMNS if c in row] + [c for c in row if c not in _COLUMNS]
+            if header:
+                print(" | ".join(columns), flush=True)
+            print(" | ".join(str(row[c]) for c in columns), flush=True)
+
+
+SUBCOMMANDS = {
+    "render": run_render,
+}
+
+
+def main(argv):
+    if len(argv) < 2 or argv[1] not in SUBCOMMANDS:
+        raise app.UsageError(f"usage: python -m experiments.benchmark "
+                             f"{{{','.join(SUBCOMMANDS)}}} [--json] [flags]")
+    SUBCOMMANDS[argv[1]](argv[1:])
+
+
+if __name__ == "__main__":
+    app.run(main)

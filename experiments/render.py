@@ -1,0 +1,178 @@
+"""Renders a morphable model (or fitted parameters) to PNGs from chosen views.
+
+  python -m experiments.render --model ../shared/assets/sfm/sfm_shape_3448.bin \\
+      --output_dir /tmp/renders --views=-30,0,30 --turntable 0 --image_size 256 --save_depth
+
+--params (optional) is an .npz with any of: shape (S,), expression (E,), camera (7,) or (8,),
+light (9,), texture (Ht,Wt,3) UV map or colours (N,3). Without it the mean face is rendered with
+the model's texture mean (if any), else a uniform skin tone, lit by a light beside the camera.
+Views are yaw angles (degrees) of a camera orbiting the face at --distance mm; a params camera
+is used as the 0° view and orbited about its target. Existing outputs are never overwritten
+unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "model file loadable by ganfit_jax.morphable.load")
+flags.DEFINE_string("params", None, "optional .npz with shape/expression/camera/light/texture")
+flags.DEFINE_string("output_dir", None, "folder for the PNGs (created if absent)")
+flags.DEFINE_list("views", ["0"], "yaw angles in degrees (positive: camera towards the subject's left)")
+flags.DEFINE_integer("turntable", 0, "if > 0, also render this many views evenly over 360°")
+flags.DEFINE_integer("image_size", 256, "square image size in pixels")
+flags.DEFINE_float("distance", 800.0, "camera distance (mm) from the face centre")
+flags.DEFINE_list("light", None, "9 values: x,y,z (world mm), light rgb, ambient rgb")
+flags.DEFINE_float("background", 1.0, "background grey level in [0,1]")
+flags.DEFINE_enum("texture_sampling", "pixel", ["pixel", "vertex"], "UV map lookup mode")
+flags.DEFINE_bool("save_depth", False, "also save depth maps (.npy, mm, 0 on background)")
+flags.DEFINE_bool("save_mask", False, "also save foreground masks (.npy, float32)")
+flags.DEFINE_bool("overwrite", False, "replace existing output files")
+
+DEFAULT_ALBEDO = (0.78, 0.6, 0.5)
+
+
+def _load_params(path, model):
+    import jax.numpy as jnp
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--params {path}: no such file")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"--params {path}: not a readable .npz ({e})") from None
+    known = {"shape", "expression", "camera", "light", "texture", "colours"}
+    unknown = sorted(set(data.files) - known)
+    if unknown:
+        raise ValueError(f"--params {path}: unexpected keys {unknown}; expected some of "
+                         f"{sorted(known)}")
+    out = {k: np.asarray(data[k], np.float32) for k in data.files}
+    if "shape" in out and out["shape"].shape != (model.num_shape,):
+        raise ValueError(f"--params {path}: shape must be ({model.num_shape},), "
+                         f"got {out['shape'].shape}")
+    if "expression" in out and out["expression"].shape != (model.num_expression,):
+        raise ValueError(f"--params {path}: expression must be ({model.num_expression},), "
+                         f"got {out['expression'].shape}")
+    if "camera" in out and out["camera"].shape not in ((7,), (8,)):
+        raise ValueError(f"--params {path}: camera must be (7,) or (8,), got {out['camera'].shape}")
+    if "light" in out and out["light"].shape != (9,):
+        raise ValueError(f"--params {path}: light must be (9,), got {out['light'].shape}")
+    del jnp
+    return out
+
+
+def orbit_camera(base_camera, yaw_degrees):
+    """The camera rotated by `yaw` about the vertical axis through its target."""
+    base_camera = np.asarray(base_camera, np.float32)
+    eye, target = base_camera[0:3], base_camera[3:6]
+    a = np.deg2rad(yaw_degrees)
+    rot = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    out = base_camera.copy()
+    out[0:3] = target + rot @ (eye - target)
+    return out
+
+
+def render_views(model, params, yaws, image_size, distance, light=None, background=1.0,
+                 texture_sampling="pixel"):
+    """Yields (yaw, image, aux) for each yaw; library code kept here free of file I/O."""
+    import jax
+    import jax.numpy as jnp
+
+    from ganfit_jax import camera as camera_lib
+    from ganfit_jax import morphable, render
+
+    verts = morphable.vertices(model, params.get("shape", 0.0), params.get("expression", 0.0))
+    if "texture" in params:
+        appearance = params["texture"]
+    elif "colours" in params:
+        appearance = params["colours"]
+    elif model.texture_mean is not None:
+        appearance = np.clip(np.asarray(model.texture_mean), 0, 1)
+    else:
+        appearance = np.broadcast_to(np.float32(DEFAULT_ALBEDO), (model.num_vertices, 3))
+    centre = np.asarray(jnp.mean(verts, axis=0))
+    if "camera" in params:
+        base = params["camera"]
+    else:
+        base = np.concatenate([centre + [0, 0, distance], centre,
+                               [camera_lib.default_focal(image_size)]]).astype(np.float32)
+    if light is None:
+        light = params.get("light")
+    if light is None:
+        light = np.concatenate([np.asarray(base[0:3]) + [distance, distance, 0],
+                                [0.75, 0.75, 0.75, 0.35, 0.35, 0.35]]).astype(np.float32)
+
+    @jax.jit
+    def one(cam):
+        return render.render(verts, model.triangles, model.uv, appearance, cam, light, image_size,
+                             background=background, texture_sampling=texture_sampling)
+
+    for yaw in yaws:
+        image, aux = one(jnp.asarray(orbit_camera(base, yaw)))
+        yield yaw, np.asarray(image), {k: np.asarray(v) for k, v in aux.items()}
+
+
+def _stem(output_dir, yaw):
+    return os.path.join(output_dir, f"yaw{yaw:+07.1f}")
+
+
+def _write(path, write, overwrite):
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    write(path)
+
+
+def main(argv):
+    del argv
+    from PIL import Image
+
+    from ganfit_jax import morphable
+
+    if not FLAGS.model:
+        raise app.UsageError("--model is required (a file loadable by ganfit_jax.morphable.load)")
+    if not FLAGS.output_dir:
+        raise app.UsageError("--output_dir is required")
+    model = morphable.load(FLAGS.model)
+    params = _load_params(FLAGS.params, model) if FLAGS.params else {}
+    light = None
+    if FLAGS.light:
+        if len(FLAGS.light) != 9:
+            raise ValueError(f"--light: expected 9 comma-separated values, got {len(FLAGS.light)}")
+        light = np.asarray([float(x) for x in FLAGS.light], np.float32)
+    try:
+        yaws = [float(v) for v in FLAGS.views]
+    except ValueError:
+        raise ValueError(f"--views: expected comma-separated yaw angles in degrees, got "
+                         f"{FLAGS.views}") from None
+    if FLAGS.turntable > 0:
+        yaws += [360.0 * k / FLAGS.turntable for k in range(FLAGS.turntable)]
+    yaws = list(dict.fromkeys(yaws))  # a view asked twice is rendered once
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    suffixes = [".png"] + (["_depth.npy"] if FLAGS.save_depth else []) + (
+        ["_mask.npy"] if FLAGS.save_mask else [])
+    existing = [p for yaw in yaws for p in (_stem(FLAGS.output_dir, yaw) + s for s in suffixes)
+                if os.path.exists(p)]
+    if existing and not FLAGS.overwrite:  # refuse before rendering anything
+        raise FileExistsError(f"{existing[0]} exists ({len(existing)} outputs in all); pass "
+                              "--overwrite to replace them")
+    names = []
+    for yaw, image, aux in render_views(model, params, yaws, FLAGS.image_size, FLAGS.distance,
+                                        light, FLAGS.background, FLAGS.texture_sampling):
+        stem = _stem(FLAGS.output_dir, yaw)
+        png = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+        _write(stem + ".png", lambda p: Image.fromarray(png).save(p), FLAGS.overwrite)
+        if FLAGS.save_depth:
+            _write(stem + "_depth.npy", lambda p: np.save(p, aux["depth"]), FLAGS.overwrite)
+        if FLAGS.save_mask:
+            _write(stem + "_mask.npy", lambda p: np.save(p, aux["mask"]), FLAGS.overwrite)
+        names.append(stem + ".png")
+        logging.info("wrote %s (%.1f%% foreground)", stem + ".png", 100 * aux["mask"].mean())
+    print("\n".join(names))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,82 @@
+"""Midpoint subdivision and the render experiment binary."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ganfit_jax import render
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_subdivide_quadruples_triangles_and_keeps_the_surface():
+    trimesh = pytest.importorskip("trimesh")
+    sphere = trimesh.creation.icosphere(subdivisions=1)
+    verts, tris = np.asarray(sphere.vertices), np.asarray(sphere.faces)
+    uv = verts[:, :2] * 0.5 + 0.5
+    v2, t2, uv2 = render.subdivide(verts, tris, uv)
+    edges = len(trimesh.Trimesh(verts, tris, process=False).edges_unique)
+    assert t2.shape == (4 * len(tris), 3) and v2.shape == (len(verts) + edges, 3)
+    np.testing.assert_array_equal(v2[: len(verts)], verts)
+    # New vertices are edge midpoints; a watertight mesh stays watertight with the same area
+    # (every child is a quarter of its parent, which is flat) and the same orientation.
+    child = trimesh.Trimesh(v2, t2, process=False)
+    assert child.is_watertight and child.is_winding_consistent
+    np.testing.assert_allclose(child.area, sphere.area, rtol=1e-12)
+    np.testing.assert_allclose(child.area_faces.reshape(-1, 4).sum(1), sphere.area_faces, rtol=1e-9)
+    np.testing.assert_allclose(child.face_normals[::4], sphere.face_normals, atol=1e-12)
+    np.testing.assert_allclose(uv2, v2[:, :2] * 0.5 + 0.5, atol=1e-12)  # uv is affine in xyz
+    with pytest.raises(ValueError, match="triangle indices"):
+        render.subdivide(verts, tris + len(verts))
+
+
+def test_subdivided_sfm_renders_the_same_silhouette(sfm_model):
+    import jax.numpy as jnp
+
+    from ganfit_jax import camera
+
+    v, t, _ = render.subdivide(sfm_model.mean, sfm_model.triangles)
+    cam = jnp.array([0, 0, 600, 0, 0, 0, camera.default_focal(64)], jnp.float32)
+    coarse = render.rasterize(*camera.project(cam, sfm_model.mean, 64), sfm_model.triangles, 64)[0]
+    fine = render.rasterize(*camera.project(cam, jnp.asarray(v), 64), t, 64)[0]
+    # Children 4k..4k+3 cover exactly their parent k (coplanar), up to pixel centres on edges.
+    parent = np.where(np.asarray(fine) >= 0, np.asarray(fine) // 4, -1)
+    assert np.mean(parent == np.asarray(coarse)) > 0.995
+
+
+def _run(args):
+    return subprocess.run([sys.executable, "-m", "experiments.render"] + args, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_render_experiment_writes_views_and_refuses_to_overwrite(sfm_dir, tmp_path):
+    model = str(sfm_dir / "sfm_shape_3448.bin")
+    params = tmp_path / "params.npz"
+    np.savez(params, shape=np.full(63, 0.5, np.float32),
+             light=np.array([0, 0, 2000, 1, 1, 1, 0.2, 0.2, 0.2], np.float32))
+    out = tmp_path / "out"
+    args = ["--model", model, "--params", str(params), "--output_dir", str(out),
+            "--views=-30,0", "--turntable", "2", "--image_size", "48", "--save_depth", "--save_mask"]
+    result = _run(args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = sorted(os.listdir(out))
+    assert len(names) == 3 * 3  # yaws -30, 0 and the turntable's 0 (once), 180
+    from PIL import Image
+
+    image = np.asarray(Image.open(out / "yaw+0000.0.png"))
+    mask = np.load(out / "yaw+0000.0_mask.npy")
+    depth = np.load(out / "yaw+0000.0_depth.npy")
+    assert image.shape == (48, 48, 3) and mask.shape == depth.shape == (48, 48)
+    assert 0.2 < mask.mean() < 0.95 and np.all(depth[mask > 0] > 600)
+    assert np.all(image[mask == 0] == 255)  # white background
+    before = os.path.getmtime(out / "yaw+0000.0.png")
+    result = _run(args)
+    assert result.returncode != 0 and "--overwrite" in result.stderr
+    assert os.path.getmtime(out / "yaw+0000.0.png") == before
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, shape=np.zeros(5))
+    result = _run(["--model", model, "--params", str(bad), "--output_dir", str(tmp_path / "b")])
+    assert result.returncode != 0 and "shape must be (63,)" in result.stderr
