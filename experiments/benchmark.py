@@ -1,6 +1,7 @@
 """Timings of the hot paths, one subcommand per component.
 
   python -m experiments.benchmark render [--json] [--cases sfm-224,dense-512] [--repeats 10]
+  python -m experiments.benchmark fit --config=cpu-small|paper [--batch_sizes=1,2,4] [--json]
 
 Each subcommand prints a table (or, with --json, one JSON object per line). To add one, write
 `def run_NAME(argv) -> list[dict]` and register it in SUBCOMMANDS.
@@ -179,8 +180,31 @@ def _emit(rows, header):
             print(" | ".join(str(row[c]) for c in columns), flush=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# fit (experiments/benchmark_fit.py)
+# ---------------------------------------------------------------------------------------------
+
+flags.DEFINE_string("config", "cpu-small", "fit: cpu-small | paper")
+flags.DEFINE_list("batch_sizes", ["1", "2", "4", "8", "16"], "fit: batch sizes to time")
+flags.DEFINE_integer("iterations", 300, "fit: iterations per image for images_per_second")
+flags.DEFINE_bool("remat", False, "fit: rematerialise the step (jax.checkpoint) to save memory")
+
+
+def run_fit(argv):
+    from experiments import benchmark_fit
+
+    rows = []
+    for row in benchmark_fit.bench_fit(FLAGS.config, [int(b) for b in FLAGS.batch_sizes],
+                                       FLAGS.model or _DEFAULT_MODEL, FLAGS.iterations,
+                                       FLAGS.repeats, FLAGS.remat):
+        rows.append(row)
+        _emit([row], header=len(rows) == 1)
+    return rows
+
+
 SUBCOMMANDS = {
     "render": run_render,
+    "fit": run_fit,
 }
 
 

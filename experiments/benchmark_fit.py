@@ -1,0 +1,190 @@
+"""`python -m experiments.benchmark fit`: the cost of one GANFIT optimisation step.
+
+One step = the loss of Eq. 12 (two renders, the identity network on both, every term), its
+gradient and the Adam update, vmapped over a batch of photos: exactly what `fitting.fit` runs
+inside its lax.scan. For each batch size we report the median step time, XLA's FLOP count of the
+compiled step (cost analysis), the achieved FLOP/s, compile time, XLA's memory footprint and
+images per second at --iterations steps per image.
+
+Configurations:
+  cpu-small  SFM (3448 vertices), 224² render, dlib ResNet (150²), 128² ProGAN texture
+  paper      SFM subdivided twice (~54k vertices, the size of LSFM), 224² render, iResNet-100
+             (112²), 512² ProGAN texture: the paper's networks at their sizes (random weights;
+             the cost does not depend on the values)
+
+The machine's own matmul and convolution rates are measured in the same run, so the distance
+to the machine's limit is a ratio, not a guess.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+CONFIGS = {
+    "cpu-small": dict(subdivisions=0, render=224, identity="dlib", gan_resolution=128,
+                      gan_fmap_base=1024, gan_fmap_max=128),
+    "paper": dict(subdivisions=2, render=224, identity="arcface-r100", gan_resolution=512,
+                  gan_fmap_base=8192, gan_fmap_max=512),
+}
+
+
+def subdivided_model(model, times):
+    """The model with every triangle split in four `times` times; bases follow the midpoints."""
+    from ganfit_jax import morphable
+    from ganfit_jax.render import subdivide
+
+    if times == 0:
+        return model
+    n = model.num_vertices
+    attrs = np.concatenate([np.asarray(model.uv), np.asarray(model.mean),
+                            np.asarray(model.shape_basis).reshape(n, -1),
+                            np.asarray(model.expression_basis).reshape(n, -1)], axis=1)
+    tris = np.asarray(model.triangles)
+    for _ in range(times):
+        _, tris, attrs = subdivide(attrs[:, 2:5], tris, attrs)
+    m = attrs.shape[0]
+    s, e = model.num_shape, model.num_expression
+    return morphable.make_model(attrs[:, 2:5], attrs[:, 5:5 + 3 * s].reshape(m, 3, s),
+                                attrs[:, 5 + 3 * s:].reshape(m, 3, e), tris, attrs[:, 0:2],
+                                model.landmark_indices, model.contour_right, model.contour_left,
+                                source="subdivided")
+
+
+def build(config_name, model_path, key):
+    """(pipeline, one params, one target) for a configuration."""
+    import jax
+    import jax.numpy as jnp
+
+    from ganfit_jax import fitting, identity, morphable
+    from ganfit_jax.texture import model as texture_model
+    from ganfit_jax.texture import progan
+
+    cfg = CONFIGS[config_name]
+    model = subdivided_model(morphable.load(model_path), cfg["subdivisions"])
+    k_gan, k_id, k_img = jax.random.split(key, 3)
+    gan_cfg = progan.ProGANConfig(latent_dim=512, max_resolution=cfg["gan_resolution"],
+                                  fmap_base=cfg["gan_fmap_base"], fmap_max=cfg["gan_fmap_max"])
+    texture = texture_model.GANTexture(progan.init_generator(k_gan, gan_cfg), gan_cfg)
+    if cfg["identity"] == "dlib":
+        net = identity.load_identity("dlib")
+    else:
+        net = identity.load_identity(cfg["identity"], key=k_id)
+    size = (cfg["render"], cfg["render"])
+    pipeline = fitting.make_pipeline(model, texture, net, size)
+    # a synthetic photo: the mean face rendered with a random texture over noise
+    rng = np.random.default_rng(0)
+    landmarks = np.array(fitting.project_landmarks(
+        pipeline, fitting.FitParams(shape=jnp.zeros(model.num_shape),
+                                    expression=jnp.zeros(model.num_expression),
+                                    texture=jnp.zeros(texture.latent_dim),
+                                    camera=jnp.asarray([0, 0, 1000, 0, 0, 0, 1000.0 * size[0] / 224,
+                                                        0], jnp.float32),
+                                    light=jnp.asarray(fitting.DEFAULT_LIGHT))))
+    ok = np.isfinite(landmarks).all(1)
+    landmarks[~ok] = landmarks[ok].mean(0)
+    landmarks += rng.normal(size=landmarks.shape) * 2.0
+    image = jnp.asarray(rng.uniform(0.2, 0.8, size + (3,)), jnp.float32)
+    params = fitting.init_params(model, landmarks, size, texture.latent_dim,
+                                 texture_init=texture.init_latent(k_img))
+    target = fitting.target_from_image(pipeline, image, landmarks)
+    return pipeline, params, target
+
+
+def machine_rates(repeats=5):
+    """Measured matmul and convolution FLOP/s of this device (float32), the ceilings we compare
+    a step against."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    t = _median(lambda: mm(a).block_until_ready(), repeats)
+    matmul = 2 * n ** 3 / t
+    x = jnp.ones((8, 56, 56, 64), jnp.float32)
+    w = jnp.ones((3, 3, 64, 64), jnp.float32)
+    conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    conv(x, w).block_until_ready()
+    t = _median(lambda: conv(x, w).block_until_ready(), repeats)
+    convolution = 2 * 8 * 56 * 56 * 64 * 64 * 9 / t
+    return matmul, convolution
+
+
+def _median(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def step_function(pipeline, config, batched):
+    """One Adam step of stage 2 (the full Eq. 12), vmapped when batched."""
+    import jax
+    import optax
+
+    from ganfit_jax import fitting
+
+    def step(params, opt_state, target, key):
+        tx = fitting.optimiser(config.learning_rate, params, 2)
+        (total, _), grads = jax.value_and_grad(fitting.loss, has_aux=True)(
+            params, target, pipeline, key, config.weights, config.random_render, params.light)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, total
+
+    return jax.vmap(step) if batched else step
+
+
+def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=False):
+    import jax
+
+    from ganfit_jax import fitting
+
+    key = jax.random.PRNGKey(0)
+    pipeline, params, target = build(config_name, model_path, key)
+    config = fitting.FitConfig()
+    matmul_rate, conv_rate = machine_rates()
+    rows = []
+    for b in batch_sizes:
+        ps = fitting.stack([params] * b)
+        ts = fitting.stack([target] * b)
+        tx = fitting.optimiser(config.learning_rate, params, 2)
+        opt = jax.vmap(tx.init)(ps)
+        keys = jax.random.split(key, b)
+        fn = step_function(pipeline, config, batched=True)
+        if remat:
+            fn = jax.checkpoint(fn)
+        sharding = fitting.batch_sharding(b)
+        if sharding is not None:
+            ps, opt, ts, keys = jax.device_put((ps, opt, ts, keys), sharding)
+        t0 = time.perf_counter()
+        compiled = jax.jit(fn).lower(ps, opt, ts, keys).compile()
+        compile_s = time.perf_counter() - t0
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+        compiled(ps, opt, ts, keys)[2].block_until_ready()
+        step_s = _median(lambda: compiled(ps, opt, ts, keys)[2].block_until_ready(), repeats)
+        try:
+            m = compiled.memory_analysis()
+            peak_mb = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                       - m.alias_size_in_bytes) / 2 ** 20
+        except Exception:  # backend without memory analysis
+            peak_mb = None
+        rows.append(dict(config=config_name, batch_size=b, step_ms=round(step_s * 1000, 1),
+                         flops=flops, achieved_gflops=round(flops / step_s / 1e9, 2),
+                         floor_ms=round(flops / max(matmul_rate, conv_rate) * 1000, 1),
+                         ratio_to_floor=round(step_s / (flops / max(matmul_rate, conv_rate)), 2),
+                         images_per_second=round(b / (step_s * iterations), 4),
+                         compile_s=round(compile_s, 1),
+                         peak_mb=None if peak_mb is None else round(peak_mb, 1),
+                         iterations=iterations, devices=jax.device_count(),
+                         machine_matmul_gflops=round(matmul_rate / 1e9, 1),
+                         machine_conv_gflops=round(conv_rate / 1e9, 1)))
+        yield rows[-1]
