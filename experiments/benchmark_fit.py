@@ -24,6 +24,9 @@ import time
 import numpy as np
 
 CONFIGS = {
+    # for the CPU dry run of experiments/gpu_check.sh and the tests: the same code path, tiny
+    "tiny": dict(subdivisions=0, render=64, identity="tiny", gan_resolution=16,
+                 gan_fmap_base=64, gan_fmap_max=16),
     "cpu-small": dict(subdivisions=0, render=224, identity="dlib", gan_resolution=128,
                       gan_fmap_base=1024, gan_fmap_max=128),
     "paper": dict(subdivisions=2, render=224, identity="arcface-r100", gan_resolution=512,
@@ -65,11 +68,13 @@ def build(config_name, model_path, key):
     cfg = CONFIGS[config_name]
     model = subdivided_model(morphable.load(model_path), cfg["subdivisions"])
     k_gan, k_id, k_img = jax.random.split(key, 3)
-    gan_cfg = progan.ProGANConfig(latent_dim=512, max_resolution=cfg["gan_resolution"],
+    gan_cfg = progan.ProGANConfig(latent_dim=512 if cfg["gan_resolution"] > 16 else 16, max_resolution=cfg["gan_resolution"],
                                   fmap_base=cfg["gan_fmap_base"], fmap_max=cfg["gan_fmap_max"])
     texture = texture_model.GANTexture(progan.init_generator(k_gan, gan_cfg), gan_cfg)
     if cfg["identity"] == "dlib":
         net = identity.load_identity("dlib")
+    elif cfg["identity"] == "tiny":
+        net = identity.load_identity("tiny", key=k_id)
     else:
         net = identity.load_identity(cfg["identity"], key=k_id)
     size = (cfg["render"], cfg["render"])

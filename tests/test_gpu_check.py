@@ -1,0 +1,23 @@
+"""The GPU check script: its CPU dry run passes and writes the JSON the device run will write."""
+
+import json
+import os
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_check_dry_run(tmp_path, sfm_dir):
+    script = os.path.join(ROOT, "experiments", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    proc = subprocess.run(["bash", script, str(tmp_path), "--dry_run"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    fit = [json.loads(l) for l in (tmp_path / "fit.jsonl").read_text().splitlines()]
+    render = [json.loads(l) for l in (tmp_path / "render.jsonl").read_text().splitlines()]
+    assert fit[0]["config"] == "tiny" and fit[0]["batch_size"] == 1
+    for key in ("step_ms", "flops", "images_per_second", "compile_s", "peak_mb"):
+        assert key in fit[0], key
+    assert fit[0]["flops"] > 0 and fit[0]["step_ms"] > 0
+    assert render[0]["case"] == "sfm-224" and render[0]["forward_ms"] > 0
+    assert "passed" in (tmp_path / "tests.txt").read_text()
