@@ -246,14 +246,13 @@ def run():
         paths = list_images(getattr(FLAGS, mode), mode)
     if FLAGS.landmarks and not os.path.exists(FLAGS.landmarks):
         raise InputError(f"--landmarks={FLAGS.landmarks}: no such file")
-    if mode == "images":
-        folders = [os.path.join(FLAGS.output_dir, os.path.splitext(os.path.basename(p))[0])
-                   for p in paths]
-    elif mode == "frames":
-        folders = [os.path.join(FLAGS.output_dir, os.path.splitext(os.path.basename(p))[0])
-                   for p in paths]
-    else:
+    if mode == "image":
         folders = [FLAGS.output_dir]
+    else:
+        stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+        if len(set(stems)) < len(stems):  # a.jpg and a.png would share a folder
+            stems = [os.path.basename(p).replace(".", "_") for p in paths]
+        folders = [os.path.join(FLAGS.output_dir, stem) for stem in stems]
     check_outputs_free(folders)
 
     model = load_model(FLAGS.model or default_model_path())
@@ -272,13 +271,6 @@ def run():
                                stage2_iterations=FLAGS.iterations, chunk=FLAGS.chunk,
                                weights=weights)
 
-    # every input is read and checked before anything is fitted or written
-    prepared = []
-    for k, path in enumerate(paths):
-        lm_path = FLAGS.landmarks if mode == "image" else None
-        prepared.append(prepare(path, lm_path, FLAGS.image_size, FLAGS.detector))
-        if len(paths) > 1:
-            print(f"prepared {k + 1}/{len(paths)}: {path}", flush=True)
     texture_init = np.asarray(texture_model.init_latent(k_tex))
 
     def start(item):
@@ -297,44 +289,85 @@ def run():
                                   for p, c in zip(fitting.unstack(params, n), crops)])
         return hook
 
+    if mode == "images":
+        fit_folder(paths, folders, pipeline, config, start, photo_texture, k_fit)
+        return
+    # a single photo or one person's frames: every input is checked before anything is written
     t0 = time.time()
+    lm_path = FLAGS.landmarks if mode == "image" else None
+    prepared = [prepare(p, lm_path, FLAGS.image_size, FLAGS.detector) for p in paths]
     if mode == "image":
         params, target = start(prepared[0])
         params, history = fitting.fit(pipeline, params, target, config, k_fit,
                                       between_stages=photo_texture([prepared[0][1]]))
         results = [(params, history)]
-    elif mode == "frames":
+    else:
+        # frames share one texture, which starts from the prior's own start, not one frame
         starts = [start(item) for item in prepared]
         params, history = fitting.fit(pipeline, fitting.stack([s[0] for s in starts]),
                                       fitting.stack([s[1] for s in starts]), config, k_fit,
                                       frames=True)
-        # (frames share one texture; it starts from the prior's own start, not one frame)
         results = [(p, history_slice(history, i))
                    for i, p in enumerate(fitting.unstack(params, len(paths)))]
-    else:
-        results = []
-        for b in range(0, len(paths), FLAGS.batch_size):
-            items = prepared[b:b + FLAGS.batch_size]
-            real = len(items)
-            # pad the last batch by repeating its last photo: one compiled shape for all
-            items = items + [items[-1]] * (FLAGS.batch_size - real)
-            starts = [start(item) for item in items]
-            print(f"batch {b // FLAGS.batch_size + 1}: photos {b + 1}-{b + real} of {len(paths)}",
-                  flush=True)
-            params, history = fitting.fit(pipeline, fitting.stack([s[0] for s in starts]),
-                                          fitting.stack([s[1] for s in starts]), config,
-                                          jax.random.fold_in(k_fit, b), batched=True,
-                                          between_stages=photo_texture([i[1] for i in items]))
-            results += [(p, history_slice(history, i))
-                        for i, p in enumerate(fitting.unstack(params, real))]
     print(f"fitted {len(paths)} photo(s) in {time.time() - t0:.1f}s", flush=True)
-
     for (params, history), (original, crop, _, transform), folder, path in zip(
             results, prepared, folders, paths):
         write_result(folder, pipeline, params, original, crop, transform, history, path)
         print(f"wrote {folder}/: " + " ".join(OUTPUT_FILES), flush=True)
     if mode == "frames":
         print("shared shape and texture: identical in every frame's params.npz")
+
+
+def fit_folder(paths, folders, pipeline, config, start, photo_texture, key):
+    """--images: photos decoded, landmarked and cropped in background threads while the device
+    fits the previous batch; batches of --batch_size under vmap (sharded over devices); a photo
+    that cannot be read or has no face is reported and skipped."""
+    import jax
+
+    from ganfit_jax import fitting, inputs
+
+    batch_size = FLAGS.batch_size
+    devices = jax.device_count()
+    if batch_size % devices:
+        batch_size += devices - batch_size % devices  # every device gets the same share
+        print(f"batch size rounded up to {batch_size} for {devices} devices")
+    load = lambda job: prepare(job[0], None, FLAGS.image_size, FLAGS.detector)
+    stream = inputs.prefetch_map(load, list(zip(paths, folders)), workers=2,
+                                 ahead=2 * batch_size)
+    t0, done, skipped, batch_index = time.time(), 0, 0, 0
+    while True:
+        batch = []
+        for (path, folder), item in stream:
+            if isinstance(item, Exception):
+                skipped += 1
+                print(f"skipped {path}: {item}", flush=True)
+                continue
+            batch.append((path, folder, item))
+            if len(batch) == batch_size:
+                break
+        if not batch:
+            break
+        real = len(batch)
+        # pad a short last batch by repeating its last photo: one compiled shape for all
+        padded = batch + [batch[-1]] * (batch_size - real)
+        starts = [start(item) for _, _, item in padded]
+        batch_index += 1
+        print(f"batch {batch_index}: {real} photo(s), {done} done so far", flush=True)
+        params, history = fitting.fit(pipeline, fitting.stack([s[0] for s in starts]),
+                                      fitting.stack([s[1] for s in starts]), config,
+                                      jax.random.fold_in(key, batch_index), batched=True,
+                                      between_stages=photo_texture([i[1] for _, _, i in padded]))
+        for i, p in enumerate(fitting.unstack(params, real)):
+            path, folder, (original, crop, _, transform) = batch[i]
+            write_result(folder, pipeline, p, original, crop, transform,
+                         history_slice(history, i), path)
+        done += real
+        elapsed = time.time() - t0
+        eta = elapsed / done * (len(paths) - done - skipped)
+        print(f"wrote {done}/{len(paths)} ({skipped} skipped) in {elapsed:.0f}s, "
+              f"{done / elapsed:.2f} photos/s, eta {eta:.0f}s", flush=True)
+    if done == 0:
+        raise InputError(f"--images: none of the {len(paths)} photos could be fitted")
 
 
 def main(argv):

@@ -85,3 +85,31 @@ def paste_back(original, crop_image, crop_mask, transform: CropTransform):
     alpha = lookup(np.asarray(crop_mask, np.float32)) * inside[:, None]
     out = original.reshape(-1, 3) * (1 - alpha) + colour * alpha
     return out.reshape(h, w, 3)
+
+
+def prefetch_map(fn, items, workers=2, ahead=8):
+    """Yields (item, fn(item) or the exception it raised) in order, computing up to `ahead`
+    results in background threads: decoding, landmark detection and cropping of the next photos
+    overlap the device's work on the current batch (Pillow and dlib release the GIL)."""
+    import collections
+    import concurrent.futures
+
+    def safe(item):
+        try:
+            return fn(item)
+        except Exception as e:  # handed to the caller, who reports and skips that item
+            return e
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = collections.deque()
+        iterator = iter(items)
+        for item in iterator:
+            pending.append((item, pool.submit(safe, item)))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            item, future = pending.popleft()
+            nxt = next(iterator, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(safe, nxt)))
+            yield item, future.result()

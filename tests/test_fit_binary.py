@@ -81,3 +81,28 @@ def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path):
     assert len(lines) == 1 and expect in lines[0], stderr[-2000:]
     assert "Traceback" not in stderr
     assert not out.exists()
+
+
+def test_folder_of_photos_in_vmapped_batches_skips_bad_ones(faces_dir, sfm_dir, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("00003", "00004", "00005"):
+        for ext in (".png", ".npy"):
+            shutil.copy(faces_dir / "ffhq" / "FFHQ" / (name + ext), photos / (name + ext))
+    Image.fromarray(np.full((90, 70, 3), 200, np.uint8)).save(photos / "blank.jpg")  # no face
+    out = tmp_path / "out"
+    code, stdout, stderr = run_fit(f"--images={photos}", f"--output_dir={out}", "--batch_size=2",
+                                   f"--model={sfm_dir / 'sfm_shape_3448.bin'}", *TINY)
+    assert code == 0, stderr[-2000:]
+    assert "skipped" in stdout and "blank.jpg" in stdout
+    assert "batch 2: 1 photo(s)" in stdout  # 3 good photos in batches of 2
+    for name in ("00003", "00004", "00005"):
+        assert (out / name / "params.npz").exists() and (out / name / "overlay.png").exists()
+    assert not (out / "blank").exists()
+    # each photo got its own fit: different cameras, one shared compiled shape
+    cams = [np.load(out / n / "params.npz")["camera"] for n in ("00003", "00004", "00005")]
+    assert np.abs(cams[0] - cams[1]).max() > 1.0 and np.abs(cams[1] - cams[2]).max() > 1.0
