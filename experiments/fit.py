@@ -13,6 +13,7 @@ other viewpoints) and loss.png. Existing outputs are never replaced unless --ove
 from __future__ import annotations
 
 import glob
+import json
 import os
 import sys
 import time
@@ -56,7 +57,7 @@ flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
 OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
-                "side_by_side.png", "views.png", "loss.png")
+                "side_by_side.png", "views.png", "loss.png", "metrics.json")
 
 
 class InputError(Exception):
@@ -154,7 +155,33 @@ def check_outputs_free(folders):
 # ------------------------------------------------------------------------------------------
 
 
-def write_result(folder, pipeline, params, original, crop, transform, history, source):
+def fit_metrics(pipeline, params, landmarks_crop, transform, history):
+    """How well the fit reproduces the photo: landmark error (pixels of the original photo and %
+    of the inter-ocular distance, over the landmarks the model defines) and the identity cosine
+    between render and photo at the start and end of stage 2 (1 − L_id)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ganfit_jax import fitting, landmarks
+
+    pred = np.asarray(fitting.project_landmarks(pipeline, params, jnp.asarray(landmarks_crop)))
+    pred, truth = transform.to_original(pred), transform.to_original(landmarks_crop)
+    ok = np.all(np.isfinite(pred), 1) & np.all(np.isfinite(truth), 1)
+    err = np.linalg.norm(pred[ok] - truth[ok], axis=1)
+    iod = float(landmarks.interocular_distance(truth))
+    out = dict(landmark_error_px=float(err.mean()), landmark_error_iod=float(err.mean() / iod),
+               landmarks_compared=int(ok.sum()), interocular_px=iod)
+    stage2 = history.get(2, {})
+    if "identity" in stage2 and len(stage2["identity"]):
+        out["identity_cosine_start"] = float(1 - stage2["identity"][0])
+        out["identity_cosine_end"] = float(1 - stage2["identity"][-1])
+    for stage, h in history.items():
+        out[f"stage{stage}_final"] = {k: float(v[-1]) for k, v in h.items()}
+    return out
+
+
+def write_result(folder, pipeline, params, original, crop, transform, history, source,
+                 landmarks_crop=None):
     import jax.numpy as jnp
     import numpy as np
 
@@ -196,6 +223,10 @@ def write_result(folder, pipeline, params, original, crop, transform, history, s
             curves[f"{name} (stage {stage})"] = np.asarray(values)
     io.save_loss_curves(os.path.join(folder, "loss.png"), curves, log_y=True,
                         title=f"GANFIT fit of {os.path.basename(str(source))}", overwrite=over)
+    metrics = fit_metrics(pipeline, params, landmarks_crop, transform, history)
+    io.write_never_overwrite(os.path.join(folder, "metrics.json"),
+                             json.dumps(dict(metrics, source=str(source)), indent=1), over)
+    return metrics
 
 
 def _turn(params, yaw_degrees):
@@ -212,6 +243,15 @@ def _turn(params, yaw_degrees):
     light[0:3] = eye + np.array([0.0, 300.0, 0.0])
     return params.replace(camera=jnp.asarray(cam, jnp.float32),
                           light=jnp.asarray(light, jnp.float32))
+
+
+def _summary(m):
+    text = (f"landmark error {m['landmark_error_px']:.2f} px "
+            f"({100 * m['landmark_error_iod']:.2f}% of inter-ocular)")
+    if "identity_cosine_start" in m:
+        text += (f", identity cosine {m['identity_cosine_start']:.3f} → "
+                 f"{m['identity_cosine_end']:.3f} over stage 2")
+    return text
 
 
 def history_slice(history, i):
@@ -310,10 +350,12 @@ def run():
         results = [(p, history_slice(history, i))
                    for i, p in enumerate(fitting.unstack(params, len(paths)))]
     print(f"fitted {len(paths)} photo(s) in {time.time() - t0:.1f}s", flush=True)
-    for (params, history), (original, crop, _, transform), folder, path in zip(
+    for (params, history), (original, crop, lm_crop, transform), folder, path in zip(
             results, prepared, folders, paths):
-        write_result(folder, pipeline, params, original, crop, transform, history, path)
+        metrics = write_result(folder, pipeline, params, original, crop, transform, history, path,
+                               lm_crop)
         print(f"wrote {folder}/: " + " ".join(OUTPUT_FILES), flush=True)
+        print(_summary(metrics), flush=True)
     if mode == "frames":
         print("shared shape and texture: identical in every frame's params.npz")
 
@@ -358,9 +400,10 @@ def fit_folder(paths, folders, pipeline, config, start, photo_texture, key):
                                       jax.random.fold_in(key, batch_index), batched=True,
                                       between_stages=photo_texture([i[1] for _, _, i in padded]))
         for i, p in enumerate(fitting.unstack(params, real)):
-            path, folder, (original, crop, _, transform) = batch[i]
-            write_result(folder, pipeline, p, original, crop, transform,
-                         history_slice(history, i), path)
+            path, folder, (original, crop, lm_crop, transform) = batch[i]
+            metrics = write_result(folder, pipeline, p, original, crop, transform,
+                                   history_slice(history, i), path, lm_crop)
+            print(f"{os.path.basename(path)}: {_summary(metrics)}", flush=True)
         done += real
         elapsed = time.time() - t0
         eta = elapsed / done * (len(paths) - done - skipped)

@@ -33,8 +33,13 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
     assert code == 0, stderr[-2000:]
     assert "stage 2 iter 2/2" in stdout and "eta" in stdout
     for name in ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
-                 "side_by_side.png", "views.png", "loss.png"):
+                 "side_by_side.png", "views.png", "loss.png", "metrics.json"):
         assert (out / name).stat().st_size > 0, name
+    import json
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["landmarks_compared"] >= 60 and 0 < metrics["landmark_error_iod"] < 1
+    assert 0 < metrics["identity_cosine_end"] <= 1
     params = np.load(out / "params.npz")
     for key in ("shape", "expression", "texture", "camera", "light", "vertices", "landmarks3d"):
         assert key in params.files, key
