@@ -42,7 +42,8 @@ def build_masked_pca(images, masks=None, num_components: int | None = None,
     Args:
       images: (n, H, W, 3) UV maps in [0, 1].
       masks: (n, H, W) or (n, H, W, 1) observation masks (>= 0.5 means observed), or None.
-      num_components: K, at most n - 1 (default n - 1, i.e. full rank).
+      num_components: K, at most n - 1 (default n - 1, i.e. full rank); capped at the numerical
+        rank of the completed data (components with zero variance are dropped).
       imputation_rank: rank used to fill unobserved texels (default min(K, max(1, (n-1)//2))).
       iterations, tol: stop when the largest change of an imputed value is below tol.
       return_completed: also return the completed (n, H, W, 3) data.
