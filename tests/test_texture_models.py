@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from ganfit_jax import texture
-from ganfit_jax.texture import pca, uv_io
+from ganfit_jax.texture import uv_io
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +174,43 @@ def test_load_uv_folder_pairs_masks_and_resizes(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no .png"):
         uv_io.load_uv_folder(tmp_path / "empty", 4)
+
+
+def test_build_texture_pca_binary(tmp_path):
+    import pathlib
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(5)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"m{i}.png")
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "m0_mask.png")
+    out = tmp_path / "out" / "pca.npz"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.build_texture_pca", f"--uv_dir={tmp_path}",
+         f"--output={out}", "--resolution=8"], cwd=pathlib.Path(__file__).resolve().parents[1],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "K=3" in proc.stdout and "mean 0.0000" in proc.stdout
+    model = texture.load_texture_model(out)
+    assert model.basis.shape == (8, 8, 3, 3)
+    assert (tmp_path / "out" / "pca_preview.png").is_file()
+
+
+def test_vertex_pca_texture_matches_morphable_vertex_colours():
+    from ganfit_jax import morphable
+
+    rng = np.random.default_rng(3)
+    n = 5
+    mm = morphable.make_model(rng.normal(size=(n, 3)), rng.normal(size=(n, 3, 2)),
+                              triangles=[[0, 1, 2], [2, 3, 4]],
+                              texture_mean=rng.uniform(0.3, 0.7, (n, 3)),
+                              texture_basis=rng.normal(0, 0.05, (n, 3, 4)))
+    model = texture.VertexPCATexture.from_morphable(mm)
+    p = jnp.asarray(rng.normal(size=4), jnp.float32)
+    assert model.per_vertex and not texture.PCATexture.per_vertex and model.latent_dim == 4
+    np.testing.assert_allclose(model.generate(p), morphable.vertex_colours(mm, p), atol=1e-6)
+    with pytest.raises(ValueError, match="no texture PCA"):
+        texture.VertexPCATexture.from_morphable(
+            morphable.make_model(rng.normal(size=(n, 3)), rng.normal(size=(n, 3, 2)),
+                                 triangles=[[0, 1, 2]]))

@@ -113,3 +113,11 @@ def project(model: PCATexture, uv_map, mask=None, ridge: float = 0.0):
     r = (uv_map - model.mean).reshape(-1)
     A = (B * m[:, None]).T @ B + ridge * jnp.eye(model.latent_dim)
     return jnp.linalg.solve(A, (B * m[:, None]).T @ r)
+
+
+def build_from_folder(directory, resolution: int, **kwargs):
+    """`build_masked_pca` over a folder of UV maps (NAME.png + optional NAME_mask.png)."""
+    from ganfit_jax.texture import uv_io
+
+    _, images, masks = uv_io.load_uv_folder(directory, resolution)
+    return build_masked_pca(images, masks, **kwargs)
