@@ -331,7 +331,7 @@ def test_binary_data_parallel_on_two_devices(uv_dir, tmp_path):
                JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "experiments.train_texture_gan", f"--uv_dir={uv_dir}",
            f"--output_dir={tmp_path / 'two'}", "--max_resolution=4", "--steps_per_phase=4",
-           "--batch_size=4", "--latent_dim=8", "--fmap_base=16", "--fmap_max=8", "--seed=5",
+           "--batch_size=4", "--latent_dim=8", "--fmap_base=64", "--fmap_max=8", "--seed=5",
            "--log_every=1", "--num_samples=4"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,7 +8,9 @@ Both are `flax.struct` pytrees with
     model.init_latent(key)     -> a starting p_t for fitting
 
 so the fitting switches between GAN and PCA texture (the paper's ablation, Fig. 5(i)) by loading
-a different file with `load_texture_model(path)`: `.msgpack` -> GAN, `.npz` -> PCA.
+a different file with `load_texture_model(path)`: `.msgpack` -> GAN, `.npz` -> PCA. A 3DMM's own
+per-vertex texture PCA (BFM) is `VertexPCATexture.from_morphable(model)`; its `generate` gives
+(N, 3) vertex colours and `per_vertex` is True (False for the UV models).
 
 UV maps use the image convention of the whole project: row 0 is the top (v = 1 in OBJ terms).
 """
@@ -108,7 +110,50 @@ class PCATexture:
         return jnp.zeros((self.latent_dim,), jnp.float32)
 
 
-TextureModel = GANTexture | PCATexture
+@flax.struct.dataclass
+class VertexPCATexture:
+    """A 3DMM's own per-vertex texture PCA (e.g. the BFM's, via the morphable-model loaders).
+
+    Same interface, but `generate` returns per-vertex albedo (N, 3) instead of a UV map:
+    `per_vertex` is True, so the renderer interpolates colours over triangles rather than
+    sampling a UV map. Built with `VertexPCATexture.from_morphable(model)`.
+    """
+
+    mean: jnp.ndarray  # (N, 3)
+    basis: jnp.ndarray  # (N, 3, T), standard-deviation units
+
+    per_vertex = True
+
+    @classmethod
+    def from_morphable(cls, morphable_model):
+        if morphable_model.texture_basis is None:
+            raise ValueError("this morphable model has no texture PCA (texture_mean/texture_basis)")
+        return cls(morphable_model.texture_mean, morphable_model.texture_basis)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.basis.shape[-1]
+
+    @property
+    def num_vertices(self) -> int:
+        return self.mean.shape[0]
+
+    def generate(self, p_t):
+        """Eq. 1 per vertex, clipped to [0, 1]."""
+        p_t = jnp.asarray(p_t, jnp.float32)
+        if p_t.shape != (self.latent_dim,):
+            raise ValueError(f"p_t: expected shape ({self.latent_dim},), got {tuple(p_t.shape)}")
+        return jnp.clip(self.mean + jnp.einsum("ndt,t->nd", self.basis, p_t), 0.0, 1.0)
+
+    def init_latent(self, key):
+        del key
+        return jnp.zeros((self.latent_dim,), jnp.float32)
+
+
+GANTexture.per_vertex = False
+PCATexture.per_vertex = False
+
+TextureModel = GANTexture | PCATexture | VertexPCATexture
 
 
 def random_texture_model(key, resolution: int = 16, latent_dim: int = 8, width: int = 16):

@@ -42,7 +42,8 @@ def build_masked_pca(images, masks=None, num_components: int | None = None,
     Args:
       images: (n, H, W, 3) UV maps in [0, 1].
       masks: (n, H, W) or (n, H, W, 1) observation masks (>= 0.5 means observed), or None.
-      num_components: K, at most n - 1 (default n - 1, i.e. full rank).
+      num_components: K, at most n - 1 (default n - 1, i.e. full rank); capped at the numerical
+        rank of the completed data (components with zero variance are dropped).
       imputation_rank: rank used to fill unobserved texels (default min(K, max(1, (n-1)//2))).
       iterations, tol: stop when the largest change of an imputed value is below tol.
       return_completed: also return the completed (n, H, W, 3) data.
@@ -112,3 +113,11 @@ def project(model: PCATexture, uv_map, mask=None, ridge: float = 0.0):
     r = (uv_map - model.mean).reshape(-1)
     A = (B * m[:, None]).T @ B + ridge * jnp.eye(model.latent_dim)
     return jnp.linalg.solve(A, (B * m[:, None]).T @ r)
+
+
+def build_from_folder(directory, resolution: int, **kwargs):
+    """`build_masked_pca` over a folder of UV maps (NAME.png + optional NAME_mask.png)."""
+    from ganfit_jax.texture import uv_io
+
+    _, images, masks = uv_io.load_uv_folder(directory, resolution)
+    return build_masked_pca(images, masks, **kwargs)

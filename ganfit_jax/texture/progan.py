@@ -64,9 +64,10 @@ class ProGANConfig:
 
     @classmethod
     def tiny(cls, max_resolution: int = 16, latent_dim: int = 16, width: int = 16):
-        """A narrow network for CPU tests and smoke runs."""
+        """A narrow network for CPU tests and smoke runs: `width` channels up to 16x16, halving
+        per level above (fmap_base = 8 * width, fmap_max = width)."""
         return cls(latent_dim=latent_dim, max_resolution=max_resolution,
-                   fmap_base=2 * width, fmap_max=width)
+                   fmap_base=8 * width, fmap_max=width)
 
     @property
     def max_level(self) -> int:
