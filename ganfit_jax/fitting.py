@@ -463,18 +463,23 @@ def fit(pipeline: Pipeline, params: FitParams, target: Target, config: FitConfig
     return params, histories
 
 
-def texture_from_photo(pipeline: Pipeline, params: FitParams, image, resolution=None):
-    """Starts the texture latent from the photo unwrapped onto the stage-1 mesh, for texture
-    models that can invert a UV map (`latent_from_uv`); others keep their latent. Not jitted."""
-    from ganfit_jax.texture import unwrap
+def texture_from_photo(pipeline: Pipeline, params: FitParams, image, inversion_steps=100):
+    """Starts the texture latent from the photo unwrapped onto the stage-1 mesh: directly for a
+    texture model that can read a UV map (`latent_from_uv`), by GAN/PCA inversion (Sec. 3.1,
+    masked L1) for the others. Not jitted; runs once between the stages."""
+    from ganfit_jax.texture import inversion, unwrap
 
     tex = pipeline.texture_params
-    if not hasattr(tex, "latent_from_uv"):
+    if not hasattr(tex, "generate") or not hasattr(tex, "resolution"):
         return params
     verts = morphable.vertices(pipeline.model, params.shape, params.expression)
     uv_map, mask = unwrap.unwrap(pipeline.model, verts, params.camera, np.asarray(image),
-                                 resolution or getattr(tex, "resolution", 128))
-    return params.replace(texture=tex.latent_from_uv(uv_map, mask))
+                                 tex.resolution)
+    if hasattr(tex, "latent_from_uv"):
+        return params.replace(texture=tex.latent_from_uv(uv_map, mask))
+    latent, _ = inversion.invert(tex, uv_map, (mask > 0).astype(np.float32), p_init=params.texture,
+                                 steps=inversion_steps)
+    return params.replace(texture=latent)
 
 
 def fit_frames(frames, model, seed=0, identity="dlib", identity_weights=None, texture=None,
