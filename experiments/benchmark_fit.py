@@ -18,6 +18,7 @@ to the machine's limit is a ratio, not a guess.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -138,8 +139,13 @@ def step_function(pipeline, config, batched):
 
     def step(params, opt_state, target, key):
         tx = fitting.optimiser(config.learning_rate, params, 2)
-        (total, _), grads = jax.value_and_grad(fitting.loss, has_aux=True)(
-            params, target, pipeline, key, config.weights, config.random_render, params.light)
+        def loss_fn(p, t, k):
+            return fitting.loss(p, t, pipeline, k, config.weights, config.random_render,
+                                params.light)
+
+        if config.remat:
+            loss_fn = jax.checkpoint(loss_fn)
+        (total, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, target, key)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, total
 
@@ -162,9 +168,7 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
         tx = fitting.optimiser(config.learning_rate, params, 2)
         opt = jax.vmap(tx.init)(ps)
         keys = jax.random.split(key, b)
-        fn = step_function(pipeline, config, batched=True)
-        if remat:
-            fn = jax.checkpoint(fn)
+        fn = step_function(pipeline, dataclasses.replace(config, remat=remat), batched=True)
         sharding = fitting.batch_sharding(b)
         if sharding is not None:
             ps, opt, ts, keys = jax.device_put((ps, opt, ts, keys), sharding)

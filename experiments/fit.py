@@ -54,6 +54,10 @@ flags.DEFINE_float("lambda_light", 0.01, "λ_reg on light")
 flags.DEFINE_string("output_dir", None, "Where results go (one sub-folder per photo with "
                     "--images; the folder itself with --image/--frames).")
 flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
+flags.DEFINE_bool("remat", False, "Recompute activations in the backward pass (jax.checkpoint): "
+                  "less device memory per photo, for large --batch_size.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host: "
+                  "the batch is then sharded over every host's devices).")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
 OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
@@ -269,6 +273,9 @@ def run():
 
     from ganfit_jax import fitting, losses
 
+    if FLAGS.distributed:
+        jax.distributed.initialize()
+
     modes = [m for m in ("image", "images", "frames") if getattr(FLAGS, m)]
     if len(modes) != 1:
         raise InputError("give exactly one of --image, --images, --frames")
@@ -309,7 +316,7 @@ def run():
         light_reg=FLAGS.lambda_light)
     config = fitting.FitConfig(stage1_iterations=FLAGS.stage1_iterations,
                                stage2_iterations=FLAGS.iterations, chunk=FLAGS.chunk,
-                               weights=weights)
+                               weights=weights, remat=FLAGS.remat)
 
     texture_init = np.asarray(texture_model.init_latent(k_tex))
 
