@@ -173,3 +173,27 @@ def test_texture_from_photo_starts_stage2_closer(sfm_model, kind):
     # an untrained random GAN spans few textures, so its inversion gains less than the free map
     bound = 0.6 if kind == "direct" else 0.8
     assert pixel(after) < bound * pixel(start), (pixel(start), pixel(after))
+
+
+def test_remat_changes_memory_not_results(sfm_model):
+    """jax.checkpoint recomputes activations; the optimisation path must be the same."""
+    import dataclasses
+
+    from ganfit_jax.texture.direct import DirectUVTexture
+
+    size = (64, 64)
+    tex = DirectUVTexture(coarse=4, resolution=16)
+    pipe = fitting.make_pipeline(sfm_model, tex, None, size)
+    truth = random_truth(sfm_model, 4).replace(texture=tex.init_latent())
+    truth = truth.replace(camera=truth.camera.at[6].set(cam.default_focal(size)))
+    photo, _ = fitting.render_face(pipe, truth)
+    lm = np.array(fitting.project_landmarks(pipe, truth))
+    lm[~np.isfinite(lm).all(1)] = np.nan
+    target = fitting.Target(image=photo, landmarks=jnp.asarray(lm))
+    p0 = fitting.init_params(sfm_model, lm, size, tex.latent_dim, texture_init=tex.init_latent())
+    cfg = fitting.FitConfig(stage1_iterations=0, stage2_iterations=4, chunk=4)
+    plain, _ = fitting.fit(pipe, p0, target, cfg, log=None)
+    remat, _ = fitting.fit(pipe, p0, target, dataclasses.replace(cfg, remat=True), log=None)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    assert np.abs(np.asarray(plain.shape)).max() > 0  # it did move
