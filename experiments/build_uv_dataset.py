@@ -10,13 +10,13 @@ NAME_mask.png (white seen, grey mirrored, black unknown) and a coverage summary.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import sys
 import time
 
 from absl import app, flags
+
+from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("images", None, "Folder (searched recursively) or glob of photos.")
@@ -30,28 +30,6 @@ flags.DEFINE_string("detector", "hog", "dlib detector when no landmark file is b
 flags.DEFINE_integer("limit", 0, "Stop after this many photos (0: all).")
 flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".ppm", ".bmp")
-
-
-def find_images(spec):
-    if os.path.isdir(spec):
-        paths = [p for p in glob.glob(os.path.join(spec, "**", "*"), recursive=True)
-                 if p.lower().endswith(IMAGE_EXTENSIONS) and "_seg" not in p]
-    else:
-        paths = [p for p in glob.glob(spec) if p.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(paths)
-
-
-def default_model_path():
-    candidates = [os.path.join("checkpoints", "sfm.npz"),
-                  os.path.join(os.environ.get("GANFIT_ASSETS", "../shared/assets"), "sfm",
-                               "sfm_shape_3448.bin")]
-    for c in candidates:
-        if os.path.exists(c):
-            return c
-    raise app.UsageError("no --model given and neither checkpoints/sfm.npz nor the SFM in "
-                         "../shared/assets/sfm exists")
-
 
 def main(argv):
     del argv
@@ -64,12 +42,15 @@ def main(argv):
 
     if not FLAGS.images or not FLAGS.output_dir:
         raise app.UsageError("--images and --output_dir are required")
-    paths = find_images(FLAGS.images)
+    paths = [p for p in common.find_images(FLAGS.images, recursive=True) if "_seg" not in p]
     if not paths:
         raise app.UsageError(f"--images={FLAGS.images}: no images found")
     if FLAGS.limit:
         paths = paths[:FLAGS.limit]
-    model = morphable.load(FLAGS.model or default_model_path())
+    model_path = FLAGS.model or common.default_model_path()
+    if model_path is None:
+        raise app.UsageError(common.MISSING_MODEL)
+    model = morphable.load(model_path)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     size = (FLAGS.crop_size, FLAGS.crop_size)
     surface = unwrap.uv_texel_surface(model, FLAGS.resolution)

@@ -12,13 +12,14 @@ other viewpoints) and loss.png. Existing outputs are never replaced unless --ove
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("image", None, "One photo.")
@@ -59,7 +60,6 @@ flags.DEFINE_bool("remat", False, "Recompute activations in the backward pass (j
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host: "
                   "the batch is then sharded over every host's devices).")
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
 OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
                 "side_by_side.png", "views.png", "loss.png", "metrics.json")
 
@@ -74,24 +74,17 @@ class InputError(Exception):
 
 
 def list_images(spec, flag):
-    if os.path.isdir(spec):
-        paths = [p for p in sorted(glob.glob(os.path.join(spec, "*")))
-                 if p.lower().endswith(IMAGE_EXTENSIONS)]
-    else:
-        paths = sorted(p for p in glob.glob(spec) if p.lower().endswith(IMAGE_EXTENSIONS))
+    paths = common.find_images(spec)
     if not paths:
         raise InputError(f"--{flag}={spec}: no images found")
     return paths
 
 
 def default_model_path():
-    assets = os.environ.get("GANFIT_ASSETS", os.path.join("..", "shared", "assets"))
-    for c in (os.path.join("checkpoints", "sfm.npz"), os.path.join(assets, "sfm",
-                                                                   "sfm_shape_3448.bin")):
-        if os.path.exists(c):
-            return c
-    raise InputError("no --model given, and neither checkpoints/sfm.npz nor "
-                     f"{assets}/sfm/sfm_shape_3448.bin exists (see WORKSPACE.md)")
+    path = common.default_model_path()
+    if path is None:
+        raise InputError(common.MISSING_MODEL)
+    return path
 
 
 def load_model(path):
@@ -189,7 +182,6 @@ def write_result(folder, pipeline, params, original, crop, transform, history, s
     import jax.numpy as jnp
     import numpy as np
 
-    from ganfit_jax import camera as camera_lib
     from ganfit_jax import fitting, inputs, io, morphable
 
     os.makedirs(folder, exist_ok=True)

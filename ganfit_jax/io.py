@@ -90,18 +90,11 @@ def save_image(path, image, overwrite=False) -> pathlib.Path:
 
 
 def load_image(path) -> np.ndarray:
-    """Any Pillow-readable image → float32 H×W×3 RGB in [0,1] (alpha dropped, grey expanded)."""
-    from PIL import Image, UnidentifiedImageError
+    """Any Pillow-readable image → float32 H×W×3 RGB in [0,1]; see `landmarks.load_image`
+    (greyscale, RGBA, 16-bit and float images are all handled there, once)."""
+    from ganfit_jax import landmarks
 
-    path = str(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"), np.float32)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable image, truncated or corrupt ({e})") from None
-    return rgb / 255.0
+    return landmarks.load_image(path)
 
 
 # --------------------------------------------------------------------------------------------

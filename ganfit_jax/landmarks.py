@@ -55,8 +55,8 @@ def load_image(image):
                     arr = np.asarray(im, dtype=np.float64)
                 else:
                     arr = np.asarray(im.convert("RGBA" if "A" in im.mode else "RGB"))
-        except UnidentifiedImageError:
-            raise ValueError(f"image {path} is not an image file pillow can read") from None
+        except (UnidentifiedImageError, OSError, ValueError) as e:  # OSError: truncated data
+            raise ValueError(f"image {path} is not an image file pillow can read ({e})") from None
     else:
         arr = np.asarray(image)
     if arr.ndim == 2:

@@ -12,10 +12,8 @@ Loaders (one per publisher format) live at the bottom of this module and each re
 
 from __future__ import annotations
 
-import io as _io
 import json
 import os
-import pickle
 import struct
 import tomllib
 from typing import Optional

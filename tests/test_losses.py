@@ -3,9 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-from ganfit_jax import losses, morphable
+from ganfit_jax import losses
 
 
 def test_identity_loss_is_one_minus_cosine():

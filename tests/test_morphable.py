@@ -1,6 +1,5 @@
 """The 3DMM (Eq. 2) on the real Surrey Face Model, against eos' own loader and NumPy references."""
 
-import shutil
 
 import jax
 import jax.numpy as jnp

@@ -8,7 +8,6 @@ was seen. Visibility uses the renderer's z-buffer; everything here is plain arra
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.spatial import cKDTree

@@ -1,0 +1,33 @@
+"""What several binaries share: where the default model is, which files are images."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def find_images(spec, recursive=False):
+    """Sorted image paths in a folder (optionally its sub-folders) or matching a glob."""
+    if os.path.isdir(spec):
+        pattern = os.path.join(spec, "**", "*") if recursive else os.path.join(spec, "*")
+        candidates = glob.glob(pattern, recursive=recursive)
+    else:
+        candidates = glob.glob(spec)
+    return sorted(p for p in candidates if p.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def default_model_path():
+    """checkpoints/sfm.npz if converted, else the SFM among the shared assets, else None."""
+    assets = os.environ.get("GANFIT_ASSETS", os.path.join("..", "shared", "assets"))
+    for c in (os.path.join("checkpoints", "sfm.npz"),
+              os.path.join(assets, "sfm", "sfm_shape_3448.bin")):
+        if os.path.exists(c):
+            return c
+    return None
+
+
+MISSING_MODEL = ("no --model given, and neither checkpoints/sfm.npz nor "
+                 "$GANFIT_ASSETS/sfm/sfm_shape_3448.bin (default ../shared/assets) exists; see "
+                 "WORKSPACE.md")
