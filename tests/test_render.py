@@ -150,6 +150,7 @@ def test_visibility_matches_trimesh_ray_casting_on_sfm(sfm_model):
         reference = -np.ones(size * size, np.int64)
         reference[hit_ray] = hit_tri
         agreement = np.mean(ids.reshape(-1) == reference)
+        print(f"yaw {yaw}: agreement {agreement:.5f}")
         assert agreement >= 0.995, (yaw, agreement)
         assert np.mean(ids >= 0) > 0.3
 
