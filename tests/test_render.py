@@ -292,6 +292,20 @@ def test_render_with_uv_map_and_vertex_colours_and_background():
         render.render(verts, tris, uv, colours, cam, light[:6], 24)
 
 
+def test_non_square_image_is_a_crop_of_the_square_one():
+    # The principal point is the image centre, so a 32×48 (H×W) render equals rows 8..39 of the
+    # 48×48 render: checks the (height, width) order through projection, raster and shading.
+    verts, tris, uv, colours, texture, cam, light = _tiny_scene()
+    wide, aux_wide = render.render(verts, tris, uv, texture, cam * [1, 1, 1, 1, 1, 1, 0.6], light,
+                                   (32, 48))
+    square, aux_square = render.render(verts, tris, uv, texture, cam * [1, 1, 1, 1, 1, 1, 0.6],
+                                       light, 48)
+    assert wide.shape == (32, 48, 3)
+    np.testing.assert_array_equal(np.asarray(aux_wide["triangle_ids"]),
+                                  np.asarray(aux_square["triangle_ids"])[8:40])
+    np.testing.assert_allclose(np.asarray(wide), np.asarray(square)[8:40], atol=1e-5)
+
+
 def _check_directional_derivatives(loss_and_ids, args, seed, rel=2e-3, eps=1e-4):
     """Central differences along random directions vs the gradient's inner product, per argument.
 
