@@ -27,6 +27,10 @@ Near plane: a triangle with any vertex at depth <= `near` is culled whole (not c
 in front of a portrait camera never crosses the near plane; culling keeps shapes static and the
 rule simple. Degenerate (zero screen area) and non-finite triangles are culled too. There is no
 back-face culling (a face mesh is open, its inside may be seen).
+
+Limit: fragment offsets are int32, so the summed bounding-box area of all triangles must stay
+below 2^31 (e.g. fewer than 8,000 triangles each covering a whole 512×512 image); meshes seen
+from outside are orders of magnitude below it.
 """
 
 from __future__ import annotations
@@ -124,7 +128,7 @@ def rasterize(pixels, depth, triangles, image_size, near=DEFAULT_NEAR, chunk_siz
         (`camera.project`).
       depth: (N,) depth of each vertex along the viewing axis (positive in front).
       triangles: (F,3) int vertex indices.
-      image_size: int or (height, width).
+      image_size: int or a (height, width) tuple (static: hashable).
       near: triangles with any vertex at depth <= near are culled.
       chunk_size: fragments processed per loop iteration (static); default 2·H·W clamped to
         [4096, 131072] (measured: larger chunks fall out of cache on this CPU, smaller ones pay
