@@ -263,8 +263,9 @@ def loss(params: FitParams, target: Target, pipeline: Pipeline, key,
     use_identity = pipeline.identity_fn is not None and target.embedding is not None
     if use_identity and (weights.identity or weights.content):
         # the render's landmarks are known exactly: align it with its own projected landmarks
-        emb, feats = pipeline.identity_fn(pipeline.identity_params, image,
-                                          jnp.where(jnp.isfinite(pred_lm), pred_lm, 0.0))
+        emb, feats = pipeline.identity_fn(
+            pipeline.identity_params, image,
+            losses.complete_landmarks(pred_lm, target.landmarks))
         if weights.identity:
             terms["identity"] = losses.identity_loss(emb, target.embedding)
         if weights.content:
@@ -273,9 +274,8 @@ def loss(params: FitParams, target: Target, pipeline: Pipeline, key,
         second = random_second_view(params, key, random_stats)
         image2, _ = render_face(pipeline, second, background=target.image)
         lm2 = project_landmarks(pipeline, second, None)
-        lm2 = _fill_jaw(pipeline, second, lm2)
-        emb2, _ = pipeline.identity_fn(pipeline.identity_params, image2,
-                                       jnp.where(jnp.isfinite(lm2), lm2, 0.0))
+        lm2 = losses.complete_landmarks(_fill_jaw(pipeline, second, lm2), target.landmarks)
+        emb2, _ = pipeline.identity_fn(pipeline.identity_params, image2, lm2)
         terms["identity_random"] = losses.identity_loss(emb2, target.embedding)
     light_init = params.light if light_init is None else light_init
     light_dev = (params.light - jax.lax.stop_gradient(light_init)) / jnp.asarray(LIGHT_UNITS)

@@ -138,6 +138,27 @@ def landmark_weights(model: morphable.MorphableModel, landmarks_target=None):
     return w
 
 
+def complete_landmarks(landmarks, reference):
+    """Fills the landmarks a model does not define (NaN, e.g. the SFM's inner mouth corners
+    iBUG 61/65) with `reference` (e.g. the photo's 68) carried over by the 2-D similarity that
+    best maps the reference's defined points onto `landmarks`' (closed-form least squares, as
+    complex numbers). Alignment templates such as dlib's need all 68 points."""
+    ok = jnp.all(jnp.isfinite(landmarks), axis=-1) & jnp.all(jnp.isfinite(reference), axis=-1)
+    w = ok.astype(landmarks.dtype)[:, None]
+    p = jnp.where(ok[:, None], landmarks, 0.0)
+    r = jnp.where(ok[:, None], reference, 0.0)
+    total = jnp.maximum(jnp.sum(w), 1.0)
+    mp, mr = jnp.sum(w * p, 0) / total, jnp.sum(w * r, 0) / total
+    pc, rc = (p - mp) * w, (r - mr) * w
+    norm = jnp.maximum(jnp.sum(rc * rc), 1e-9)
+    a = jnp.sum(rc[:, 0] * pc[:, 0] + rc[:, 1] * pc[:, 1]) / norm
+    b = jnp.sum(rc[:, 0] * pc[:, 1] - rc[:, 1] * pc[:, 0]) / norm
+    rr = jnp.where(jnp.isfinite(reference), reference, mr) - mr
+    mapped = jnp.stack([a * rr[:, 0] - b * rr[:, 1], b * rr[:, 0] + a * rr[:, 1]], -1) + mp
+    keep = jnp.all(jnp.isfinite(landmarks), axis=-1)[:, None]
+    return jnp.where(keep, landmarks, mapped)
+
+
 def masked_landmark_loss(landmarks_model, landmarks_target, weights):
     """Eq. 11 with NaN-safe masking: undefined points neither count nor poison the gradient."""
     ok = weights > 0

@@ -74,3 +74,20 @@ def test_jaw_landmarks_follow_the_target_contour(sfm_model):
     w = np.asarray(losses.landmark_weights(sfm_model, jnp.asarray(target)))
     defined = np.asarray(sfm_model.landmark_indices) >= 0
     assert w[:17].all() and (w[17:] == defined[17:]).all()
+
+
+def test_complete_landmarks_carries_missing_points_by_similarity():
+    """Undefined model landmarks come from the reference under the best 2-D similarity."""
+    rng = np.random.default_rng(4)
+    ref = rng.uniform(50, 150, size=(68, 2))
+    angle, scale, shift = 0.3, 1.7, np.array([12.0, -5.0])
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    truth = scale * ref @ rot.T + shift
+    model = truth.copy()
+    model[[60, 64]] = np.nan
+    got = np.asarray(losses.complete_landmarks(jnp.asarray(model), jnp.asarray(ref)))
+    np.testing.assert_allclose(got, truth, atol=1e-3)
+    # the model's NaNs must not leak into the gradient of the defined points
+    g = jax.grad(lambda m: jnp.sum(losses.complete_landmarks(m, jnp.asarray(ref))))(
+        jnp.asarray(model))
+    assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)[0]).sum() > 0
