@@ -21,8 +21,8 @@ The ground truth (fixed seeds; `make_faces`):
     p_t ~ N(0, 0.7²)), else a random smooth skin map (`random_skin_texture`);
   * background: smooth colour noise (`random_background`), so the face is not on black;
   * landmarks: the truth's 68 points (fixed landmarks projected; jaw points spread evenly along
-    the SFM contour vertices, as tests/test_fitting.py does) plus N(0, --landmark_noise_px²)
-    to imitate a detector.
+    the SFM contour vertices, as tests/test_fitting.py does; points the model lacks placed from
+    their neighbours, `truth_landmarks`) plus N(0, --landmark_noise_px²) to imitate a detector.
 
 What each row reports:
   * error_mm / median_mm: mean and median over faces of the symmetric point-to-plane distance
@@ -93,6 +93,7 @@ def define_flags(flag_values=FLAGS):
         ("list", "ablate", [], f"Terms to remove one at a time: {','.join(ABLATIONS)}."),
         ("string", "model", None, "3DMM; default ../shared/assets/sfm/sfm_shape_3448.bin."),
         ("bool", "json", False, "Print one JSON object per row instead of a table."),
+        ("string", "output", None, "Also write the rows as JSON lines to this file."),
     ]
     for kind, name, default, help_ in specs:
         if name not in flag_values:
@@ -179,6 +180,12 @@ def truth_landmarks(model, vertices, camera, image_size):
         pick = np.linspace(0, len(model.contour_right) - 1, 8).round().astype(int)
         lm[0:8] = px[np.asarray(model.contour_right)[pick]]
         lm[9:17] = px[np.asarray(model.contour_left)[pick][::-1]]
+    # a detector reports all 68; points the model lacks are placed where they lie on a face
+    # (e.g. the SFM's inner mouth corners, iBUG 61/65: between the outer corner and the midpoint
+    # of the inner lip points beside it), so the identity network's 68-point alignment works
+    for inner, outer, beside in ((60, 48, (61, 67)), (64, 54, (63, 65))):
+        if not np.isfinite(lm[inner]).all():
+            lm[inner] = 0.5 * (lm[outer] + lm[list(beside)].mean(0))
     return lm
 
 
@@ -541,7 +548,9 @@ def default_model_path():
 
 def main_quality(argv=None):
     """Runs from the parsed flags (also the `quality` subcommand of experiments/benchmark.py)."""
-    return run_quality(FLAGS.num_faces, FLAGS.seed, FLAGS.iterations, FLAGS.stage1_iterations,
+    if FLAGS.output and os.path.exists(FLAGS.output):
+        raise ValueError(f"--output={FLAGS.output} exists; choose another file")
+    rows = run_quality(FLAGS.num_faces, FLAGS.seed, FLAGS.iterations, FLAGS.stage1_iterations,
                        FLAGS.image_size, FLAGS.identity, FLAGS.texture, list(FLAGS.ablate),
                        FLAGS.json, batch_size=FLAGS.batch_size, chunk=FLAGS.chunk,
                        uv_dir=FLAGS.uv_dir, texture_model=FLAGS.texture_model,
@@ -549,6 +558,10 @@ def main_quality(argv=None):
                        identity_weights=FLAGS.identity_weights,
                        landmark_noise_px=FLAGS.landmark_noise_px, shape_std=FLAGS.shape_std,
                        model=FLAGS.model)
+    if FLAGS.output:
+        with open(FLAGS.output, "w") as f:
+            f.write("".join(to_json(r) + "\n" for r in rows))
+    return rows
 
 
 def main(argv):
