@@ -17,6 +17,7 @@ UV maps use the image convention of the whole project: row 0 is the top (v = 1 i
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -43,6 +44,11 @@ def generate(params, p_t, config: progan.ProGANConfig, level: int | None = None,
     p_t = jnp.asarray(p_t, jnp.float32)
     if p_t.shape != (config.latent_dim,):
         raise ValueError(f"p_t: expected shape ({config.latent_dim},), got {tuple(p_t.shape)}")
+    return _generate(params, p_t, config, level, alpha)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))  # inlined under an outer jit; fast eagerly
+def _generate(params, p_t, config, level, alpha):
     x = progan.generator_apply(params, config, p_t[None], level, alpha)[0]
     return jnp.clip(0.5 * (x + 1.0), 0.0, 1.0)
 

@@ -1,8 +1,10 @@
 """Loader for a folder of UV maps with optional observation masks.
 
 Layout (what experiments/build_uv_dataset.py writes): `NAME.png` (or .jpg/.jpeg) is a UV map,
-`NAME_mask.png` beside it a greyscale mask (white = observed texel). A map without a mask is
-fully observed.
+`NAME_mask.png` beside it a greyscale mask read as a per-texel weight in [0, 1]: white = seen in
+the photo, build_uv_dataset's grey 128 = filled from the mirror texel (weight ~0.5, which the PCA
+builder still counts as observed and the GAN's discriminator sees at half weight), black =
+unobserved. A map without a mask is fully observed.
 """
 
 from __future__ import annotations
