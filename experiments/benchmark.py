@@ -205,9 +205,13 @@ def run_fit(argv):
     return rows
 
 
+# quality: experiments/benchmark_quality.py (its flags skip names already defined above)
+from experiments import benchmark_quality  # noqa: E402
+
 SUBCOMMANDS = {
     "render": run_render,
     "fit": run_fit,
+    "quality": lambda argv: benchmark_quality.main_quality(),
 }
 
 
