@@ -205,7 +205,7 @@ def run_fit(argv):
     return rows
 
 
-# quality: experiments/benchmark_quality.py (its flags skip names already defined above)
+# quality: experiments/benchmark_quality.py (its flags are added when this binary runs)
 from experiments import benchmark_quality  # noqa: E402
 
 SUBCOMMANDS = {
@@ -223,4 +223,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    benchmark_quality.define_flags()  # skips --json/--model/--iterations, defined above
     app.run(main)

@@ -574,7 +574,7 @@ def main(argv):
         sys.exit(1)
 
 
-define_flags()
-
 if __name__ == "__main__":
+    # defined only when run, never at import: the tests import several binaries into one process
+    define_flags()
     app.run(main)
