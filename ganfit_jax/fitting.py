@@ -233,6 +233,14 @@ def _rotate(v, axis, angle):
 # ------------------------------------------------------------------------------------------
 
 
+def landmark_term(pipeline: Pipeline, landmarks_model, landmarks_target):
+    """L_lan (Eq. 11) over the landmarks the model defines, in pixels of a
+    `losses.LANDMARK_FRAME`-pixel image (resolution-independent λ_lan)."""
+    scale = losses.LANDMARK_FRAME / max(pipeline.image_size)
+    w = losses.landmark_weights(pipeline.model, landmarks_target)
+    return losses.masked_landmark_loss(scale * landmarks_model, scale * landmarks_target, w)
+
+
 def landmark_stage_loss(params: FitParams, target: Target, pipeline: Pipeline,
                         weights: losses.LossWeights, prior_scale=0.1):
     """Stage 1: L_lan and a weak prior on shape and expression (no render, no networks).
@@ -241,9 +249,8 @@ def landmark_stage_loss(params: FitParams, target: Target, pipeline: Pipeline,
     that expression coefficients cannot run off on noisy landmarks. With the full prior, the
     fits of FFHQ photos stopped at 4-7% of the inter-ocular distance; with a tenth, 3-4% (SFM)
     and 2-3% (ICT)."""
-    pred = project_landmarks(pipeline, params, target.landmarks)
-    w = losses.landmark_weights(pipeline.model, target.landmarks)
-    lan = losses.masked_landmark_loss(pred, target.landmarks, w)
+    lan = landmark_term(pipeline, project_landmarks(pipeline, params, target.landmarks),
+                        target.landmarks)
     reg = prior_scale * losses.regulariser(params.shape, params.expression, jnp.zeros(()),
                                            weights)
     terms = {"landmark": lan, "reg": reg}
@@ -261,9 +268,8 @@ def loss(params: FitParams, target: Target, pipeline: Pipeline, key,
     image, aux = render_face(pipeline, params, background=target.image)
     mask = aux["mask"]
     pred_lm = project_landmarks(pipeline, params, target.landmarks)
-    w_lm = losses.landmark_weights(pipeline.model, target.landmarks)
     terms = {}
-    terms["landmark"] = losses.masked_landmark_loss(pred_lm, target.landmarks, w_lm)
+    terms["landmark"] = landmark_term(pipeline, pred_lm, target.landmarks)
     if weights.pixel:
         terms["pixel"] = losses.pixel_loss(image, target.image, mask)
     use_identity = pipeline.identity_fn is not None and target.embedding is not None
