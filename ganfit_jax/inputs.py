@@ -61,6 +61,20 @@ def crop_face(image, landmarks, size=224, margin=1.6):
     return crop, transform.to_crop(landmarks).astype(np.float32), transform
 
 
+def bilinear(image, xy):
+    """Samples image (H,W,C) at continuous pixel coordinates xy (...,2), centres at +0.5,
+    clamping at the border. NumPy, outside jit."""
+    image = np.asarray(image)
+    h, w = image.shape[:2]
+    x = np.clip(xy[..., 0] - 0.5, 0, w - 1)
+    y = np.clip(xy[..., 1] - 0.5, 0, h - 1)
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    return ((1 - fx) * (1 - fy) * image[y0, x0] + fx * (1 - fy) * image[y0, x1]
+            + (1 - fx) * fy * image[y1, x0] + fx * fy * image[y1, x1])
+
+
 def paste_back(original, crop_image, crop_mask, transform: CropTransform):
     """Composites a crop-sized render (and its mask) onto the original photo."""
     original = np.asarray(original, np.float32)
@@ -68,21 +82,9 @@ def paste_back(original, crop_image, crop_mask, transform: CropTransform):
     ys, xs = np.mgrid[0:h, 0:w]
     pts = transform.to_crop(np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], 1))
     size = transform.size
-    # bilinear lookup of crop pixel centres
-    u = np.clip(pts[:, 0] - 0.5, 0, size - 1)
-    v = np.clip(pts[:, 1] - 0.5, 0, size - 1)
     inside = ((pts[:, 0] >= 0) & (pts[:, 0] < size) & (pts[:, 1] >= 0) & (pts[:, 1] < size))
-    u0, v0 = np.floor(u).astype(int), np.floor(v).astype(int)
-    u1, v1 = np.minimum(u0 + 1, size - 1), np.minimum(v0 + 1, size - 1)
-    fu, fv = (u - u0)[:, None], (v - v0)[:, None]
-
-    def lookup(a):
-        a = a.reshape(size, size, -1)
-        return ((1 - fu) * (1 - fv) * a[v0, u0] + fu * (1 - fv) * a[v0, u1]
-                + (1 - fu) * fv * a[v1, u0] + fu * fv * a[v1, u1])
-
-    colour = lookup(np.asarray(crop_image, np.float32))
-    alpha = lookup(np.asarray(crop_mask, np.float32)) * inside[:, None]
+    colour = bilinear(np.asarray(crop_image, np.float32), pts)
+    alpha = bilinear(np.asarray(crop_mask, np.float32)[..., None], pts) * inside[:, None]
     out = original.reshape(-1, 3) * (1 - alpha) + colour * alpha
     return out.reshape(h, w, 3)
 

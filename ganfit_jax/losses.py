@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ganfit_jax import morphable
+from ganfit_jax.identity import cosine_similarity
 
 
 @flax.struct.dataclass
@@ -28,10 +29,6 @@ class LossWeights:
     shape_reg: float = 0.05        # λ_reg on p_s
     expression_reg: float = 0.05   # λ_reg on p_e
     light_reg: float = 0.01        # λ_reg on p_l
-
-
-def cosine_similarity(a, b, eps=1e-8):
-    return jnp.sum(a * b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + eps)
 
 
 def identity_loss(embedding_render, embedding_target):

@@ -13,7 +13,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from ganfit_jax import camera as camera_lib
-from ganfit_jax import morphable, render
+from ganfit_jax import inputs, morphable, render
 
 
 def uv_texel_surface(model: morphable.MorphableModel, resolution: int):
@@ -48,18 +48,6 @@ def uv_layout_is_mirrored(model: morphable.MorphableModel, symmetry, tolerance=1
     uv = np.asarray(model.uv)
     err = np.maximum(np.abs(uv[symmetry, 0] - (1.0 - uv[:, 0])), np.abs(uv[symmetry, 1] - uv[:, 1]))
     return bool(np.mean(err < tolerance) > 0.98 and err.max() < 0.05)
-
-
-def bilinear(image, xy):
-    """Samples image (H,W,C) at continuous pixel coordinates xy (...,2), centres at +0.5."""
-    h, w = image.shape[:2]
-    x = np.clip(xy[..., 0] - 0.5, 0, w - 1)
-    y = np.clip(xy[..., 1] - 0.5, 0, h - 1)
-    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
-    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
-    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
-    return ((1 - fx) * (1 - fy) * image[y0, x0] + fx * (1 - fy) * image[y0, x1]
-            + (1 - fx) * fy * image[y1, x0] + fx * fy * image[y1, x1])
 
 
 def unwrap(model: morphable.MorphableModel, vertices, camera, image, resolution=256,
@@ -115,7 +103,7 @@ def unwrap(model: morphable.MorphableModel, vertices, camera, image, resolution=
     visible = inside & (seen_id >= 0) & same_surface & (facing > min_facing)
 
     uv_map = np.zeros((resolution, resolution, 3), np.float32)
-    uv_map[visible] = bilinear(image, texel_px[visible])
+    uv_map[visible] = inputs.bilinear(image, texel_px[visible])
     mask = visible.astype(np.float32)
     if mirror:
         symmetry = mirror_symmetry(model)
