@@ -73,7 +73,6 @@ _DEFAULT_RENDER_CASES = ["sfm-224", "sfm-512", "dense-224", "dense-512", "sfm-22
 
 
 def _render_inputs(mesh, size, batch, model_path):
-    import jax.numpy as jnp
     import numpy as np
 
     from ganfit_jax import camera, morphable

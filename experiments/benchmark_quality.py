@@ -52,7 +52,6 @@ import dataclasses
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
