@@ -213,10 +213,15 @@ def write_result(folder, pipeline, params, original, crop, transform, history, s
         img, _ = fitting.render_face(pipeline, turned, background=jnp.ones(3))
         views.append(np.clip(np.asarray(img), 0, 1))
     io.save_image(os.path.join(folder, "views.png"), np.concatenate(views, axis=1), overwrite=over)
-    curves = {}
+    curves, offset = {}, 0
     for stage, hist in sorted(history.items()):
+        length = 0
         for name, values in hist.items():
-            curves[f"{name} (stage {stage})"] = np.asarray(values)
+            values = np.asarray(values, np.float64)
+            # stage 2 continues where stage 1 ended on the x axis (NaN is not drawn)
+            curves[f"{name} (stage {stage})"] = np.concatenate([np.full(offset, np.nan), values])
+            length = len(values)
+        offset += length
     io.save_loss_curves(os.path.join(folder, "loss.png"), curves, log_y=True,
                         title=f"GANFIT fit of {os.path.basename(str(source))}", overwrite=over)
     metrics = fit_metrics(pipeline, params, landmarks_crop, transform, history)
