@@ -130,26 +130,17 @@ def _median(fn, repeats):
     return statistics.median(times)
 
 
-def step_function(pipeline, config, batched):
-    """One Adam step of stage 2 (the full Eq. 12), vmapped when batched."""
+def step_function(pipeline, config):
+    """One Adam step of stage 2 (the full Eq. 12) vmapped over the batch: the fitting's own
+    jitted chunk with chunk=1, so the benchmark times exactly what `fitting.fit` runs."""
     import jax
-    import optax
 
     from ganfit_jax import fitting
 
-    def step(params, opt_state, target, key):
-        tx = fitting.optimiser(config.learning_rate, params, 2)
-        def loss_fn(p, t, k):
-            return fitting.loss(p, t, pipeline, k, config.weights, config.random_render,
-                                params.light)
-
-        if config.remat:
-            loss_fn = jax.checkpoint(loss_fn)
-        (total, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, target, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, total
-
-    return jax.vmap(step) if batched else step
+    chunk = fitting.make_chunk(dataclasses.replace(config, chunk=1), stage=2)
+    vmapped = jax.vmap(chunk, in_axes=(None, 0, 0, 0, 0, 0))
+    return lambda params, opt_state, target, keys: vmapped(pipeline, params, opt_state, target,
+                                                           keys, params.light)
 
 
 def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=False):
@@ -165,10 +156,11 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
     for b in batch_sizes:
         ps = fitting.stack([params] * b)
         ts = fitting.stack([target] * b)
-        tx = fitting.optimiser(config.learning_rate, params, 2)
+        tx = fitting.optimiser(config.learning_rate, params, 2,
+                               fitting.texture_step_scale(pipeline))
         opt = jax.vmap(tx.init)(ps)
         keys = jax.random.split(key, b)
-        fn = step_function(pipeline, dataclasses.replace(config, remat=remat), batched=True)
+        fn = step_function(pipeline, dataclasses.replace(config, remat=remat))
         sharding = fitting.batch_sharding(b)
         if sharding is not None:
             ps, opt, ts, keys = jax.device_put((ps, opt, ts, keys), sharding)
@@ -178,8 +170,8 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-        compiled(ps, opt, ts, keys)[2].block_until_ready()
-        step_s = _median(lambda: compiled(ps, opt, ts, keys)[2].block_until_ready(), repeats)
+        jax.block_until_ready(compiled(ps, opt, ts, keys))
+        step_s = _median(lambda: jax.block_until_ready(compiled(ps, opt, ts, keys)), repeats)
         try:
             m = compiled.memory_analysis()
             peak_mb = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes

@@ -431,7 +431,7 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
         p0 = fitting.stack([fitting.init_params(model, faces[i]["landmarks"], size, 0)
                             for i in items])
         tg = fitting.stack([targets[i] for i in items])
-        p1, _ = fitting.fit(base.replace(texture_params=None, texture_dim=0), p0, tg,
+        p1, _ = fitting.fit(base.replace(texture_params=None), p0, tg,
                             stage1_cfg, jax.random.fold_in(k_fit, b), batched=True, log=None)
         stage1 += fitting.unstack(p1, real)
     stage1_s = time.time() - t1

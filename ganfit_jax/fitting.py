@@ -114,7 +114,6 @@ class Pipeline:
     identity_fn: Optional[Callable] = flax.struct.field(pytree_node=False, default=None)
     render_fn: Optional[Callable] = flax.struct.field(pytree_node=False, default=None)
     image_size: tuple = flax.struct.field(pytree_node=False, default=(224, 224))
-    texture_dim: int = flax.struct.field(pytree_node=False, default=0)
 
 
 def identity_of(net, image, landmarks):
@@ -135,7 +134,7 @@ def make_pipeline(model, texture_model, identity_net=None, image_size=(224, 224)
     return Pipeline(model=model, texture_params=texture_model, identity_params=identity_net,
                     texture_fn=generate_texture,
                     identity_fn=None if identity_net is None else identity_of,
-                    image_size=tuple(image_size), texture_dim=texture_model.latent_dim)
+                    image_size=tuple(image_size))
 
 
 def target_from_image(pipeline: Pipeline, image, landmarks) -> Target:
@@ -301,7 +300,8 @@ def loss(params: FitParams, target: Target, pipeline: Pipeline, key,
 
 
 def _fill_jaw(pipeline, params, lm):
-    """Jaw landmarks for a render with no target: the contour candidate that is outermost."""
+    """Jaw landmarks for a render with no target: contour candidates spaced evenly along each
+    side (the photo's jaw points belong to another pose)."""
     model = pipeline.model
     if model.contour_right is None:
         return lm
@@ -350,7 +350,7 @@ def _stage_loss(stage, config: FitConfig, pipeline, params, target, key, light_i
     return loss(params, target, pipeline, key, config.weights, config.random_render, light_init)
 
 
-def _texture_step(pipeline: Pipeline) -> float:
+def texture_step_scale(pipeline: Pipeline) -> float:
     return float(getattr(pipeline.texture_params, "step_scale", 1.0))
 
 
@@ -361,7 +361,7 @@ def make_chunk(config: FitConfig, stage: int, share_axis: Optional[str] = None):
     step (Eq. 13, multi-frame fitting)."""
 
     def chunk(pipeline, params, opt_state, target, key, light_init):
-        tx = optimiser(config.learning_rate, params, stage, _texture_step(pipeline))
+        tx = optimiser(config.learning_rate, params, stage, texture_step_scale(pipeline))
         loss_fn = functools.partial(_stage_loss, stage, config, pipeline)
         if config.remat:
             loss_fn = jax.checkpoint(loss_fn)
@@ -423,7 +423,7 @@ def run_stage(pipeline: Pipeline, params: FitParams, target: Target, config: Fit
     """
     vectorised = batched or frames
     run = compiled_chunk(config, stage, "frames" if frames else "batch" if batched else "single")
-    tx = optimiser(config.learning_rate, params, stage, _texture_step(pipeline))
+    tx = optimiser(config.learning_rate, params, stage, texture_step_scale(pipeline))
     light_init = params.light  # Reg on light pulls towards where stage 2 starts
     if vectorised:
         opt_state = jax.vmap(tx.init)(params)
