@@ -27,10 +27,12 @@ flags.DEFINE_bool("json", False, "print one JSON object per line instead of a ta
 flags.DEFINE_integer("repeats", 10, "timed calls per measurement (the median is reported)")
 flags.DEFINE_list("cases", None, "subset of cases to run (default: all of the subcommand's)")
 flags.DEFINE_string("model", None, "SFM shape model (.bin); default: the shared assets' "
-                    "sfm/sfm_shape_3448.bin")
+                    "sfm/sfm_shape_3448.bin ($GANFIT_ASSETS, else ../shared/assets)")
 
-_DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              os.pardir, "shared", "assets", "sfm", "sfm_shape_3448.bin")
+_DEFAULT_MODEL = os.path.join(
+    os.environ.get("GANFIT_ASSETS", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, "shared",
+        "assets")), "sfm", "sfm_shape_3448.bin")
 
 
 def _times_ms(fn, args, repeats):
@@ -179,7 +181,7 @@ def _emit(rows, header):
             columns = [c for c in _COLUMNS if c in row] + [c for c in row if c not in _COLUMNS]
             if header:
                 print(" | ".join(columns), flush=True)
-            print(" | ".join(str(row[c]) for c in columns), flush=True)
+            print(" | ".join(str(row.get(c, "")) for c in columns), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def _median(fn, repeats):
     return statistics.median(times)
 
 
-def step_function(pipeline, config):
+def step_function(config):
     """One Adam step of stage 2 (the full Eq. 12) vmapped over the batch: the fitting's own
     jitted chunk with chunk=1, so the benchmark times exactly what `fitting.fit` runs."""
     import jax
@@ -139,8 +139,10 @@ def step_function(pipeline, config):
 
     chunk = fitting.make_chunk(dataclasses.replace(config, chunk=1), stage=2)
     vmapped = jax.vmap(chunk, in_axes=(None, 0, 0, 0, 0, 0))
-    return lambda params, opt_state, target, keys: vmapped(pipeline, params, opt_state, target,
-                                                           keys, params.light)
+    # the pipeline (network weights) is an argument, as in `fitting.compiled_chunk`: closed over,
+    # hundreds of MB of weights would be baked into the program as constants
+    return lambda pipeline, params, opt_state, target, keys: vmapped(
+        pipeline, params, opt_state, target, keys, params.light)
 
 
 def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=False):
@@ -160,18 +162,27 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
                                fitting.texture_step_scale(pipeline))
         opt = jax.vmap(tx.init)(ps)
         keys = jax.random.split(key, b)
-        fn = step_function(pipeline, dataclasses.replace(config, remat=remat))
+        fn = step_function(dataclasses.replace(config, remat=remat))
         sharding = fitting.batch_sharding(b)
         if sharding is not None:
             ps, opt, ts, keys = jax.device_put((ps, opt, ts, keys), sharding)
         t0 = time.perf_counter()
-        compiled = jax.jit(fn).lower(ps, opt, ts, keys).compile()
-        compile_s = time.perf_counter() - t0
+        try:
+            compiled = jax.jit(fn).lower(pipeline, ps, opt, ts, keys).compile()
+            compile_s = time.perf_counter() - t0
+            jax.block_until_ready(compiled(pipeline, ps, opt, ts, keys))
+        except Exception as e:  # noqa: BLE001 -- an OOM at one batch size still reports the others
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            rows.append(dict(config=config_name, batch_size=b, error="out of memory",
+                             detail=str(e).splitlines()[0][:300], remat=remat,
+                             devices=jax.device_count()))
+            yield rows[-1]
+            break
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-        jax.block_until_ready(compiled(ps, opt, ts, keys))
-        step_s = _median(lambda: jax.block_until_ready(compiled(ps, opt, ts, keys)), repeats)
+        step_s = _median(lambda: jax.block_until_ready(compiled(pipeline, ps, opt, ts, keys)), repeats)
         try:
             m = compiled.memory_analysis()
             peak_mb = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
@@ -185,7 +196,7 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
                          images_per_second=round(b / (step_s * iterations), 4),
                          compile_s=round(compile_s, 1),
                          peak_mb=None if peak_mb is None else round(peak_mb, 1),
-                         iterations=iterations, devices=jax.device_count(),
+                         iterations=iterations, remat=remat, devices=jax.device_count(),
                          machine_matmul_gflops=round(matmul_rate / 1e9, 1),
                          machine_conv_gflops=round(conv_rate / 1e9, 1)))
         yield rows[-1]

@@ -2,29 +2,51 @@
 # One prepared GPU check (the device image already has jax with CUDA; nothing is installed):
 #   bash experiments/gpu_check.sh OUT_DIR            # on a GPU machine, within ~8 minutes
 #   bash experiments/gpu_check.sh OUT_DIR --dry_run  # CPU, tiny sizes: checks the script itself
-# Writes OUT_DIR/devices.txt, tests.txt, fit.jsonl, render.jsonl.
+# Writes OUT_DIR/devices.txt, fit.jsonl, render.jsonl, tests.txt (and fit_remat.jsonl when the
+# largest batch does not fit without rematerialisation). The benchmarks run first: they are what
+# a short device lease is for; every step has its own time limit so one slow step cannot eat
+# the others' time. Set PYTHON to choose the interpreter (default python3).
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUT_DIR [--dry_run]}
 dry=${2:-}
+py=${PYTHON:-python3}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 if [[ $dry == --dry_run ]]; then
   export JAX_PLATFORMS=cpu
   tests=(tests/test_losses.py)
-  fit_args=(--config=tiny --batch_sizes=1 --repeats=1 --iterations=10)
+  fit_args=(--config=tiny --batch_sizes=1,2 --repeats=1 --iterations=10)
+  remat_args=(--config=tiny --batch_sizes=2 --repeats=1 --iterations=10 --remat)
   render_args=(--cases=sfm-224 --repeats=1)
-  budget=(timeout 300)
+  t_fit=300 t_render=120 t_tests=300 t_remat=300
 else
   tests=(tests/test_render.py tests/test_fitting.py tests/test_losses.py tests/test_identity.py)
   fit_args=(--config=paper --batch_sizes=1,8,32 --repeats=5 --iterations=300)
+  remat_args=(--config=paper --batch_sizes=32 --repeats=3 --iterations=300 --remat)
   render_args=(--repeats=10)
-  budget=(timeout 420)
+  t_fit=230 t_render=45 t_tests=150 t_remat=60
 fi
-python -c "import jax; print(jax.devices()); print(jax.default_backend())" | tee "$out/devices.txt"
+"$py" -c "import jax; print(jax.__version__, jax.devices(), jax.default_backend())" | tee "$out/devices.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$out/devices.txt" 2>/dev/null
 status=0
-"${budget[@]}" python -m pytest -x "${tests[@]}" > "$out/tests.txt" 2>&1 || status=1
-tail -1 "$out/tests.txt"
-"${budget[@]}" python -m experiments.benchmark fit --json "${fit_args[@]}" > "$out/fit.jsonl" || status=1
-"${budget[@]}" python -m experiments.benchmark render --json "${render_args[@]}" > "$out/render.jsonl" || status=1
-cat "$out/fit.jsonl" "$out/render.jsonl"
+step() {  # step NAME SECONDS OUTFILE CMD...: run with a time limit, report how it ended
+  local name=$1 limit=$2 file=$3; shift 3
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$file" 2> "$file.err"
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit s)"
+  [[ $rc == 0 ]] || { status=1; tail -5 "$file.err"; }
+}
+step "fit benchmark" "$t_fit" "$out/fit.jsonl" "$py" -m experiments.benchmark fit --json "${fit_args[@]}"
+cat "$out/fit.jsonl"
+step "render benchmark" "$t_render" "$out/render.jsonl" "$py" -m experiments.benchmark render --json "${render_args[@]}"
+cat "$out/render.jsonl"
+step "tests" "$t_tests" "$out/tests.txt" "$py" -m pytest -x -q -p no:cacheprovider "${tests[@]}"
+tail -3 "$out/tests.txt"
+# the largest batch again with jax.checkpoint, when it ran out of memory (or in the dry run)
+largest=${remat_args[1]#--batch_sizes=}
+if [[ $dry == --dry_run ]] || ! grep -q "\"batch_size\": $largest, \"step_ms\"" "$out/fit.jsonl"; then
+  step "fit benchmark, remat" "$t_remat" "$out/fit_remat.jsonl" "$py" -m experiments.benchmark fit --json "${remat_args[@]}"
+  cat "$out/fit_remat.jsonl"
+fi
 exit $status

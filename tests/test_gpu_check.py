@@ -21,3 +21,8 @@ def test_gpu_check_dry_run(tmp_path, sfm_dir):
     assert fit[0]["flops"] > 0 and fit[0]["step_ms"] > 0
     assert render[0]["case"] == "sfm-224" and render[0]["forward_ms"] > 0
     assert "passed" in (tmp_path / "tests.txt").read_text()
+    assert [r["batch_size"] for r in fit] == [1, 2]
+    remat = [json.loads(l) for l in (tmp_path / "fit_remat.jsonl").read_text().splitlines()]
+    assert remat[0]["remat"] is True and remat[0]["batch_size"] == 2 and remat[0]["step_ms"] > 0
+    # rematerialisation recomputes instead of storing: never more scratch memory than without
+    assert remat[0]["peak_mb"] <= fit[1]["peak_mb"] * 1.1

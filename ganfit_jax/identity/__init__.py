@@ -99,7 +99,7 @@ def _random_variables(module, key, input_size):
         if name.endswith("['kernel']"):
             fan_in = int(np.prod(leaf.shape[:-1]))
             return jnp.asarray(rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in), leaf.dtype)
-        if name.endswith("['scale']"):
+        if name.endswith("['scale']") or name.endswith("['var']"):  # BN running variance: 1
             return jnp.ones(leaf.shape, leaf.dtype)
         return jnp.zeros(leaf.shape, leaf.dtype)
 
@@ -111,7 +111,8 @@ def load_identity(name=DEFAULT_NAME, weights=None, key=None):
 
     name: 'dlib' (weights: dlib's .dat, default the one in face_recognition_models, or a .msgpack);
       'arcface' (= 'arcface-r50'), 'arcface-r18' | -r34 | -r50 | -r100 | -mbf (weights required:
-      arcface_torch .pth, insightface .onnx, or a .msgpack from experiments/convert_identity.py);
+      arcface_torch .pth, insightface .onnx, or a .msgpack from experiments/convert_identity.py;
+      or no weights and a `key`: untrained He-normal weights, for benchmarks);
       'tiny' (random weights from `key`; a 2-stage dlib-style net on 112×112 ArcFace crops, 32-d).
     """
     if name == "dlib":
@@ -132,9 +133,13 @@ def load_identity(name=DEFAULT_NAME, weights=None, key=None):
     if name.startswith("arcface"):
         arch = name.split("-", 1)[1] if "-" in name else "r50"
         module = arcface.make_arcface(arch)
+        if weights is None and key is not None:
+            # untrained, for benchmarks and shape checks: same graph and FLOPs as the real net
+            return IdentityNet(_random_variables(module, key, 112), module, 112, "arcface", name)
         if weights is None:
             raise ValueError(f"load_identity({name!r}) needs weights=PATH: an arcface_torch .pth, an "
-                             "insightface .onnx, or a .msgpack written by experiments/convert_identity")
+                             "insightface .onnx, or a .msgpack written by experiments/convert_identity"
+                             " (or key=PRNGKey for untrained weights, as the benchmark uses)")
         variables = _weights.load_arcface_variables(module, weights)
         variables = jax.tree_util.tree_map(jnp.asarray, variables)
         return IdentityNet(variables, module, 112, "arcface", name)
