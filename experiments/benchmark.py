@@ -192,6 +192,8 @@ flags.DEFINE_string("config", "cpu-small", "fit: cpu-small | paper")
 flags.DEFINE_list("batch_sizes", ["1", "2", "4", "8", "16"], "fit: batch sizes to time")
 flags.DEFINE_integer("iterations", 300, "fit: iterations per image for images_per_second")
 flags.DEFINE_bool("remat", False, "fit: rematerialise the step (jax.checkpoint) to save memory")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                  "fit: width of the texture GAN and identity network (ganfit_jax.precision)")
 
 
 def run_fit(argv):
@@ -200,7 +202,7 @@ def run_fit(argv):
     rows = []
     for row in benchmark_fit.bench_fit(FLAGS.config, [int(b) for b in FLAGS.batch_sizes],
                                        FLAGS.model or _DEFAULT_MODEL, FLAGS.iterations,
-                                       FLAGS.repeats, FLAGS.remat):
+                                       FLAGS.repeats, FLAGS.remat, FLAGS.compute_dtype):
         rows.append(row)
         _emit([row], header=len(rows) == 1)
     return rows

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from ganfit_jax import camera as camera_lib
-from ganfit_jax import losses, morphable
+from ganfit_jax import losses, morphable, precision
 
 # ------------------------------------------------------------------------------------------
 # Parameters and targets
@@ -135,6 +135,19 @@ def make_pipeline(model, texture_model, identity_net=None, image_size=(224, 224)
                     texture_fn=generate_texture,
                     identity_fn=None if identity_net is None else identity_of,
                     image_size=tuple(image_size))
+
+
+def with_compute_dtype(pipeline: Pipeline, compute_dtype: str) -> Pipeline:
+    """The pipeline with its texture GAN and identity network computing in `compute_dtype`
+    ('float32' or 'bfloat16', see `ganfit_jax.precision`); models without the option (PCA and
+    direct UV textures, custom functions) are left in float32."""
+    precision.check_compute_dtype(compute_dtype)
+
+    def narrowed(m):
+        return m.replace(compute_dtype=compute_dtype) if hasattr(m, "compute_dtype") else m
+
+    return pipeline.replace(texture_params=narrowed(pipeline.texture_params),
+                            identity_params=narrowed(pipeline.identity_params))
 
 
 def target_from_image(pipeline: Pipeline, image, landmarks) -> Target:

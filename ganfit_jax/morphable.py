@@ -19,6 +19,7 @@ import tomllib
 from typing import Optional
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -85,13 +86,18 @@ def _coefficients(coeffs, count, name):
     return coeffs
 
 
+# GPUs run float32 products in TF32 by default (10-bit mantissa: ~0.1 mm on a face, a pixel
+# after projection). Geometry is a few MFLOP, so it always runs at full float32 precision.
+_EXACT = jax.lax.Precision.HIGHEST
+
+
 def vertices(model: MorphableModel, shape_coeffs, expression_coeffs=0.0):
     """Eq. 2: the mesh (N,3) in mm for shape and expression coefficients (a scalar broadcasts)."""
     p_s = _coefficients(shape_coeffs, model.num_shape, "shape_coeffs")
     p_e = _coefficients(expression_coeffs, model.num_expression, "expression_coeffs")
-    out = model.mean + jnp.einsum("nds,s->nd", model.shape_basis, p_s)
+    out = model.mean + jnp.einsum("nds,s->nd", model.shape_basis, p_s, precision=_EXACT)
     if model.num_expression:
-        out = out + jnp.einsum("nde,e->nd", model.expression_basis, p_e)
+        out = out + jnp.einsum("nde,e->nd", model.expression_basis, p_e, precision=_EXACT)
     return out
 
 
@@ -100,7 +106,7 @@ def vertex_colours(model: MorphableModel, texture_coeffs):
     if model.texture_basis is None:
         raise ValueError("this morphable model has no texture PCA (texture_mean/texture_basis)")
     p_t = _coefficients(texture_coeffs, model.texture_basis.shape[-1], "texture_coeffs")
-    return model.texture_mean + jnp.einsum("ndt,t->nd", model.texture_basis, p_t)
+    return model.texture_mean + jnp.einsum("ndt,t->nd", model.texture_basis, p_t, precision=_EXACT)
 
 
 def landmarks3d(model: MorphableModel, verts):

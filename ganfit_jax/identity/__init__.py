@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ganfit_jax import precision
 from ganfit_jax.identity import alignment as _align
 from ganfit_jax.identity import arcface, dlib_resnet
 from ganfit_jax.identity import weights as _weights
@@ -43,6 +44,8 @@ class IdentityNet:
     input_size: int = flax.struct.field(pytree_node=False)
     alignment: str = flax.struct.field(pytree_node=False)  # 'dlib' or 'arcface'
     name: str = flax.struct.field(pytree_node=False)
+    # 'bfloat16': F runs at tensor-core rate on GPU/TPU (ganfit_jax.precision); outputs float32
+    compute_dtype: str = flax.struct.field(pytree_node=False, default="float32")
 
 
 def embed(net, aligned_image):
@@ -52,7 +55,12 @@ def embed(net, aligned_image):
     if images.shape[1:3] != (net.input_size, net.input_size):
         raise ValueError(f"{net.name} expects {net.input_size}×{net.input_size} aligned images, got "
                          f"{images.shape[1:3]}; use align(net, image, landmarks) first")
-    embedding, features = net.module.apply(net.variables, images)
+    if precision.check_compute_dtype(net.compute_dtype) != "float32":
+        variables, images = precision.cast_floating((net.variables, images), net.compute_dtype)
+        embedding, features = precision.cast_floating(net.module.apply(variables, images),
+                                                      jnp.float32)
+    else:
+        embedding, features = net.module.apply(net.variables, images)
     if single:
         embedding = embedding[0]
         features = {k: v[0] for k, v in features.items()}

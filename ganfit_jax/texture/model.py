@@ -28,12 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ganfit_jax import precision
 from ganfit_jax.texture import progan
 
 GAN_FORMAT = "ganfit_jax.progan.v1"
 
 
-def generate(params, p_t, config: progan.ProGANConfig, level: int | None = None, alpha=1.0):
+def generate(params, p_t, config: progan.ProGANConfig, level: int | None = None, alpha=1.0,
+             compute_dtype: str = "float32"):
     """Eq. 5: G(p_t) as a UV map (2^level, 2^level, C) in [0, 1] for one latent (latent_dim,).
 
     The generator works in [-1, 1] (Karras et al.'s data range); the map is (x + 1) / 2, clipped
@@ -44,6 +46,10 @@ def generate(params, p_t, config: progan.ProGANConfig, level: int | None = None,
     p_t = jnp.asarray(p_t, jnp.float32)
     if p_t.shape != (config.latent_dim,):
         raise ValueError(f"p_t: expected shape ({config.latent_dim},), got {tuple(p_t.shape)}")
+    if precision.check_compute_dtype(compute_dtype) != "float32":
+        # the generator runs in bfloat16; the UV map the renderer and losses see is float32
+        params, p_t = precision.cast_floating((params, p_t), compute_dtype)
+        return _generate(params, p_t, config, level, alpha).astype(jnp.float32)
     return _generate(params, p_t, config, level, alpha)
 
 
@@ -60,6 +66,8 @@ class GANTexture:
     params: Any
     config: progan.ProGANConfig = flax.struct.field(pytree_node=False)
     level: int = flax.struct.field(pytree_node=False, default=None)
+    # 'bfloat16': G runs at tensor-core rate on GPU/TPU (ganfit_jax.precision); weights stay f32
+    compute_dtype: str = flax.struct.field(pytree_node=False, default="float32")
 
     def __post_init__(self):
         if self.level is None:
@@ -75,7 +83,8 @@ class GANTexture:
         return 2 ** self.level
 
     def generate(self, p_t):
-        return generate(self.params, p_t, self.config, self.level)
+        return generate(self.params, p_t, self.config, self.level,
+                        compute_dtype=self.compute_dtype)
 
     def init_latent(self, key):
         """A sample of the training prior z ~ N(0, I) (G pixel-normalises it, Karras Sec. 4.2)."""

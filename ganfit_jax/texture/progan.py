@@ -205,7 +205,8 @@ class Generator(nn.Module):
         cfg = self.config
         level = cfg.check_level(level)
         top = cfg.max_level if init_all else level
-        x = pixel_norm(jnp.asarray(z, jnp.result_type(z.dtype, jnp.float32)))
+        z = jnp.asarray(z)  # floating z keeps its width (bfloat16 under mixed precision)
+        x = pixel_norm(z if jnp.issubdtype(z.dtype, jnp.floating) else z.astype(jnp.float32))
         x = pixel_norm(leaky_relu(self.block_4_dense(x).reshape(-1, 4, 4, cfg.num_features(1))))
         x = pixel_norm(leaky_relu(self.block_4_conv(x)))
         features = {2: x}
