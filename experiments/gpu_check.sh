@@ -2,7 +2,7 @@
 # One prepared GPU check (the device image already has jax with CUDA; nothing is installed):
 #   bash experiments/gpu_check.sh OUT_DIR            # on a GPU machine, within ~8 minutes
 #   bash experiments/gpu_check.sh OUT_DIR --dry_run  # CPU, tiny sizes: checks the script itself
-# Writes OUT_DIR/devices.txt, fit.jsonl, render.jsonl, tests.txt (and fit_remat.jsonl when the
+# Writes OUT_DIR/devices.txt, fit.jsonl, fit_bf16.jsonl, render.jsonl, tests.txt (and fit_remat.jsonl when the
 # largest batch does not fit without rematerialisation). The benchmarks run first: they are what
 # a short device lease is for; every step has its own time limit so one slow step cannot eat
 # the others' time. Set PYTHON to choose the interpreter (default python3).
@@ -15,16 +15,20 @@ cd "$(dirname "$0")/.."
 if [[ $dry == --dry_run ]]; then
   export JAX_PLATFORMS=cpu
   tests=(tests/test_losses.py)
-  fit_args=(--config=tiny --batch_sizes=1,2 --repeats=1 --iterations=10)
+  fit_args=(--config=tiny --batch_sizes=2 --repeats=1 --iterations=10)
+  bf16_args=(--config=tiny --batch_sizes=2 --repeats=1 --iterations=10 --compute_dtype=bfloat16)
   remat_args=(--config=tiny --batch_sizes=2 --repeats=1 --iterations=10 --remat)
   render_args=(--cases=sfm-224 --repeats=1)
-  t_fit=300 t_render=120 t_tests=300 t_remat=300
+  t_fit=300 t_bf16=300 t_render=120 t_tests=300 t_remat=300
 else
-  tests=(tests/test_render.py tests/test_fitting.py tests/test_losses.py tests/test_identity.py)
-  fit_args=(--config=paper --batch_sizes=1,8,32 --repeats=5 --iterations=300)
+  # what GPUs change: the renderer's scatters, TF32 products, bfloat16 networks
+  tests=(tests/test_render.py tests/test_fitting.py tests/test_precision.py tests/test_camera.py)
+  fit_args=(--config=paper --batch_sizes=1,32 --repeats=5 --iterations=300)
+  bf16_args=(--config=paper --batch_sizes=32,64 --repeats=5 --iterations=300 --compute_dtype=bfloat16)
   remat_args=(--config=paper --batch_sizes=32 --repeats=3 --iterations=300 --remat)
   render_args=(--repeats=10)
-  t_fit=230 t_render=45 t_tests=150 t_remat=60
+  # measured on an H100: each paper batch size compiles in 35-50 s; GPU test compiles are slow
+  t_fit=150 t_bf16=130 t_render=45 t_tests=100 t_remat=60
 fi
 "$py" -c "import jax; print(jax.__version__, jax.devices(), jax.default_backend())" | tee "$out/devices.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$out/devices.txt" 2>/dev/null
@@ -39,6 +43,8 @@ step() {  # step NAME SECONDS OUTFILE CMD...: run with a time limit, report how 
 }
 step "fit benchmark" "$t_fit" "$out/fit.jsonl" "$py" -m experiments.benchmark fit --json "${fit_args[@]}"
 cat "$out/fit.jsonl"
+step "fit benchmark, bfloat16 networks" "$t_bf16" "$out/fit_bf16.jsonl" "$py" -m experiments.benchmark fit --json "${bf16_args[@]}"
+cat "$out/fit_bf16.jsonl"
 step "render benchmark" "$t_render" "$out/render.jsonl" "$py" -m experiments.benchmark render --json "${render_args[@]}"
 cat "$out/render.jsonl"
 step "tests" "$t_tests" "$out/tests.txt" "$py" -m pytest -x -q -p no:cacheprovider "${tests[@]}"
