@@ -57,6 +57,9 @@ flags.DEFINE_string("output_dir", None, "Where results go (one sub-folder per ph
 flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
 flags.DEFINE_bool("remat", False, "Recompute activations in the backward pass (jax.checkpoint): "
                   "less device memory per photo, for large --batch_size.")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                  "Width of the texture GAN and identity network; bfloat16 is ~1.5x faster on "
+                  "GPUs (BENCHMARKS.md), geometry and losses stay float32.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host: "
                   "the batch is then sharded over every host's devices).")
 
@@ -305,7 +308,8 @@ def run():
     texture_model = load_texture(FLAGS.texture, k_tex)
     net = load_identity_net(FLAGS.identity, FLAGS.identity_weights, k_id)
     size = (FLAGS.image_size, FLAGS.image_size)
-    pipeline = fitting.make_pipeline(model, texture_model, net, size)
+    pipeline = fitting.with_compute_dtype(fitting.make_pipeline(model, texture_model, net, size),
+                                          FLAGS.compute_dtype)
     weights = losses.LossWeights(
         identity=FLAGS.lambda_id, identity_random=FLAGS.lambda_id_random,
         content=FLAGS.lambda_content, pixel=FLAGS.lambda_pixel, landmark=FLAGS.lambda_landmark,

@@ -100,8 +100,10 @@ def test_folder_of_photos_in_vmapped_batches_skips_bad_ones(faces_dir, sfm_dir, 
             shutil.copy(faces_dir / "ffhq" / "FFHQ" / (name + ext), photos / (name + ext))
     Image.fromarray(np.full((90, 70, 3), 200, np.uint8)).save(photos / "blank.jpg")  # no face
     out = tmp_path / "out"
+    # bfloat16 networks (the GPU setting) through the whole binary
     code, stdout, stderr = run_fit(f"--images={photos}", f"--output_dir={out}", "--batch_size=2",
-                                   f"--model={sfm_dir / 'sfm_shape_3448.bin'}", *TINY)
+                                   f"--model={sfm_dir / 'sfm_shape_3448.bin'}", *TINY,
+                                   "--compute_dtype=bfloat16")
     assert code == 0, stderr[-2000:]
     assert "skipped" in stdout and "blank.jpg" in stdout
     assert "batch 2: 1 photo(s)" in stdout  # 3 good photos in batches of 2
