@@ -3,6 +3,7 @@
     python -m experiments.fit --image=PHOTO [--landmarks=PTS_OR_NPY] --output_dir=outputs/NAME
     python -m experiments.fit --images='DIR_OR_GLOB' --batch_size=8 --output_dir=outputs/batch
     python -m experiments.fit --frames=DIR --output_dir=outputs/person   # one shared identity
+    python -m experiments.fit --frames=clip.mp4 --frame_step=5 --output_dir=outputs/person
 
 Per result it writes: mesh.obj + mesh.mtl + mesh.png (UV texture), params.npz (every parameter
 block, vertices (N,3) mm in model coordinates, landmarks3d (68,3), landmarks2d in the photo),
@@ -25,8 +26,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("image", None, "One photo.")
 flags.DEFINE_string("images", None, "A folder or glob of photos, fitted independently in "
                     "vmapped batches of --batch_size.")
-flags.DEFINE_string("frames", None, "A folder of frames of one person: per-frame expression, "
-                    "pose and light, one shared shape and texture (Eq. 13).")
+flags.DEFINE_string("frames", None, "A folder of frames, or a video file (.mp4, .mov, .avi, "
+                    ".mkv, .webm, ...), of one person: per-frame expression, pose and light, one "
+                    "shared shape and texture (Eq. 13).")
+flags.DEFINE_integer("frame_step", 1, "--frames video: fit every N-th frame.")
+flags.DEFINE_integer("max_frames", 0, "--frames video: at most this many frames (0: all); all "
+                     "frames are fitted jointly, so memory grows with their number.")
 flags.DEFINE_string("landmarks", None, "68 iBUG landmarks for --image (.pts, .npy (68,2) or "
                     ".json). Default: a file of the same stem beside the image, else dlib.")
 flags.DEFINE_string("model", None, "3DMM (.npz or any format morphable.load knows). Default: "
@@ -138,6 +143,30 @@ def prepare(path, landmarks_path, size, detector):
         raise InputError(str(e)) from None
     crop, lm_crop, transform = inputs.crop_face(image, lm, size)
     return image, crop, lm_crop, transform
+
+
+def prepare_frame(frame, name, size, detector):
+    """A decoded video frame → what `prepare` returns for a photo (landmarks detected by dlib)."""
+    from ganfit_jax import inputs, landmarks
+
+    try:
+        image = landmarks.load_image(frame)
+        lm = landmarks.detect_landmarks(image, detector=detector, name=name)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    crop, lm_crop, transform = inputs.crop_face(image, lm, size)
+    return image, crop, lm_crop, transform
+
+
+def read_video(path):
+    from ganfit_jax import inputs
+
+    try:
+        frames = inputs.read_video_frames(path, FLAGS.frame_step, FLAGS.max_frames)
+    except ValueError as e:
+        raise InputError(f"--frames={e}") from None
+    print(f"{path}: {len(frames)} frame(s) (every {FLAGS.frame_step}), fitted jointly", flush=True)
+    return frames
 
 
 def check_outputs_free(folders):
@@ -271,7 +300,7 @@ def run():
     import jax
     import numpy as np
 
-    from ganfit_jax import fitting, losses
+    from ganfit_jax import fitting, inputs, losses
 
     if FLAGS.distributed:
         jax.distributed.initialize()
@@ -285,16 +314,25 @@ def run():
         raise InputError("--landmarks goes with --image (for folders, put a .pts/.npy beside "
                          "each photo)")
     mode = modes[0]
+    video = None
     if mode == "image":
         if not os.path.exists(FLAGS.image):
             raise InputError(f"--image={FLAGS.image}: no such file")
         paths = [FLAGS.image]
+    elif mode == "frames" and inputs.is_video(FLAGS.frames):
+        if FLAGS.frame_step < 1 or FLAGS.max_frames < 0:
+            raise InputError(f"--frame_step must be ≥ 1 and --max_frames ≥ 0, got "
+                             f"{FLAGS.frame_step} and {FLAGS.max_frames}")
+        video = read_video(FLAGS.frames)
+        paths = [f"{FLAGS.frames} frame {index}" for index, _ in video]
     else:
         paths = list_images(getattr(FLAGS, mode), mode)
     if FLAGS.landmarks and not os.path.exists(FLAGS.landmarks):
         raise InputError(f"--landmarks={FLAGS.landmarks}: no such file")
     if mode == "image":
         folders = [FLAGS.output_dir]
+    elif video is not None:
+        folders = [os.path.join(FLAGS.output_dir, f"frame_{index:06d}") for index, _ in video]
     else:
         stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
         if len(set(stems)) < len(stems):  # a.jpg and a.png would share a folder
@@ -343,7 +381,11 @@ def run():
     # a single photo or one person's frames: every input is checked before anything is written
     t0 = time.time()
     lm_path = FLAGS.landmarks if mode == "image" else None
-    prepared = [prepare(p, lm_path, FLAGS.image_size, FLAGS.detector) for p in paths]
+    if video is not None:
+        prepared = [prepare_frame(frame, name, FLAGS.image_size, FLAGS.detector)
+                    for (_, frame), name in zip(video, paths)]
+    else:
+        prepared = [prepare(p, lm_path, FLAGS.image_size, FLAGS.detector) for p in paths]
     if mode == "image":
         params, target = start(prepared[0])
         params, history = fitting.fit(pipeline, params, target, config, k_fit,

@@ -8,6 +8,7 @@ around the 68 landmarks, scaled to `size`; its similarity transform is kept so t
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 from PIL import Image
@@ -115,3 +116,43 @@ def prefetch_map(fn, items, workers=2, ahead=8):
             if nxt is not None:
                 pending.append((nxt, pool.submit(safe, nxt)))
             yield item, future.result()
+
+
+# ------------------------------------------------------------------------------------------
+# Video
+# ------------------------------------------------------------------------------------------
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+
+
+def is_video(path) -> bool:
+    return str(path).lower().endswith(VIDEO_EXTENSIONS) and os.path.isfile(path)
+
+
+def read_video_frames(path, step: int = 1, max_frames: int = 0):
+    """Frames of a video file as [(index, float32 H×W×3 RGB in [0, 1])]: every `step`-th frame
+    (indices count decoded frames from 0), at most `max_frames` of them (0: all). Decoded with
+    PyAV (FFmpeg), so any container and codec FFmpeg reads."""
+    if step < 1 or max_frames < 0:
+        raise ValueError(f"frame step must be ≥ 1 and max frames ≥ 0, got {step}, {max_frames}")
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"{path}: reading video needs PyAV (pip install av, in requirements.txt)"
+                         ) from None
+    frames = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path}: no video stream")
+            for index, frame in enumerate(container.decode(video=0)):
+                if index % step:
+                    continue
+                frames.append((index, frame.to_ndarray(format="rgb24").astype(np.float32) / 255.0))
+                if max_frames and len(frames) == max_frames:
+                    break
+    except av.error.FFmpegError as e:
+        raise ValueError(f"{path} is not a video FFmpeg can read ({e})") from None
+    if not frames:
+        raise ValueError(f"{path}: no frames decoded")
+    return frames
