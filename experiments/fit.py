@@ -43,7 +43,8 @@ flags.DEFINE_string("texture", "direct", "Texture model: a GAN .msgpack, a PCA .
                     "(prior-free UV map; the fallback before a GAN is trained) or 'random' "
                     "(untrained tiny GAN, tests only).")
 flags.DEFINE_integer("iterations", 300, "Stage-2 iterations (everything, Eq. 12).")
-flags.DEFINE_integer("stage1_iterations", 200, "Stage-1 iterations (landmarks only).")
+flags.DEFINE_integer("stage1_iterations", 600, "Stage-1 iterations (landmarks only; cheap).")
+flags.DEFINE_float("stage1_learning_rate", 0.03, "Stage-1 Adam rate (stage 2: 0.01, the paper's).")
 flags.DEFINE_integer("chunk", 25, "Iterations per jitted chunk (one progress line each).")
 flags.DEFINE_integer("image_size", 224, "Working (render) resolution.")
 flags.DEFINE_integer("batch_size", 8, "Photos per vmapped batch with --images.")
@@ -354,6 +355,7 @@ def run():
         shape_reg=FLAGS.lambda_shape, expression_reg=FLAGS.lambda_expression,
         light_reg=FLAGS.lambda_light)
     config = fitting.FitConfig(stage1_iterations=FLAGS.stage1_iterations,
+                               stage1_learning_rate=FLAGS.stage1_learning_rate,
                                stage2_iterations=FLAGS.iterations, chunk=FLAGS.chunk,
                                weights=weights, remat=FLAGS.remat)
 

@@ -83,11 +83,16 @@ class RandomRenderStats:
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
-    """Static choices of a fit; the defaults are the paper's (DESIGN.md)."""
+    """Static choices of a fit; the defaults are the paper's (DESIGN.md) except stage 1's length
+    and rate (below)."""
 
-    stage1_iterations: int = 200
+    stage1_iterations: int = 600
     stage2_iterations: int = 300
     learning_rate: float = 0.01
+    # Stage 1 (landmarks only) costs ~1% of a stage-2 step, and at the paper's rate it is still
+    # falling after 200 steps (einstein: 3.8% of the inter-ocular distance at 200, 2.7% at
+    # 600 steps of 0.03; BENCHMARKS.md), so it runs longer and faster than stage 2.
+    stage1_learning_rate: float = 0.03
     chunk: int = 25                       # iterations per jitted lax.scan between progress lines
     weights: losses.LossWeights = losses.LossWeights()
     random_render: RandomRenderStats = RandomRenderStats()
@@ -357,6 +362,10 @@ def optimiser(learning_rate: float, params: FitParams, stage: int, texture_step=
                            lambda u, s, p=None: (jax.tree.map(jnp.multiply, u, units), s)))
 
 
+def stage_learning_rate(config: FitConfig, stage: int) -> float:
+    return config.stage1_learning_rate if stage == 1 else config.learning_rate
+
+
 def _stage_loss(stage, config: FitConfig, pipeline, params, target, key, light_init):
     if stage == 1:
         return landmark_stage_loss(params, target, pipeline, config.weights)
@@ -374,7 +383,7 @@ def make_chunk(config: FitConfig, stage: int, share_axis: Optional[str] = None):
     step (Eq. 13, multi-frame fitting)."""
 
     def chunk(pipeline, params, opt_state, target, key, light_init):
-        tx = optimiser(config.learning_rate, params, stage, texture_step_scale(pipeline))
+        tx = optimiser(stage_learning_rate(config, stage), params, stage, texture_step_scale(pipeline))
         loss_fn = functools.partial(_stage_loss, stage, config, pipeline)
         if config.remat:
             loss_fn = jax.checkpoint(loss_fn)
@@ -436,7 +445,7 @@ def run_stage(pipeline: Pipeline, params: FitParams, target: Target, config: Fit
     """
     vectorised = batched or frames
     run = compiled_chunk(config, stage, "frames" if frames else "batch" if batched else "single")
-    tx = optimiser(config.learning_rate, params, stage, texture_step_scale(pipeline))
+    tx = optimiser(stage_learning_rate(config, stage), params, stage, texture_step_scale(pipeline))
     light_init = params.light  # Reg on light pulls towards where stage 2 starts
     if vectorised:
         opt_state = jax.vmap(tx.init)(params)
@@ -513,7 +522,7 @@ def texture_from_photo(pipeline: Pipeline, params: FitParams, image, inversion_s
 
 
 def fit_frames(frames, model, seed=0, identity="dlib", identity_weights=None, texture=None,
-               stage1_iterations=200, iterations=300, image_size=224, detector="hog",
+               stage1_iterations=FitConfig.stage1_iterations, iterations=300, image_size=224, detector="hog",
                weights: losses.LossWeights = losses.LossWeights(), log=print):
     """Multi-frame GANFIT on images of one person (Eq. 13): per-frame expression, pose and
     light, one shape and texture. Landmarks are detected with dlib; frames without a face are
