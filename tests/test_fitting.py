@@ -139,7 +139,11 @@ def test_synthetic_recovery_two_stages(sfm_model):
     target = fitting.target_from_image(pipe, image, lm)
     p0 = fitting.init_params(sfm_model, lm, SIZE, tex.latent_dim, texture_init=tex.init_latent())
     # every term of Eq. 12 is on, through a tiny random identity network
-    weights = losses.LossWeights(pixel=10.0, shape_reg=0.001, expression_reg=0.001)
+    # λ_lan at the paper's 0.001: this synthetic test recovers the mesh through the pixel term;
+    # at the real-photo default 0.01 the median error is 1.25 mm (the 2-D jaw landmarks only
+    # constrain the contour the model picks, not the true 3-D jaw)
+    weights = losses.LossWeights(pixel=10.0, landmark=0.001, shape_reg=0.001,
+                                 expression_reg=0.001)
     cfg = fitting.FitConfig(stage1_iterations=200, stage2_iterations=400, chunk=100,
                             weights=weights)
     p1, hist = fitting.fit(pipe, p0, target, cfg, log=None)
