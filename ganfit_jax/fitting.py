@@ -99,6 +99,9 @@ class FitConfig:
     # recompute the forward pass during the backward pass instead of storing its activations
     # (jax.checkpoint): less memory per image, so larger batches fit a device, ~1.3x the FLOPs
     remat: bool = False
+    # 'auto': chunks as one lax.scan on GPU/TPU, as a host loop of jitted steps on the CPU
+    # (see `uses_scan`); 'scan' or 'host' force one
+    loop: str = "auto"
 
 
 @flax.struct.dataclass
@@ -205,15 +208,17 @@ def project_landmarks(pipeline: Pipeline, params: FitParams, landmarks_target=No
     return losses.model_landmarks_2d(pipeline.model, px, landmarks_target)
 
 
-def render_face(pipeline: Pipeline, params: FitParams, background=None):
-    """I_R = R(S(p_s,p_e), P(G(p_t)), p_c, p_l): the rendered face and the renderer's aux."""
+def render_face(pipeline: Pipeline, params: FitParams, background=None, texture=None):
+    """I_R = R(S(p_s,p_e), P(G(p_t)), p_c, p_l): the rendered face and the renderer's aux.
+    `texture`: G(p_t) when the caller already has it (both renders of Eq. 12 share one)."""
     render_fn = pipeline.render_fn
     if render_fn is None:
         from ganfit_jax import render as render_lib
 
         render_fn = render_lib.render
     verts = morphable.vertices(pipeline.model, params.shape, params.expression)
-    texture = pipeline.texture_fn(pipeline.texture_params, params.texture)
+    if texture is None:
+        texture = pipeline.texture_fn(pipeline.texture_params, params.texture)
     kwargs = {} if background is None else {"background": background}
     return render_fn(verts, pipeline.model.triangles, pipeline.model.uv, texture, params.camera,
                      params.light, pipeline.image_size, **kwargs)
@@ -282,7 +287,10 @@ def loss(params: FitParams, target: Target, pipeline: Pipeline, key,
     Terms whose weight is 0, or whose network is absent (pipeline.identity_fn is None), are
     skipped at trace time, so an ablation costs nothing.
     """
-    image, aux = render_face(pipeline, params, background=target.image)
+    # G(p_t) once: the main and the random render share the texture, and a second generator
+    # pass would double its backward pass too (XLA merges equal forwards, not their gradients)
+    texture = pipeline.texture_fn(pipeline.texture_params, params.texture)
+    image, aux = render_face(pipeline, params, background=target.image, texture=texture)
     mask = aux["mask"]
     pred_lm = project_landmarks(pipeline, params, target.landmarks)
     terms = {}
@@ -301,7 +309,7 @@ def loss(params: FitParams, target: Target, pipeline: Pipeline, key,
             terms["content"] = losses.content_loss(feats, target.features)
     if use_identity and weights.identity_random:
         second = random_second_view(params, key, random_stats)
-        image2, _ = render_face(pipeline, second, background=target.image)
+        image2, _ = render_face(pipeline, second, background=target.image, texture=texture)
         lm2 = project_landmarks(pipeline, second, None)
         lm2 = losses.complete_landmarks(_fill_jaw(pipeline, second, lm2), target.landmarks)
         emb2, _ = pipeline.identity_fn(pipeline.identity_params, image2, lm2)
@@ -376,28 +384,38 @@ def texture_step_scale(pipeline: Pipeline) -> float:
     return float(getattr(pipeline.texture_params, "step_scale", 1.0))
 
 
-def make_chunk(config: FitConfig, stage: int, share_axis: Optional[str] = None):
-    """A function (pipeline, params, opt_state, target, key, light_init) → (params, opt_state,
-    terms) running `config.chunk` Adam steps in one lax.scan; terms are per step. With
-    `share_axis` (a vmap axis name), shape and texture are averaged across that axis after every
-    step (Eq. 13, multi-frame fitting)."""
+def make_step(config: FitConfig, stage: int, share_axis: Optional[str] = None):
+    """One Adam step: a function (pipeline, params, opt_state, target, key, light_init) →
+    (params, opt_state, terms). With `share_axis` (a vmap axis name), shape and texture are
+    averaged across that axis after the step (Eq. 13, multi-frame fitting)."""
 
-    def chunk(pipeline, params, opt_state, target, key, light_init):
-        tx = optimiser(stage_learning_rate(config, stage), params, stage, texture_step_scale(pipeline))
+    def step(pipeline, params, opt_state, target, key, light_init):
+        tx = optimiser(stage_learning_rate(config, stage), params, stage,
+                       texture_step_scale(pipeline))
         loss_fn = functools.partial(_stage_loss, stage, config, pipeline)
         if config.remat:
             loss_fn = jax.checkpoint(loss_fn)
+        (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, target, key, light_init)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        if share_axis is not None:
+            params = params.replace(shape=jax.lax.pmean(params.shape, share_axis),
+                                    texture=jax.lax.pmean(params.texture, share_axis))
+        return params, opt_state, dict(terms, total=total)
 
+    return step
+
+
+def make_chunk(config: FitConfig, stage: int, share_axis: Optional[str] = None):
+    """A function (pipeline, params, opt_state, target, key, light_init) → (params, opt_state,
+    terms) running `config.chunk` steps (`make_step`) in one lax.scan; terms are per step."""
+    step = make_step(config, stage, share_axis)
+
+    def chunk(pipeline, params, opt_state, target, key, light_init):
         def body(carry, k):
-            params, opt_state = carry
-            (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                params, target, k, light_init)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            if share_axis is not None:
-                params = params.replace(shape=jax.lax.pmean(params.shape, share_axis),
-                                        texture=jax.lax.pmean(params.texture, share_axis))
-            return (params, opt_state), dict(terms, total=total)
+            params, opt_state, terms = step(pipeline, *carry, target, k, light_init)
+            return (params, opt_state), terms
 
         keys = jax.random.split(key, config.chunk)
         (params, opt_state), terms = jax.lax.scan(body, (params, opt_state), keys)
@@ -406,16 +424,47 @@ def make_chunk(config: FitConfig, stage: int, share_axis: Optional[str] = None):
     return chunk
 
 
+def _vectorise(fn, mode):
+    if mode == "single":
+        return fn
+    axis = "frames" if mode == "frames" else None
+    return jax.vmap(fn, in_axes=(None, 0, 0, 0, 0, 0), axis_name=axis)
+
+
+def uses_scan(config: FitConfig) -> bool:
+    """Whether chunks run as one lax.scan (accelerators) or as a host loop of jitted steps (CPU:
+    XLA's CPU backend runs a step inside a while loop ~2.5× slower than the same step alone,
+    measured on the 2-core dev machine; BENCHMARKS.md)."""
+    if config.loop not in ("auto", "scan", "host"):
+        raise ValueError(f"FitConfig.loop must be 'auto', 'scan' or 'host', got {config.loop!r}")
+    return config.loop == "scan" or (config.loop == "auto" and jax.default_backend() != "cpu")
+
+
 @functools.lru_cache(maxsize=64)
 def compiled_chunk(config: FitConfig, stage: int, mode: str = "single"):
-    """The jitted chunk, cached so that fitting photo after photo compiles once per shape.
-    mode: "single", "batch" (vmap, independent images) or "frames" (vmap, shared identity)."""
-    if mode == "single":
-        return jax.jit(make_chunk(config, stage))
+    """The chunk of `config.chunk` steps, compiled once per shape (cached, so fitting photo after
+    photo compiles once). mode: "single", "batch" (vmap, independent images) or "frames" (vmap,
+    shared identity). Same signature and results whether it scans or loops on the host."""
     axis = "frames" if mode == "frames" else None
-    vmapped = jax.vmap(make_chunk(config, stage, share_axis=axis),
-                       in_axes=(None, 0, 0, 0, 0, 0), axis_name=axis)
-    return jax.jit(vmapped)
+    if uses_scan(config):
+        return jax.jit(_vectorise(make_chunk(config, stage, share_axis=axis), mode))
+    step = jax.jit(_vectorise(make_step(config, stage, share_axis=axis), mode))
+    split = jax.jit(functools.partial(jax.random.split, num=config.chunk))
+    if mode != "single":
+        split = jax.jit(jax.vmap(functools.partial(jax.random.split, num=config.chunk)))
+    chunk_axis = 0 if mode == "single" else 1
+
+    def looped(pipeline, params, opt_state, target, key, light_init):
+        keys = split(key)  # the keys lax.scan would use: (chunk, 2) or (batch, chunk, 2)
+        per_step = []
+        for i in range(config.chunk):
+            k = keys[i] if mode == "single" else keys[:, i]
+            params, opt_state, terms = step(pipeline, params, opt_state, target, k, light_init)
+            per_step.append(terms)
+        terms = jax.tree.map(lambda *t: jnp.stack(t, axis=chunk_axis), *per_step)
+        return params, opt_state, terms
+
+    return looped
 
 
 def _print_progress(stage, done, total, terms, t0, log):

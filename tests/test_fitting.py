@@ -212,3 +212,41 @@ def test_remat_changes_memory_not_results(sfm_model):
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
     assert np.abs(np.asarray(plain.shape)).max() > 0  # it did move
+
+
+@pytest.mark.parametrize("mode", ["single", "batch", "frames"])
+def test_host_loop_equals_scan(sfm_model, mode):
+    """The CPU's host loop of jitted steps and the accelerators' lax.scan are one algorithm:
+    same keys, same steps, same history layout."""
+    import dataclasses
+
+    from ganfit_jax.texture.direct import DirectUVTexture
+
+    tex = DirectUVTexture(coarse=4, resolution=16)
+    pipe = fitting.make_pipeline(sfm_model, tex, None, (64, 64))
+    inits, targets = [], []
+    for seed in range(1 if mode == "single" else 3):
+        truth = random_truth(sfm_model, seed).replace(texture=tex.init_latent() + 0.1 * seed)
+        lm = synthetic_landmarks(sfm_model, truth) * (64 / SIZE[0])
+        truth = truth.replace(camera=truth.camera.at[6].multiply(64 / SIZE[0]))
+        photo, _ = fitting.render_face(pipe, truth)
+        inits.append(fitting.init_params(sfm_model, lm, (64, 64), tex.latent_dim,
+                                         texture_init=tex.init_latent()))
+        targets.append(fitting.Target(image=photo, landmarks=jnp.asarray(lm)))
+    batched = {"batched": mode == "batch", "frames": mode == "frames"}
+    p0, t0 = (inits[0], targets[0]) if mode == "single" else (fitting.stack(inits),
+                                                               fitting.stack(targets))
+    results = {}
+    for loop in ("scan", "host"):
+        cfg = fitting.FitConfig(stage1_iterations=4, stage2_iterations=3, chunk=2, loop=loop)
+        results[loop] = fitting.fit(pipe, p0, t0, cfg, jax.random.PRNGKey(1), log=None,
+                                    **batched)
+    (ps, hs), (ph, hh) = results["scan"], results["host"]
+    for a, b in zip(jax.tree.leaves(ps), jax.tree.leaves(ph)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    for stage in (1, 2):
+        for name in hs[stage]:
+            assert hs[stage][name].shape == hh[stage][name].shape
+            np.testing.assert_allclose(hs[stage][name], hh[stage][name], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="loop"):
+        fitting.uses_scan(dataclasses.replace(cfg, loop="threads"))
