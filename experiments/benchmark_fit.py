@@ -153,16 +153,26 @@ def _median(fn, repeats):
     return statistics.median(times)
 
 
-def step_function(config):
-    """One Adam step of stage 2 (the full Eq. 12) vmapped over the batch: `fitting.make_step`,
-    the step `fitting.fit` runs (inside a lax.scan on accelerators, a host loop on the CPU)."""
+def step_function(config, batch_size=2):
+    """One Adam step of stage 2 (the full Eq. 12) on a batch with a leading axis: exactly the
+    step `fitting.fit` runs (inside a lax.scan on accelerators, a host loop on the CPU), i.e.
+    `fitting.make_step` vmapped over the batch, or, for a batch of 1, the single-photo step
+    without vmap, as `fit --image` runs it (vmap over one image costs ~40% on the CPU)."""
     import jax
 
     from ganfit_jax import fitting
 
-    vmapped = jax.vmap(fitting.make_step(config, stage=2), in_axes=(None, 0, 0, 0, 0, 0))
+    step = fitting.make_step(config, stage=2)
     # the pipeline (network weights) is an argument, as in `fitting.compiled_chunk`: closed over,
     # hundreds of MB of weights would be baked into the program as constants
+    if batch_size == 1:
+        def single(pipeline, params, opt_state, target, keys):
+            one = lambda tree: jax.tree.map(lambda x: x[0], tree)
+            out = step(pipeline, one(params), one(opt_state), one(target), keys[0],
+                       params.light[0])
+            return jax.tree.map(lambda x: x[None], out)
+        return single
+    vmapped = jax.vmap(step, in_axes=(None, 0, 0, 0, 0, 0))
     return lambda pipeline, params, opt_state, target, keys: vmapped(
         pipeline, params, opt_state, target, keys, params.light)
 
@@ -185,7 +195,7 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
                                fitting.texture_step_scale(pipeline))
         opt = jax.vmap(tx.init)(ps)
         keys = jax.random.split(key, b)
-        fn = step_function(dataclasses.replace(config, remat=remat))
+        fn = step_function(dataclasses.replace(config, remat=remat), b)
         sharding = fitting.batch_sharding(b)
         if sharding is not None:
             ps, opt, ts, keys = jax.device_put((ps, opt, ts, keys), sharding)

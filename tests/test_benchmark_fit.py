@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from experiments import benchmark_fit
 
@@ -31,3 +32,23 @@ def test_the_cross_device_path_equals_the_compiled_count():
     x = jnp.ones((8, 16))
     compiled = jax.jit(step).lower(x).compile()
     assert benchmark_fit.step_flops(step, (x,)) == benchmark_fit.step_flops(step, (x,), compiled)
+
+
+def test_batch_of_one_times_the_single_photo_step_with_the_same_result(sfm_dir):
+    """For batch 1 the benchmark times `fit --image`'s unvmapped step; it must compute what the
+    vmapped step computes."""
+    from ganfit_jax import fitting
+
+    pipe, params, target = benchmark_fit.build("tiny", str(sfm_dir / "sfm_shape_3448.bin"),
+                                               jax.random.PRNGKey(0))
+    config = fitting.FitConfig()
+    ps, ts = fitting.stack([params]), fitting.stack([target])
+    tx = fitting.optimiser(config.learning_rate, params, 2, fitting.texture_step_scale(pipe))
+    opt = jax.vmap(tx.init)(ps)
+    keys = jax.random.split(jax.random.PRNGKey(1), 1)
+    single = jax.jit(benchmark_fit.step_function(config, 1))(pipe, ps, opt, ts, keys)
+    vmapped = jax.vmap(fitting.make_step(config, 2), in_axes=(None, 0, 0, 0, 0, 0))(
+        pipe, ps, opt, ts, keys, ps.light)
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(vmapped)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
