@@ -153,28 +153,26 @@ def _median(fn, repeats):
     return statistics.median(times)
 
 
-def step_function(config, batch_size=2):
-    """One Adam step of stage 2 (the full Eq. 12) on a batch with a leading axis: exactly the
-    step `fitting.fit` runs (inside a lax.scan on accelerators, a host loop on the CPU), i.e.
-    `fitting.make_step` vmapped over the batch, or, for a batch of 1, the single-photo step
-    without vmap, as `fit --image` runs it (vmap over one image costs ~40% on the CPU)."""
+def step_arguments(config, pipeline, params, target, batch_size, key):
+    """(the BoundStep `fitting.fit` runs for this batch size, its arguments): for a batch of 1
+    the single-photo step as `fit --image` runs it (no vmap; vmap over one image costs ~40% on
+    the CPU), else the vmapped step of `fit --images`, with the pipeline compiled in as constants
+    or passed as an argument exactly as the fit would (`fitting.pipeline_as_constants`)."""
     import jax
 
     from ganfit_jax import fitting
 
-    step = fitting.make_step(config, stage=2)
-    # the pipeline (network weights) is an argument, as in `fitting.compiled_chunk`: closed over,
-    # hundreds of MB of weights would be baked into the program as constants
+    tx = fitting.optimiser(config.learning_rate, params, 2, fitting.texture_step_scale(pipeline))
     if batch_size == 1:
-        def single(pipeline, params, opt_state, target, keys):
-            one = lambda tree: jax.tree.map(lambda x: x[0], tree)
-            out = step(pipeline, one(params), one(opt_state), one(target), keys[0],
-                       params.light[0])
-            return jax.tree.map(lambda x: x[None], out)
-        return single
-    vmapped = jax.vmap(step, in_axes=(None, 0, 0, 0, 0, 0))
-    return lambda pipeline, params, opt_state, target, keys: vmapped(
-        pipeline, params, opt_state, target, keys, params.light)
+        args = (params, tx.init(params), target, key, params.light)
+        return fitting.bound_step(config, 2, "single", pipeline), args
+    ps = fitting.stack([params] * batch_size)
+    ts = fitting.stack([target] * batch_size)
+    args = (ps, jax.vmap(tx.init)(ps), ts, jax.random.split(key, batch_size), ps.light)
+    sharding = fitting.batch_sharding(batch_size)
+    if sharding is not None:
+        args = jax.device_put(args, sharding)
+    return fitting.bound_step(config, 2, "batch", pipeline), args
 
 
 def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=False,
@@ -189,21 +187,13 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
     matmul_rate, conv_rate = machine_rates()
     rows = []
     for b in batch_sizes:
-        ps = fitting.stack([params] * b)
-        ts = fitting.stack([target] * b)
-        tx = fitting.optimiser(config.learning_rate, params, 2,
-                               fitting.texture_step_scale(pipeline))
-        opt = jax.vmap(tx.init)(ps)
-        keys = jax.random.split(key, b)
-        fn = step_function(dataclasses.replace(config, remat=remat), b)
-        sharding = fitting.batch_sharding(b)
-        if sharding is not None:
-            ps, opt, ts, keys = jax.device_put((ps, opt, ts, keys), sharding)
+        step, args = step_arguments(dataclasses.replace(config, remat=remat), pipeline, params,
+                                    target, b, key)
         t0 = time.perf_counter()
         try:
-            compiled = jax.jit(fn).lower(pipeline, ps, opt, ts, keys).compile()
+            compiled = step.lower(*args).compile()
             compile_s = time.perf_counter() - t0
-            jax.block_until_ready(compiled(pipeline, ps, opt, ts, keys))
+            jax.block_until_ready(compiled(*step.pipeline_args, *args))
         except Exception as e:  # noqa: BLE001 -- an OOM at one batch size still reports the others
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
@@ -213,8 +203,9 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
                              devices=jax.device_count()))
             yield rows[-1]
             break
-        flops = step_flops(fn, (pipeline, ps, opt, ts, keys), compiled)
-        step_s = _median(lambda: jax.block_until_ready(compiled(pipeline, ps, opt, ts, keys)), repeats)
+        flops = step_flops(step.jitted, step.pipeline_args + args, compiled)
+        run = lambda: jax.block_until_ready(compiled(*step.pipeline_args, *args))  # noqa: E731
+        step_s = _median(run, repeats)
         try:
             m = compiled.memory_analysis()
             peak_mb = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
@@ -225,6 +216,9 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
                          flops=flops, achieved_gflops=round(flops / step_s / 1e9, 2),
                          floor_ms=round(flops / max(matmul_rate, conv_rate) * 1000, 1),
                          ratio_to_floor=round(step_s / (flops / max(matmul_rate, conv_rate)), 2),
+                         ratio_to_conv_floor=round(step_s / (flops / conv_rate), 2),
+                         # compiled-in weights are in the executable, not in peak_mb
+                         pipeline_as_constants=not step.pipeline_args,
                          images_per_second=round(b / (step_s * iterations), 4),
                          compile_s=round(compile_s, 1),
                          peak_mb=None if peak_mb is None else round(peak_mb, 1),

@@ -102,6 +102,10 @@ class FitConfig:
     # 'auto': chunks as one lax.scan on GPU/TPU, as a host loop of jitted steps on the CPU
     # (see `uses_scan`); 'scan' or 'host' force one
     loop: str = "auto"
+    # 'auto': the host loop's step is compiled with the pipeline (3DMM, GAN, identity network)
+    # as constants when it holds at most CONSTANT_PIPELINE_MAX_BYTES, as an argument otherwise
+    # (see `pipeline_as_constants`); 'always' or 'never' force one
+    constant_pipeline: str = "auto"
 
 
 @flax.struct.dataclass
@@ -440,6 +444,100 @@ def uses_scan(config: FitConfig) -> bool:
     return config.loop == "scan" or (config.loop == "auto" and jax.default_backend() != "cpu")
 
 
+# XLA:CPU hands dots and convolutions to YNNPACK, and by default reductions too; inside the
+# fitting step those reductions (the renderer's VJPs: sums over colour channels and texture
+# taps) ran slower than XLA's own loops, so the CPU step keeps YNNPACK to dots and
+# convolutions. With the pipeline compiled in as constants: 103-110 → 92-97 ms per cpu-small
+# step on the 2-core dev machine (BENCHMARKS.md).
+CPU_STEP_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type":
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+
+# A pipeline up to this size is compiled into the CPU step as constants: its network weights
+# are fixed during a fit, and as constants XLA folds, once at compile time, what it otherwise
+# redoes every step (the flipped, transposed kernels of every backward convolution: ~15 ms of a
+# ~110 ms cpu-small step). Larger pipelines (the paper's iResNet-100 and 512² GAN) stay
+# arguments: folding hundreds of MB of constants costs more compile time than it saves.
+CONSTANT_PIPELINE_MAX_BYTES = 128 * 2 ** 20
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_step_compiler_options(backend: str):
+    """CPU_STEP_COMPILER_OPTIONS on the CPU backend when this jaxlib knows them, else None."""
+    if backend != "cpu":
+        return None
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=CPU_STEP_COMPILER_OPTIONS).lower(
+            jnp.zeros((), jnp.float32)).compile()
+    except Exception:  # noqa: BLE001 -- an XLA without the option: its defaults are correct too
+        return None
+    return dict(CPU_STEP_COMPILER_OPTIONS)
+
+
+def pipeline_bytes(pipeline: Pipeline) -> int:
+    return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(pipeline))
+
+
+def pipeline_as_constants(config: FitConfig, pipeline: Pipeline) -> bool:
+    """Whether the host loop's step compiles `pipeline` in as constants (see
+    CONSTANT_PIPELINE_MAX_BYTES). The lax.scan path (accelerators) always takes it as an
+    argument."""
+    if config.constant_pipeline not in ("auto", "always", "never"):
+        raise ValueError("FitConfig.constant_pipeline must be 'auto', 'always' or 'never', got "
+                         f"{config.constant_pipeline!r}")
+    if config.constant_pipeline != "auto":
+        return config.constant_pipeline == "always"
+    return not uses_scan(config) and pipeline_bytes(pipeline) <= CONSTANT_PIPELINE_MAX_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundStep:
+    """One jitted step bound to a pipeline: call it as (params, opt_state, target, key,
+    light_init). `jitted` takes the pipeline first unless it was compiled in (then
+    `pipeline_args` is empty); `lower` gives the AOT stages (cost and memory analysis)."""
+
+    jitted: Callable
+    pipeline_args: tuple
+
+    def __call__(self, *args):
+        return self.jitted(*self.pipeline_args, *args)
+
+    def lower(self, *args):
+        return self.jitted.lower(*self.pipeline_args, *args)
+
+
+_CONSTANT_STEPS = {}  # (config, stage, mode) → (pipeline, its BoundStep): the latest only
+
+
+@functools.lru_cache(maxsize=64)
+def _step_function(config: FitConfig, stage: int, mode: str):
+    return _vectorise(make_step(config, stage, share_axis="frames" if mode == "frames" else None),
+                      mode)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_step(config: FitConfig, stage: int, mode: str, backend: str):
+    return jax.jit(_step_function(config, stage, mode),
+                   compiler_options=cpu_step_compiler_options(backend))
+
+
+def bound_step(config: FitConfig, stage: int, mode: str, pipeline: Pipeline) -> BoundStep:
+    """The step `fitting.fit` runs on the host (mode as in `compiled_chunk`), jitted once per
+    configuration and, when `pipeline_as_constants`, once per pipeline (the latest is kept, so
+    fitting photo after photo with one pipeline compiles once)."""
+    backend = jax.default_backend()
+    if not pipeline_as_constants(config, pipeline):
+        return BoundStep(_jitted_step(config, stage, mode, backend), (pipeline,))
+    key = (config, stage, mode, backend)
+    held = _CONSTANT_STEPS.get(key)
+    if held is None or held[0] is not pipeline:
+        fn = functools.partial(_step_function(config, stage, mode), pipeline)
+        held = (pipeline, BoundStep(jax.jit(fn, compiler_options=cpu_step_compiler_options(
+            backend)), ()))
+        _CONSTANT_STEPS[key] = held
+    return held[1]
+
+
 @functools.lru_cache(maxsize=64)
 def compiled_chunk(config: FitConfig, stage: int, mode: str = "single"):
     """The chunk of `config.chunk` steps, compiled once per shape (cached, so fitting photo after
@@ -447,8 +545,8 @@ def compiled_chunk(config: FitConfig, stage: int, mode: str = "single"):
     shared identity). Same signature and results whether it scans or loops on the host."""
     axis = "frames" if mode == "frames" else None
     if uses_scan(config):
-        return jax.jit(_vectorise(make_chunk(config, stage, share_axis=axis), mode))
-    step = jax.jit(_vectorise(make_step(config, stage, share_axis=axis), mode))
+        return jax.jit(_vectorise(make_chunk(config, stage, share_axis=axis), mode),
+                       compiler_options=cpu_step_compiler_options(jax.default_backend()))
     split = jax.jit(functools.partial(jax.random.split, num=config.chunk))
     if mode != "single":
         split = jax.jit(jax.vmap(functools.partial(jax.random.split, num=config.chunk)))
@@ -456,10 +554,11 @@ def compiled_chunk(config: FitConfig, stage: int, mode: str = "single"):
 
     def looped(pipeline, params, opt_state, target, key, light_init):
         keys = split(key)  # the keys lax.scan would use: (chunk, 2) or (batch, chunk, 2)
+        step = bound_step(config, stage, mode, pipeline)
         per_step = []
         for i in range(config.chunk):
             k = keys[i] if mode == "single" else keys[:, i]
-            params, opt_state, terms = step(pipeline, params, opt_state, target, k, light_init)
+            params, opt_state, terms = step(params, opt_state, target, k, light_init)
             per_step.append(terms)
         terms = jax.tree.map(lambda *t: jnp.stack(t, axis=chunk_axis), *per_step)
         return params, opt_state, terms

@@ -34,21 +34,27 @@ def test_the_cross_device_path_equals_the_compiled_count():
     assert benchmark_fit.step_flops(step, (x,)) == benchmark_fit.step_flops(step, (x,), compiled)
 
 
-def test_batch_of_one_times_the_single_photo_step_with_the_same_result(sfm_dir):
-    """For batch 1 the benchmark times `fit --image`'s unvmapped step; it must compute what the
-    vmapped step computes."""
+def test_the_benchmark_times_the_steps_fit_runs_with_their_results(sfm_dir):
+    """Batch 1 times `fit --image`'s unvmapped step, batch 2 the vmapped step of `fit --images`,
+    with the pipeline compiled in as constants as `fit` does on the CPU: each must compute what
+    the plain vmapped step computes with the pipeline as an argument."""
     from ganfit_jax import fitting
 
     pipe, params, target = benchmark_fit.build("tiny", str(sfm_dir / "sfm_shape_3448.bin"),
                                                jax.random.PRNGKey(0))
     config = fitting.FitConfig()
-    ps, ts = fitting.stack([params]), fitting.stack([target])
+    key = jax.random.PRNGKey(1)
+    ps, ts = fitting.stack([params] * 2), fitting.stack([target] * 2)
     tx = fitting.optimiser(config.learning_rate, params, 2, fitting.texture_step_scale(pipe))
-    opt = jax.vmap(tx.init)(ps)
-    keys = jax.random.split(jax.random.PRNGKey(1), 1)
-    single = jax.jit(benchmark_fit.step_function(config, 1))(pipe, ps, opt, ts, keys)
-    vmapped = jax.vmap(fitting.make_step(config, 2), in_axes=(None, 0, 0, 0, 0, 0))(
-        pipe, ps, opt, ts, keys, ps.light)
-    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(vmapped)):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    want = jax.jit(jax.vmap(fitting.make_step(config, 2), in_axes=(None, 0, 0, 0, 0, 0)))(
+        pipe, ps, jax.vmap(tx.init)(ps), ts, jax.random.split(key, 2), ps.light)
+    for b, k in ((2, key), (1, jax.random.split(key, 2)[0])):
+        step, args = benchmark_fit.step_arguments(config, pipe, params, target, b, k)
+        assert step.pipeline_args == ()  # a tiny pipeline on the CPU: compiled in
+        got = step.lower(*args).compile()(*args)
+        expected = want if b == 2 else jax.tree.map(lambda x: x[:1], want)
+        if b == 1:
+            got = jax.tree.map(lambda x: x[None], got)
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+            assert x.shape == y.shape
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)

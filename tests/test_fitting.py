@@ -250,3 +250,27 @@ def test_host_loop_equals_scan(sfm_model, mode):
             np.testing.assert_allclose(hs[stage][name], hh[stage][name], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="loop"):
         fitting.uses_scan(dataclasses.replace(cfg, loop="threads"))
+
+
+def test_which_pipelines_the_host_loop_compiles_in(sfm_model, monkeypatch):
+    """Host loop: a pipeline up to CONSTANT_PIPELINE_MAX_BYTES is compiled in (its weights are
+    fixed during a fit); a larger one, or the lax.scan path, takes it as an argument."""
+    import dataclasses
+
+    from ganfit_jax.texture.direct import DirectUVTexture
+
+    pipe = fitting.make_pipeline(sfm_model, DirectUVTexture(coarse=4, resolution=16), None,
+                                 (64, 64))
+    host = fitting.FitConfig(loop="host")
+    assert 0 < fitting.pipeline_bytes(pipe) <= fitting.CONSTANT_PIPELINE_MAX_BYTES
+    assert fitting.pipeline_as_constants(host, pipe)
+    assert fitting.bound_step(host, 2, "single", pipe).pipeline_args == ()
+    assert not fitting.pipeline_as_constants(dataclasses.replace(host, loop="scan"), pipe)
+    assert not fitting.pipeline_as_constants(dataclasses.replace(host, constant_pipeline="never"),
+                                             pipe)
+    monkeypatch.setattr(fitting, "CONSTANT_PIPELINE_MAX_BYTES", fitting.pipeline_bytes(pipe) - 1)
+    assert not fitting.pipeline_as_constants(host, pipe)
+    assert fitting.bound_step(host, 2, "single", pipe).pipeline_args == (pipe,)
+    assert fitting.pipeline_as_constants(dataclasses.replace(host, constant_pipeline="always"), pipe)
+    with pytest.raises(ValueError, match="constant_pipeline"):
+        fitting.pipeline_as_constants(dataclasses.replace(host, constant_pipeline="maybe"), pipe)
