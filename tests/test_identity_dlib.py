@@ -100,3 +100,19 @@ def test_bad_files_name_the_file(tmp_path):
         dlib_resnet.load_dlib_resnet_params(junk)
     with pytest.raises(FileNotFoundError, match="nowhere.dat"):
         dlib_resnet.load_dlib_resnet_params(tmp_path / "nowhere.dat")
+
+
+@pytest.mark.parametrize("size", [72, 73, 8])
+def test_max_pool_valid_equals_flax_max_pool_and_its_gradient(size):
+    """The strided-slice max pool the dlib stem uses equals a reduce-window max pool, forward and
+    (away from ties, which random data does not have) backward."""
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.PRNGKey(size), (2, size, size + 3, 5))
+    ref = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")  # noqa: E731
+    ours = lambda x: dlib_resnet.max_pool_valid(x, 3, 2)  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(ref(x)))
+    w = jax.random.normal(jax.random.PRNGKey(1), ref(x).shape)
+    g_ref = jax.grad(lambda x: jnp.sum(ref(x) * w))(x)
+    g_ours = jax.grad(lambda x: jnp.sum(ours(x) * w))(x)
+    np.testing.assert_allclose(np.asarray(g_ours), np.asarray(g_ref), rtol=1e-6, atol=1e-6)

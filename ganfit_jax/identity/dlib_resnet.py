@@ -36,6 +36,22 @@ def pad_add(a, b):
     return grow(a) + grow(b)
 
 
+def max_pool_valid(x, window, stride):
+    """Max pooling without padding over (..., H, W, C), as the maximum of window² strided slices.
+
+    Equal to `nn.max_pool(..., padding="VALID")`; on the CPU its gradient (a chain of selects) is
+    cheaper than the select-and-scatter of a reduce-window (fitting runs dlib's backward pass on
+    every step: ~1.4 of ~18 ms per forward+backward, measured)."""
+    h, w = x.shape[-3], x.shape[-2]
+    oh, ow = (h - window) // stride + 1, (w - window) // stride + 1
+    out = None
+    for i in range(window):
+        for j in range(window):
+            tap = x[..., i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
+            out = tap if out is None else jnp.maximum(out, tap)
+    return out
+
+
 class Affine(nn.Module):
     """Per-channel scale and shift (dlib's `affine_`, batch norm folded at inference)."""
 
@@ -88,7 +104,7 @@ class DlibResNet(nn.Module):
         features = {}
         x = _dlib_conv(self.stem_features, 7, 2, "conv0")(x)
         x = nn.relu(Affine(name="affine0")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        x = max_pool_valid(x, 3, 2)
         features["stem"] = x
         for s, (width, blocks, down) in enumerate(self.stages):
             for b in range(blocks):
