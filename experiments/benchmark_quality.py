@@ -427,11 +427,12 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
     t1 = time.time()
     stage1 = []
     index = list(range(num_faces))
+    stage1_pipeline = base.replace(texture_params=None)
     for b, (items, real) in enumerate(_batches(index, batch_size)):
         p0 = fitting.stack([fitting.init_params(model, faces[i]["landmarks"], size, 0)
                             for i in items])
         tg = fitting.stack([targets[i] for i in items])
-        p1, _ = fitting.fit(base.replace(texture_params=None), p0, tg,
+        p1, _ = fitting.fit(stage1_pipeline, p0, tg,
                             stage1_cfg, jax.random.fold_in(k_fit, b), batched=True, log=None)
         stage1 += fitting.unstack(p1, real)
     stage1_s = time.time() - t1

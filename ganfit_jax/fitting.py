@@ -506,7 +506,7 @@ class BoundStep:
         return self.jitted.lower(*self.pipeline_args, *args)
 
 
-_CONSTANT_STEPS = {}  # (config, stage, mode) → (pipeline, its BoundStep): the latest only
+_CONSTANT_STEPS = {}  # (config, stage, mode, backend) → the latest pipeline and its BoundStep
 
 
 @functools.lru_cache(maxsize=64)
@@ -529,13 +529,17 @@ def bound_step(config: FitConfig, stage: int, mode: str, pipeline: Pipeline) -> 
     if not pipeline_as_constants(config, pipeline):
         return BoundStep(_jitted_step(config, stage, mode, backend), (pipeline,))
     key = (config, stage, mode, backend)
+    leaves, treedef = jax.tree.flatten(pipeline)
     held = _CONSTANT_STEPS.get(key)
-    if held is None or held[0] is not pipeline:
+    # the same pipeline, also when rebuilt from the same arrays (`pipeline.replace(...)` in a
+    # loop): held[0] keeps those arrays alive, so identity cannot be a reused id
+    if held is None or held[1] != treedef or len(held[2]) != len(leaves) or any(
+            a is not b for a, b in zip(held[2], leaves)):
         fn = functools.partial(_step_function(config, stage, mode), pipeline)
-        held = (pipeline, BoundStep(jax.jit(fn, compiler_options=cpu_step_compiler_options(
-            backend)), ()))
+        held = (pipeline, treedef, leaves,
+                BoundStep(jax.jit(fn, compiler_options=cpu_step_compiler_options(backend)), ()))
         _CONSTANT_STEPS[key] = held
-    return held[1]
+    return held[3]
 
 
 @functools.lru_cache(maxsize=64)

@@ -264,7 +264,12 @@ def test_which_pipelines_the_host_loop_compiles_in(sfm_model, monkeypatch):
     host = fitting.FitConfig(loop="host")
     assert 0 < fitting.pipeline_bytes(pipe) <= fitting.CONSTANT_PIPELINE_MAX_BYTES
     assert fitting.pipeline_as_constants(host, pipe)
-    assert fitting.bound_step(host, 2, "single", pipe).pipeline_args == ()
+    bound = fitting.bound_step(host, 2, "single", pipe)
+    assert bound.pipeline_args == ()
+    # rebuilt from the same arrays: no recompilation; other arrays: a new step
+    assert fitting.bound_step(host, 2, "single", pipe.replace(image_size=(64, 64))) is bound
+    other = pipe.replace(model=pipe.model.replace(mean=pipe.model.mean + 1.0))
+    assert fitting.bound_step(host, 2, "single", other) is not bound
     assert not fitting.pipeline_as_constants(dataclasses.replace(host, loop="scan"), pipe)
     assert not fitting.pipeline_as_constants(dataclasses.replace(host, constant_pipeline="never"),
                                              pipe)
