@@ -1,8 +1,9 @@
 """`python -m experiments.benchmark fit`: the cost of one GANFIT optimisation step.
 
 One step = the loss of Eq. 12 (two renders, the identity network on both, every term), its
-gradient and the Adam update, vmapped over a batch of photos: exactly what `fitting.fit` runs
-inside its lax.scan. For each batch size we report the median step time, XLA's FLOP count of the
+gradient and the Adam update, on one photo or vmapped over a batch: exactly the step
+`fitting.fit` runs (`fitting.bound_step`: on the CPU with the models compiled in as constants
+when they are small; inside a lax.scan on accelerators). For each batch size we report the median step time, XLA's FLOP count of the
 compiled step (cost analysis), the achieved FLOP/s, compile time, XLA's memory footprint and
 images per second at --iterations steps per image.
 
