@@ -194,6 +194,10 @@ flags.DEFINE_integer("iterations", 300, "fit: iterations per image for images_pe
 flags.DEFINE_bool("remat", False, "fit: rematerialise the step (jax.checkpoint) to save memory")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                   "fit: width of the texture GAN and identity network (ganfit_jax.precision)")
+flags.DEFINE_enum("loop", "step", ["step", "scan", "host"],
+                  "fit: 'step' times one step; 'scan' / 'host' time --chunk steps as fitting.fit "
+                  "runs them (one lax.scan, as on accelerators / a host loop, as on the CPU)")
+flags.DEFINE_integer("chunk", 10, "fit: steps per timed chunk with --loop=scan|host")
 
 
 def run_fit(argv):
@@ -202,7 +206,8 @@ def run_fit(argv):
     rows = []
     for row in benchmark_fit.bench_fit(FLAGS.config, [int(b) for b in FLAGS.batch_sizes],
                                        FLAGS.model or _DEFAULT_MODEL, FLAGS.iterations,
-                                       FLAGS.repeats, FLAGS.remat, FLAGS.compute_dtype):
+                                       FLAGS.repeats, FLAGS.remat, FLAGS.compute_dtype,
+                                       FLAGS.loop, FLAGS.chunk):
         rows.append(row)
         _emit([row], header=len(rows) == 1)
     return rows

@@ -176,18 +176,66 @@ def step_arguments(config, pipeline, params, target, batch_size, key):
     return fitting.bound_step(config, 2, "batch", pipeline), args
 
 
-def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=False,
-              compute_dtype="float32"):
+LOOPS = ("step", "scan", "host")
+
+
+def chunk_step_ms(config, loop, chunk, pipeline, args, repeats):
+    """(ms per step, compile s) of `fitting.compiled_chunk` with `loop` ('scan': one lax.scan,
+    what accelerators run; 'host': a host loop of jitted steps, what the CPU runs), `chunk`
+    steps per call: the per-step cost including the loop itself."""
     import jax
 
     from ganfit_jax import fitting
 
+    params, opt_state, target, key, light_init = args
+    cfg = dataclasses.replace(config, loop=loop, chunk=chunk)
+    mode = "single" if params.shape.ndim == 1 else "batch"
+    run = fitting.compiled_chunk(cfg, 2, mode)
+    call = lambda: jax.block_until_ready(  # noqa: E731
+        run(pipeline, params, opt_state, target, key, light_init))
+    t0 = time.perf_counter()
+    call()
+    first = time.perf_counter() - t0
+    per_chunk = _median(call, repeats)
+    return per_chunk / chunk * 1000, max(first - per_chunk, 0.0)
+
+
+def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=False,
+              compute_dtype="float32", loop="step", chunk=10):
+    """Rows for each batch size. loop='step' times one step (`fitting.bound_step`); 'scan' or
+    'host' time `chunk` steps as `fitting.fit` runs them (see `chunk_step_ms`)."""
+    import jax
+
+    from ganfit_jax import fitting
+
+    if loop not in LOOPS:
+        raise ValueError(f"--loop must be one of {LOOPS}, got {loop!r}")
     key = jax.random.PRNGKey(0)
     pipeline, params, target = build(config_name, model_path, key, compute_dtype)
     config = fitting.FitConfig()
     matmul_rate, conv_rate = machine_rates()
     rows = []
     for b in batch_sizes:
+        if loop != "step":
+            step, args = step_arguments(dataclasses.replace(config, remat=remat), pipeline,
+                                        params, target, b, key)
+            step_ms, compile_s = chunk_step_ms(dataclasses.replace(config, remat=remat), loop,
+                                               chunk, pipeline, args, repeats)
+            # on the CPU count the step's own program (its compiler options forbid nesting it)
+            compiled = step.lower(*args).compile() if jax.default_backend() == "cpu" else None
+            flops = step_flops(step.jitted, step.pipeline_args + args, compiled)
+            rows.append(dict(config=config_name, batch_size=b, loop=loop, chunk=chunk,
+                             step_ms=round(step_ms, 1), flops=flops,
+                             achieved_gflops=round(flops / step_ms / 1e6, 2),
+                             ratio_to_conv_floor=round(step_ms / 1000 / (flops / conv_rate), 2),
+                             images_per_second=round(b / (step_ms / 1000 * iterations), 4),
+                             compile_s=round(compile_s, 1), peak_mb=None,
+                             iterations=iterations, remat=remat, compute_dtype=compute_dtype,
+                             devices=jax.device_count(),
+                             machine_matmul_gflops=round(matmul_rate / 1e9, 1),
+                             machine_conv_gflops=round(conv_rate / 1e9, 1)))
+            yield rows[-1]
+            continue
         step, args = step_arguments(dataclasses.replace(config, remat=remat), pipeline, params,
                                     target, b, key)
         t0 = time.perf_counter()

@@ -49,7 +49,7 @@ def test_the_benchmark_times_the_steps_fit_runs_with_their_results(sfm_dir):
     want = jax.jit(jax.vmap(fitting.make_step(config, 2), in_axes=(None, 0, 0, 0, 0, 0)))(
         pipe, ps, jax.vmap(tx.init)(ps), ts, jax.random.split(key, 2), ps.light)
     for b, k in ((2, key), (1, jax.random.split(key, 2)[0])):
-        step, args = benchmark_fit.step_arguments(config, pipe, params, target, b, k)
+        _, args = benchmark_fit.step_arguments(config, pipe, params, target, b, k)
         assert step.pipeline_args == ()  # a tiny pipeline on the CPU: compiled in
         got = step.lower(*args).compile()(*args)
         expected = want if b == 2 else jax.tree.map(lambda x: x[:1], want)
@@ -58,3 +58,21 @@ def test_the_benchmark_times_the_steps_fit_runs_with_their_results(sfm_dir):
         for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
             assert x.shape == y.shape
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
+def test_chunk_timing_runs_the_fit_loop_and_rejects_unknown_loops(sfm_dir):
+    """--loop=scan times `fitting.compiled_chunk` (what accelerators run): a positive per-step
+    time, compilation separated out; an unknown loop is refused before anything is built."""
+    import pytest
+
+    from ganfit_jax import fitting
+
+    with pytest.raises(ValueError, match="--loop"):
+        next(benchmark_fit.bench_fit("tiny", [1], "unused", 10, 1, loop="while"))
+    pipe, params, target = benchmark_fit.build("tiny", str(sfm_dir / "sfm_shape_3448.bin"),
+                                               jax.random.PRNGKey(0))
+    config = fitting.FitConfig()
+    _, args = benchmark_fit.step_arguments(config, pipe, params, target, 1,
+                                              jax.random.PRNGKey(1))
+    step_ms, compile_s = benchmark_fit.chunk_step_ms(config, "scan", 2, pipe, args, 1)
+    assert 0 < step_ms < compile_s * 1000
