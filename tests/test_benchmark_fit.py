@@ -49,7 +49,7 @@ def test_the_benchmark_times_the_steps_fit_runs_with_their_results(sfm_dir):
     want = jax.jit(jax.vmap(fitting.make_step(config, 2), in_axes=(None, 0, 0, 0, 0, 0)))(
         pipe, ps, jax.vmap(tx.init)(ps), ts, jax.random.split(key, 2), ps.light)
     for b, k in ((2, key), (1, jax.random.split(key, 2)[0])):
-        _, args = benchmark_fit.step_arguments(config, pipe, params, target, b, k)
+        step, args = benchmark_fit.step_arguments(config, pipe, params, target, b, k)
         assert step.pipeline_args == ()  # a tiny pipeline on the CPU: compiled in
         got = step.lower(*args).compile()(*args)
         expected = want if b == 2 else jax.tree.map(lambda x: x[:1], want)
