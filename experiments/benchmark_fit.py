@@ -214,30 +214,26 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
     pipeline, params, target = build(config_name, model_path, key, compute_dtype)
     config = fitting.FitConfig()
     matmul_rate, conv_rate = machine_rates()
+    config = dataclasses.replace(config, remat=remat)
     rows = []
     for b in batch_sizes:
+        step, args = step_arguments(config, pipeline, params, target, b, key)
+        common = dict(config=config_name, batch_size=b, loop=loop, iterations=iterations,
+                      remat=remat, compute_dtype=compute_dtype, devices=jax.device_count(),
+                      machine_matmul_gflops=round(matmul_rate / 1e9, 1),
+                      machine_conv_gflops=round(conv_rate / 1e9, 1))
         if loop != "step":
-            step, args = step_arguments(dataclasses.replace(config, remat=remat), pipeline,
-                                        params, target, b, key)
-            step_ms, compile_s = chunk_step_ms(dataclasses.replace(config, remat=remat), loop,
-                                               chunk, pipeline, args, repeats)
+            step_ms, compile_s = chunk_step_ms(config, loop, chunk, pipeline, args, repeats)
             # on the CPU count the step's own program (its compiler options forbid nesting it)
             compiled = step.lower(*args).compile() if jax.default_backend() == "cpu" else None
             flops = step_flops(step.jitted, step.pipeline_args + args, compiled)
-            rows.append(dict(config=config_name, batch_size=b, loop=loop, chunk=chunk,
-                             step_ms=round(step_ms, 1), flops=flops,
+            rows.append(dict(common, chunk=chunk, step_ms=round(step_ms, 1), flops=flops,
                              achieved_gflops=round(flops / step_ms / 1e6, 2),
                              ratio_to_conv_floor=round(step_ms / 1000 / (flops / conv_rate), 2),
                              images_per_second=round(b / (step_ms / 1000 * iterations), 4),
-                             compile_s=round(compile_s, 1), peak_mb=None,
-                             iterations=iterations, remat=remat, compute_dtype=compute_dtype,
-                             devices=jax.device_count(),
-                             machine_matmul_gflops=round(matmul_rate / 1e9, 1),
-                             machine_conv_gflops=round(conv_rate / 1e9, 1)))
+                             compile_s=round(compile_s, 1), peak_mb=None))
             yield rows[-1]
             continue
-        step, args = step_arguments(dataclasses.replace(config, remat=remat), pipeline, params,
-                                    target, b, key)
         t0 = time.perf_counter()
         try:
             compiled = step.lower(*args).compile()
@@ -261,7 +257,7 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
                        - m.alias_size_in_bytes) / 2 ** 20
         except Exception:  # backend without memory analysis
             peak_mb = None
-        rows.append(dict(config=config_name, batch_size=b, step_ms=round(step_s * 1000, 1),
+        rows.append(dict(common, step_ms=round(step_s * 1000, 1),
                          flops=flops, achieved_gflops=round(flops / step_s / 1e9, 2),
                          floor_ms=round(flops / max(matmul_rate, conv_rate) * 1000, 1),
                          ratio_to_floor=round(step_s / (flops / max(matmul_rate, conv_rate)), 2),
@@ -270,9 +266,5 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
                          pipeline_as_constants=not step.pipeline_args,
                          images_per_second=round(b / (step_s * iterations), 4),
                          compile_s=round(compile_s, 1),
-                         peak_mb=None if peak_mb is None else round(peak_mb, 1),
-                         iterations=iterations, remat=remat, compute_dtype=compute_dtype,
-                         devices=jax.device_count(),
-                         machine_matmul_gflops=round(matmul_rate / 1e9, 1),
-                         machine_conv_gflops=round(conv_rate / 1e9, 1)))
+                         peak_mb=None if peak_mb is None else round(peak_mb, 1)))
         yield rows[-1]

@@ -506,7 +506,7 @@ class BoundStep:
         return self.jitted.lower(*self.pipeline_args, *args)
 
 
-_CONSTANT_STEPS = {}  # (config, stage, mode, backend) → the latest pipeline and its BoundStep
+_CONSTANT_STEPS = {}  # (config, stage, mode, backend) → the latest pipeline's (treedef, leaves, BoundStep)
 
 
 @functools.lru_cache(maxsize=64)
@@ -532,14 +532,13 @@ def bound_step(config: FitConfig, stage: int, mode: str, pipeline: Pipeline) -> 
     leaves, treedef = jax.tree.flatten(pipeline)
     held = _CONSTANT_STEPS.get(key)
     # the same pipeline, also when rebuilt from the same arrays (`pipeline.replace(...)` in a
-    # loop): held[0] keeps those arrays alive, so identity cannot be a reused id
-    if held is None or held[1] != treedef or len(held[2]) != len(leaves) or any(
-            a is not b for a, b in zip(held[2], leaves)):
+    # loop); the held leaves keep those arrays alive, so `is` cannot match a reused id
+    if held is None or held[0] != treedef or any(a is not b for a, b in zip(held[1], leaves)):
         fn = functools.partial(_step_function(config, stage, mode), pipeline)
-        held = (pipeline, treedef, leaves,
+        held = (treedef, leaves,
                 BoundStep(jax.jit(fn, compiler_options=cpu_step_compiler_options(backend)), ()))
         _CONSTANT_STEPS[key] = held
-    return held[3]
+    return held[2]
 
 
 @functools.lru_cache(maxsize=64)
