@@ -1,0 +1,86 @@
+"""Where a cpu-small fitting step goes: `python -m experiments.fit_step_parts`.
+
+Prints (1) the step with the pipeline as a jit argument or compiled in as constants, each with
+XLA:CPU's default YNNPACK fusions or `fitting.CPU_STEP_COMPILER_OPTIONS`, one compilation per
+variant, --rounds rounds; (2) the forward+backward of each part of the step alone (ProGAN,
+dlib ResNet, renderer) with XLA's FLOP count. The numbers behind BENCHMARKS.md's session-3 tables.
+"""
+
+import statistics
+import time
+
+from absl import app, flags
+
+flags.DEFINE_string("model", "../shared/assets/sfm/sfm_shape_3448.bin", "SFM shape model")
+flags.DEFINE_integer("rounds", 3, "rounds of the variant comparison")
+flags.DEFINE_integer("repeats", 15, "timed calls per measurement (median)")
+FLAGS = flags.FLAGS
+
+
+def _ms(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def main(argv):
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import benchmark_fit
+    from ganfit_jax import fitting, identity
+
+    key = jax.random.PRNGKey(0)
+    pipe, params, target = benchmark_fit.build("cpu-small", FLAGS.model, key)
+    config = fitting.FitConfig()
+    step = fitting.make_step(config, stage=2)
+    opt = fitting.optimiser(config.learning_rate, params, 2,
+                            fitting.texture_step_scale(pipe)).init(params)
+    light = params.light
+    calls = {}
+    for weights in ("arguments", "constants"):
+        for fusions, options in (("default", None),
+                                 ("dots+convolutions", fitting.CPU_STEP_COMPILER_OPTIONS)):
+            if weights == "constants":
+                f = jax.jit(lambda p, o: step(pipe, p, o, target, key, light),
+                            compiler_options=options)
+                calls[weights, fusions] = (f, (params, opt))
+            else:
+                f = jax.jit(step, compiler_options=options)
+                calls[weights, fusions] = (f, (pipe, params, opt, target, key, light))
+    times = {name: [] for name in calls}
+    for _ in range(FLAGS.rounds):
+        for name, (f, args) in calls.items():
+            times[name].append(_ms(lambda: jax.block_until_ready(f(*args)), FLAGS.repeats))
+    print("step ms, batch 1, per round:")
+    for (weights, fusions), t in times.items():
+        print(f"  weights as {weights:9s} fusions {fusions:17s} "
+              + " / ".join(f"{x:.0f}" for x in t))
+
+    def part(name, fn, *args):
+        c = jax.jit(fn, compiler_options=fitting.CPU_STEP_COMPILER_OPTIONS).lower(*args).compile()
+        cost = c.cost_analysis()
+        flops = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+        ms = _ms(lambda: jax.block_until_ready(c(*args)), FLAGS.repeats)
+        print(f"  {name:40s} {ms:6.1f} ms {flops / 1e9:6.2f} GFLOP {flops / ms / 1e6:6.0f} GFLOP/s")
+
+    print("parts alone (weights as constants, dots+convolutions):")
+    texture = pipe.texture_fn(pipe.texture_params, params.texture)
+    part("ProGAN 128² forward+backward",
+         jax.grad(lambda z: jnp.sum(pipe.texture_fn(pipe.texture_params, z) ** 2)), params.texture)
+    net = pipe.identity_params
+    chip = identity.align(net, target.image, target.landmarks)
+    part("dlib ResNet forward+backward (150² chip)",
+         jax.grad(lambda c: jnp.sum(identity.embed(net, c)[0])), chip)
+    part("dlib ResNet forward", lambda c: identity.embed(net, c)[0], chip)
+    part("renderer forward+backward (224²)",
+         jax.grad(lambda p, t: jnp.sum(fitting.render_face(pipe, p, target.image, texture=t)[0]),
+                  argnums=(0, 1)), params, texture)
+
+
+if __name__ == "__main__":
+    app.run(main)
