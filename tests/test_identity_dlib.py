@@ -116,3 +116,37 @@ def test_max_pool_valid_equals_flax_max_pool_and_its_gradient(size):
     g_ref = jax.grad(lambda x: jnp.sum(ref(x) * w))(x)
     g_ours = jax.grad(lambda x: jnp.sum(ours(x) * w))(x)
     np.testing.assert_allclose(np.asarray(g_ours), np.asarray(g_ref), rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_valid_sends_each_window_gradient_to_one_input_on_ties():
+    """Flat input (every tap ties): each window's cotangent goes to exactly one input, its first
+    tap, so the input gradient sums to the output cotangent's sum and sits on the taps (0, 0)."""
+    x = jnp.zeros((1, 9, 7, 2))
+    w = jax.random.normal(jax.random.PRNGKey(3), (1, 4, 3, 2))
+    g = jax.grad(lambda x: jnp.sum(dlib_resnet.max_pool_valid(x, 3, 2) * w))(x)
+    np.testing.assert_allclose(float(jnp.sum(g)), float(jnp.sum(w)), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g[:, 0:8:2, 0:6:2]), np.asarray(w), rtol=1e-6)
+    assert float(jnp.abs(g).sum() - jnp.abs(g[:, 0:8:2, 0:6:2]).sum()) == 0.0
+
+
+@pytest.mark.parametrize("size,kernel,stride", [((150, 150), 7, 2), ((19, 24), 5, 3),
+                                                ((11, 10), 3, 2), ((8, 9), 4, 4)])
+def test_space_to_depth_conv_equals_strided_conv(size, kernel, stride):
+    """The dlib stem's space-to-depth convolution equals nn.Conv with the same parameters
+    (stride s, no padding), forward and in both gradients."""
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, *size, 3))
+    ours = dlib_resnet.SpaceToDepthConv(8, kernel, stride)
+    ref = nn.Conv(8, (kernel, kernel), strides=(stride, stride), padding="VALID")
+    params = ours.init(jax.random.PRNGKey(1), x)
+    params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias too
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref.init(jax.random.PRNGKey(1), x))
+    y_ref = ref.apply(params, x)
+    np.testing.assert_allclose(np.asarray(ours.apply(params, x)), np.asarray(y_ref),
+                               rtol=1e-5, atol=1e-5)
+    w = jax.random.normal(jax.random.PRNGKey(2), y_ref.shape)
+    g_ours = jax.grad(lambda p, x: jnp.sum(jnp.tanh(ours.apply(p, x)) * w), argnums=(0, 1))(params, x)
+    g_ref = jax.grad(lambda p, x: jnp.sum(jnp.tanh(ref.apply(p, x)) * w), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
