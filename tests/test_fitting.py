@@ -279,3 +279,38 @@ def test_which_pipelines_the_host_loop_compiles_in(sfm_model, monkeypatch):
     assert fitting.pipeline_as_constants(dataclasses.replace(host, constant_pipeline="always"), pipe)
     with pytest.raises(ValueError, match="constant_pipeline"):
         fitting.pipeline_as_constants(dataclasses.replace(host, constant_pipeline="maybe"), pipe)
+
+
+def test_pixel_budget_leaves_the_loss_and_its_gradient_unchanged(sfm_model):
+    """FitConfig.pixel_budget (compacted shading of the covered pixels in unbatched steps) is a
+    speed choice only: Eq. 12 and its gradient equal the whole-grid renders, with the face inside
+    the budget and beyond it (the fallback); batched steps never compact."""
+    from ganfit_jax.texture.direct import DirectUVTexture
+
+    tex = DirectUVTexture(coarse=4, resolution=16)
+    pipe = fitting.make_pipeline(sfm_model, tex, None, SIZE)
+    truth = random_truth(sfm_model, 3).replace(texture=tex.init_latent() + 0.2)
+    photo, aux = fitting.render_face(pipe, truth)
+    covered = float(np.asarray(aux["mask"]).mean())
+    lm = synthetic_landmarks(sfm_model, truth)
+    target = fitting.Target(image=photo, landmarks=jnp.asarray(lm))
+    p0 = fitting.init_params(sfm_model, lm, SIZE, tex.latent_dim, texture_init=tex.init_latent())
+    key = jax.random.PRNGKey(0)
+
+    def value_and_grad(budget):
+        f = lambda p: fitting.loss(p, target, pipe, key, pixel_budget=budget)[0]  # noqa: E731
+        return jax.jit(jax.value_and_grad(f))(p0)
+
+    ref_value, ref_grad = value_and_grad(None)
+    for budget in (min(1.0, covered * 1.5), covered * 0.5):
+        value, grad = value_and_grad(budget)
+        np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                       atol=1e-5 * float(np.abs(np.asarray(b)).max()) + 1e-12)
+    cfg = fitting.FitConfig()
+    opt = fitting.optimiser(cfg.learning_rate, p0, 2).init(p0)
+    args = (pipe, p0, opt, target, key, p0.light)
+    conds = lambda step: str(jax.make_jaxpr(step)(*args)).count(" cond[")  # noqa: E731
+    assert conds(fitting.make_step(cfg, 2)) >= 1  # the main render (no identity net here)
+    assert conds(fitting.make_step(cfg, 2, batched=True)) == 0

@@ -1,6 +1,8 @@
 """Renderer: visibility against brute force and trimesh ray casting, gradients against finite
 differences, texture/shading against NumPy formulas, batching and tracing."""
 
+import functools
+
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -436,3 +438,70 @@ def test_vmap_equals_loop_and_jit_traces_once():
     for b in range(3):
         jitted(batch_verts[b], batch_cams[b])
     assert len(traces) == 1
+
+
+@pytest.mark.parametrize("use_texture", [False, True])
+def test_pixel_budget_gives_the_same_image_aux_and_gradients(use_texture):
+    """Shading only the covered pixels (a compacted list, scattered back) equals shading the
+    whole grid: image, depth, barycentrics and every gradient; with a budget below the covered
+    count the whole-grid branch runs, with the same result."""
+    verts, tris, uv, colours, texture, cam, light = _tiny_scene()
+    cam = cam * np.array([1, 1, 1, 1, 1, 1, 0.5])  # background around the sheet
+    size = 24
+    background = np.random.default_rng(0).uniform(size=(size, size, 3)).astype(np.float32)
+    weights = np.random.default_rng(1).normal(size=(size, size, 3))
+    c_or_t = texture if use_texture else colours
+
+    def run(budget):
+        def f(v, c, camera, light_):
+            image, aux = render.render(v, tris, uv, c, camera, light_, size, background=background,
+                                       pixel_budget=budget)
+            return jnp.sum(image * weights) + jnp.sum(aux["depth"]) * 1e-3, (image, aux)
+
+        (_, (image, aux)), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3),
+                                                              has_aux=True))(verts, c_or_t, cam,
+                                                                             light)
+        return image, aux, grads
+
+    image, aux, grads = run(None)
+    covered = int(np.asarray(aux["mask"]).sum())
+    assert 0 < covered < size * size
+    for budget in (covered, covered + 37, covered - 1, 1):
+        b_image, b_aux, b_grads = run(budget)
+        np.testing.assert_allclose(np.asarray(b_image), np.asarray(image), rtol=1e-6, atol=1e-6)
+        for k in ("depth", "bary", "mask", "triangle_ids"):
+            np.testing.assert_allclose(np.asarray(b_aux[k]), np.asarray(aux[k]), rtol=1e-6,
+                                       atol=1e-6)
+        for a, b in zip(b_grads, grads):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5,
+                                       atol=2e-5 * float(np.abs(np.asarray(b)).max()))
+
+
+def test_shade_covered_touches_only_covered_pixels():
+    """The compacted branch itself (not the fallback): background left as given outside the
+    mask, and equal to the whole-grid shading inside."""
+    from ganfit_jax.render import shading
+
+    verts, tris, uv, colours, texture, cam, light = _tiny_scene()
+    cam = cam * np.array([1, 1, 1, 1, 1, 1, 0.5])
+    whole, aux = render.render(verts, tris, uv, colours, cam, light, 24, background=0.25)
+    mask = np.asarray(aux["mask"]).astype(bool)
+    pixels, depth = camera_lib.project(cam, verts, (24, 24))
+    normals = render.vertex_normals(jnp.asarray(verts), jnp.asarray(tris))
+    attributes = jnp.concatenate([verts, normals, depth[:, None], colours], axis=1)
+    shade = functools.partial(shading._shade_pixels, pixels, depth, jnp.asarray(tris), attributes,
+                              None, jnp.asarray(cam)[:3], jnp.asarray(light),
+                              render.DEFAULT_SPECULAR, render.DEFAULT_SHININESS)
+    background = jnp.full((24, 24, 3), 0.25)
+    image, depth_map, bary = shading._shade_covered(shade, aux["triangle_ids"], background,
+                                                    int(mask.sum()) + 5)
+    np.testing.assert_array_equal(np.asarray(image)[~mask], 0.25)
+    np.testing.assert_allclose(np.asarray(image), np.asarray(whole), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(depth_map), np.asarray(aux["depth"]), rtol=1e-6)
+
+
+def test_pixel_budget_rejects_bad_values():
+    verts, tris, uv, colours, texture, cam, light = _tiny_scene()
+    for bad in (0, -3, 0.5, True):
+        with pytest.raises(ValueError, match="pixel_budget"):
+            render.render(verts, tris, uv, colours, cam, light, 16, pixel_budget=bad)

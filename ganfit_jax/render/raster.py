@@ -191,18 +191,24 @@ def corner_ids(triangles, triangle_ids):
     return corners[..., 0], corners[..., 1], corners[..., 2]
 
 
-def barycentrics_planar(pixels, depth, corners, mask):
+def barycentrics_planar(pixels, depth, corners, mask, pixel_centres=None):
     """`barycentrics` as three (H,W) planes.
 
     Everything per pixel is kept as separate (H,W) planes rather than (H,W,3) arrays: XLA:CPU
     vectorises a size-3 minor dimension poorly, and the planar form measured 4-5× faster
     forward and backward.
+
+    pixel_centres: optional (qx, qy), the pixel centres of arbitrary (broadcastable) pixel
+    arrays shaped like `mask` and `corners` (e.g. a compacted list of covered pixels); default
+    the (H,W) grid.
     """
-    height, width = mask.shape
+    if pixel_centres is None:
+        height, width = mask.shape
+        pixel_centres = ((jnp.arange(width, dtype=pixels.dtype) + 0.5)[None, :],
+                         (jnp.arange(height, dtype=pixels.dtype) + 0.5)[:, None])
+    qx, qy = pixel_centres
     vertex_data = jnp.concatenate([pixels, depth[:, None]], axis=1)  # one row gather per corner
     gathered = [jnp.moveaxis(vertex_data[c], -1, 0) for c in corners]  # 3 × (3,H,W)
-    qx = (jnp.arange(width, dtype=pixels.dtype) + 0.5)[None, :]
-    qy = (jnp.arange(height, dtype=pixels.dtype) + 0.5)[:, None]
     dx = [g[0] - qx for g in gathered]  # vertex minus pixel centre
     dy = [g[1] - qy for g in gathered]
     z = [g[2] for g in gathered]
