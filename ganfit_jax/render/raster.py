@@ -101,7 +101,9 @@ def _chunk(s, floats, ints, total, chunk, height, width):
     slot = jnp.clip(start - s, 0, chunk)
     marks = jnp.full((chunk,), 0, jnp.int32).at[slot].max(
         jnp.arange(num_triangles, dtype=jnp.int32), mode="drop")
-    tri = jax.lax.cummax(marks, axis=0)
+    # associative_scan rather than lax.cummax: XLA:CPU lowers cummax to a reduce-window that
+    # measured ~3x slower (0.9 vs 0.3 ms for a 100k chunk)
+    tri = jax.lax.associative_scan(jnp.maximum, marks)
     f = floats[tri]
     i = ints[tri]
     local = s + jnp.arange(chunk, dtype=jnp.int32) - i[:, 0]
