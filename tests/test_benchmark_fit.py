@@ -46,7 +46,8 @@ def test_the_benchmark_times_the_steps_fit_runs_with_their_results(sfm_dir):
     key = jax.random.PRNGKey(1)
     ps, ts = fitting.stack([params] * 2), fitting.stack([target] * 2)
     tx = fitting.optimiser(config.learning_rate, params, 2, fitting.texture_step_scale(pipe))
-    want = jax.jit(jax.vmap(fitting.make_step(config, 2), in_axes=(None, 0, 0, 0, 0, 0)))(
+    want = jax.jit(jax.vmap(fitting.make_step(config, 2, batched=True),
+                            in_axes=(None, 0, 0, 0, 0, 0)))(
         pipe, ps, jax.vmap(tx.init)(ps), ts, jax.random.split(key, 2), ps.light)
     for b, k in ((2, key), (1, jax.random.split(key, 2)[0])):
         step, args = benchmark_fit.step_arguments(config, pipe, params, target, b, k)
@@ -76,3 +77,23 @@ def test_chunk_timing_runs_the_fit_loop_and_rejects_unknown_loops(sfm_dir):
                                               jax.random.PRNGKey(1))
     step_ms, compile_s = benchmark_fit.chunk_step_ms(config, "scan", 2, pipe, args, 1)
     assert 0 < step_ms < compile_s * 1000
+
+
+def test_the_count_of_a_compacted_step_is_the_whole_grid_step(sfm_dir):
+    """Batch 1 shades a compacted pixel list inside a lax.cond (FitConfig.pixel_budget); XLA's
+    count of that program adds both branches, so the benchmark counts the whole-grid step."""
+    import dataclasses
+
+    from ganfit_jax import fitting
+
+    pipe, params, target = benchmark_fit.build("tiny", str(sfm_dir / "sfm_shape_3448.bin"),
+                                               jax.random.PRNGKey(0))
+    config = fitting.FitConfig()
+    step, args = benchmark_fit.step_arguments(config, pipe, params, target, 1,
+                                              jax.random.PRNGKey(1))
+    whole, _ = benchmark_fit.step_arguments(dataclasses.replace(config, pixel_budget=None), pipe,
+                                            params, target, 1, jax.random.PRNGKey(1))
+    as_compiled = benchmark_fit.step_flops(step.jitted, args, step.lower(*args).compile())
+    counted = benchmark_fit.counted_flops(config, pipe, step, args, True)
+    assert counted == benchmark_fit.step_flops(whole.jitted, args, whole.lower(*args).compile())
+    assert counted < as_compiled
