@@ -206,13 +206,15 @@ def _shade_covered(shade, triangle_ids, background, budget):
     pixel_centres = ((index % width).astype(dtype) + 0.5, (index // width).astype(dtype) + 0.5)
     shaded, pixel_depth, bary = shade(ids, pixel_centres)
 
-    def scatter(values, base):  # (budget, K) rows into the (H·W, K) grid; the tail is dropped
-        return base.reshape(num_pixels, -1).at[index].set(values, mode="drop")
+    def scatter(values, base):  # (budget,) into an (H,W) plane; the unused tail is dropped
+        return base.reshape(-1).at[index].set(values, mode="drop").reshape(height, width)
 
-    image = scatter(jnp.stack(shaded, axis=-1), background).reshape(height, width, 3)
-    pixel_depth = scatter(pixel_depth[:, None], jnp.zeros((num_pixels, 1), dtype))
-    bary = scatter(jnp.stack(bary, axis=-1), jnp.zeros((num_pixels, 3), dtype))
-    return image, pixel_depth.reshape(height, width), bary.reshape(height, width, 3)
+    # One plane at a time, stacked afterwards: stacking the shaded channels first made XLA:CPU
+    # evaluate the whole Phong expression inside the interleaving copy, once per channel.
+    image = jnp.stack([scatter(c, background[..., i]) for i, c in enumerate(shaded)], axis=-1)
+    zeros = jnp.zeros((height, width), dtype)
+    bary = jnp.stack([scatter(b, zeros) for b in bary], axis=-1)
+    return image, scatter(pixel_depth, zeros), bary
 
 
 def render(vertices, triangles, uv, colours_or_texture, camera, light, image_size,
@@ -302,7 +304,9 @@ def render(vertices, triangles, uv, colours_or_texture, camera, light, image_siz
         qx = (jnp.arange(width, dtype=pixels.dtype) + 0.5)[None, :]
         qy = (jnp.arange(height, dtype=pixels.dtype) + 0.5)[:, None]
         shaded, pixel_depth, bary = shade(triangle_ids, (qx, qy))
-        image = jnp.where(mask[..., None], jnp.stack(shaded, axis=-1), background)
+        # per channel, then stacked (see _shade_covered)
+        image = jnp.stack([jnp.where(mask, c, background[..., i]) for i, c in enumerate(shaded)],
+                          axis=-1)
         return image, pixel_depth, jnp.stack(bary, axis=-1)
 
     if pixel_budget is None or pixel_budget >= height * width:
