@@ -1,9 +1,9 @@
 """Where a cpu-small fitting step goes: `python -m experiments.fit_step_parts`.
 
 Prints (1) the step with the pipeline as a jit argument or compiled in as constants, each with
-XLA:CPU's default YNNPACK fusions or `fitting.CPU_STEP_COMPILER_OPTIONS`, one compilation per
+XLA:CPU's default options or `fitting.CPU_STEP_COMPILER_OPTIONS` (YNNPACK off), one compilation per
 variant, --rounds rounds; (2) the forward+backward of each part of the step alone (ProGAN,
-dlib ResNet, renderer) with XLA's FLOP count. The numbers behind BENCHMARKS.md's session-3 tables.
+dlib ResNet, renderer) with XLA's FLOP count. The numbers behind BENCHMARKS.md's tables.
 """
 
 import statistics
@@ -44,7 +44,7 @@ def main(argv):
     calls = {}
     for weights in ("arguments", "constants"):
         for fusions, options in (("default", None),
-                                 ("dots+convolutions", fitting.CPU_STEP_COMPILER_OPTIONS)):
+                                 ("YNNPACK off", fitting.CPU_STEP_COMPILER_OPTIONS)):
             if weights == "constants":
                 f = jax.jit(lambda p, o: step(pipe, p, o, target, key, light),
                             compiler_options=options)
@@ -68,7 +68,7 @@ def main(argv):
         ms = _ms(lambda: jax.block_until_ready(c(*args)), FLAGS.repeats)
         print(f"  {name:40s} {ms:6.1f} ms {flops / 1e9:6.2f} GFLOP {flops / ms / 1e6:6.0f} GFLOP/s")
 
-    print("parts alone (weights as constants, dots+convolutions):")
+    print("parts alone (weights as constants, YNNPACK off):")
     texture = pipe.texture_fn(pipe.texture_params, params.texture)
     part("ProGAN 128² forward+backward",
          jax.grad(lambda z: jnp.sum(pipe.texture_fn(pipe.texture_params, z) ** 2)), params.texture)

@@ -465,14 +465,13 @@ def uses_scan(config: FitConfig) -> bool:
     return config.loop == "scan" or (config.loop == "auto" and jax.default_backend() != "cpu")
 
 
-# XLA:CPU hands dots and convolutions to YNNPACK, and by default reductions too; inside the
-# fitting step those reductions (the renderer's VJPs: sums over colour channels and texture
-# taps) ran slower than XLA's own loops, so the CPU step keeps YNNPACK to dots and
-# convolutions. With the pipeline compiled in as constants: 103-110 → 92-97 ms per cpu-small
-# step on the 2-core dev machine (BENCHMARKS.md).
-CPU_STEP_COMPILER_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type":
-        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+# XLA:CPU hands dots, convolutions and reductions to YNNPACK by default. For the fitting step's
+# small convolutions (dlib's 32-256 channels on 72² down to 4², the 128² ProGAN) XLA's other
+# paths are faster, and so is the machine's big reference convolution (155-180 vs ~95 GFLOP/s,
+# `experiments.benchmark_fit.machine_rates`): the CPU step is compiled with YNNPACK off.
+# cpu-small step, weights compiled in: 78-80 → 66-68 ms (2-core dev machine, interleaved;
+# BENCHMARKS.md). Session 3 had kept YNNPACK to dots and convolutions (reductions were slow).
+CPU_STEP_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 # A pipeline up to this size is compiled into the CPU step as constants: its network weights
 # are fixed during a fit, and as constants XLA folds, once at compile time, what it otherwise
