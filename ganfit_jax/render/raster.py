@@ -132,9 +132,12 @@ def rasterize(pixels, depth, triangles, image_size, near=DEFAULT_NEAR, chunk_siz
       triangles: (F,3) int vertex indices.
       image_size: int or a (height, width) tuple (static: hashable).
       near: triangles with any vertex at depth <= near are culled.
-      chunk_size: fragments processed per loop iteration (static); default 2·H·W clamped to
-        [4096, 131072] (measured: larger chunks fall out of cache on this CPU, smaller ones pay
-        per-iteration overhead). Any value is exact; it only trades memory for loop overhead.
+      chunk_size: fragments processed per loop iteration (static); default 2/3·H·W clamped to
+        [4096, 131072]. A chunk costs its full size even when fragments run out part-way, and a
+        portrait's face has ~1.1·H·W fragments: on the 2-core dev machine the SFM face at 224²
+        rasterized in 1.3 ms with 2/3·H·W against 1.6 ms with one 2·H·W chunk; much smaller
+        chunks pay per-iteration overhead. Any value is exact; it only trades memory for loop
+        overhead.
 
     Returns:
       triangle_ids: (H,W) int32, -1 where no triangle covers the pixel centre.
@@ -149,7 +152,7 @@ def rasterize(pixels, depth, triangles, image_size, near=DEFAULT_NEAR, chunk_siz
                          f"{pixels.shape} and {depth.shape}")
     if triangles.ndim != 2 or triangles.shape[1] != 3:
         raise ValueError(f"rasterize: triangles must be (F,3), got {triangles.shape}")
-    chunk = int(chunk_size or min(max(2 * height * width, 4096), 131072))
+    chunk = int(chunk_size or min(max(2 * height * width // 3, 4096), 131072))
     num_pixels = height * width
     floats, ints, count = _setup(pixels, depth, triangles, height, width, near)
     total = jnp.sum(count)
