@@ -77,9 +77,15 @@ def main(argv):
     part("dlib ResNet forward+backward (150² chip)",
          jax.grad(lambda c: jnp.sum(identity.embed(net, c)[0])), chip)
     part("dlib ResNet forward", lambda c: identity.embed(net, c)[0], chip)
-    part("renderer forward+backward (224²)",
-         jax.grad(lambda p, t: jnp.sum(fitting.render_face(pipe, p, target.image, texture=t)[0]),
-                  argnums=(0, 1)), params, texture)
+    for budget in (None, config.pixel_budget):
+        shaded = "whole grid" if budget is None else f"pixel_budget {budget}"
+        part(f"renderer forward+backward (224², {shaded})",
+             jax.grad(lambda p, t, b=budget: jnp.sum(fitting.render_face(
+                 pipe, p, target.image, texture=t, pixel_budget=b)[0]), argnums=(0, 1)),
+             params, texture)
+    part("alignment forward+backward (224² → 150²)",
+         jax.grad(lambda im: jnp.sum(identity.align(net, im, target.landmarks) ** 2)),
+         target.image)
 
 
 if __name__ == "__main__":
