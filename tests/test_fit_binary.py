@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -10,10 +11,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_fit(*args, timeout=600):
+# fit's default --compilation_cache lives under $XDG_CACHE_HOME: the tests keep theirs apart
+CACHE_HOME = tempfile.mkdtemp(prefix="ganfit_test_xdg_")
+
+
+def run_fit(*args, timeout=600, cache_home=CACHE_HOME):
     proc = subprocess.run([sys.executable, "-m", "experiments.fit", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", XDG_CACHE_HOME=str(cache_home)))
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -113,3 +118,27 @@ def test_folder_of_photos_in_vmapped_batches_skips_bad_ones(faces_dir, sfm_dir, 
     # each photo got its own fit: different cameras, one shared compiled shape
     cams = [np.load(out / n / "params.npz")["camera"] for n in ("00003", "00004", "00005")]
     assert np.abs(cams[0] - cams[1]).max() > 1.0 and np.abs(cams[1] - cams[2]).max() > 1.0
+
+
+def test_compilation_cache_is_filled_and_reused(ffhq_photo, sfm_dir, tmp_path):
+    """--compilation_cache (default $XDG_CACHE_HOME/ganfit_jax/xla): the first fit writes its
+    compiled programs there, a second fit of the same shapes gives the same result from them;
+    '' writes no cache."""
+    args = [f"--image={ffhq_photo}", f"--model={sfm_dir / 'sfm_shape_3448.bin'}", *TINY]
+    code, _, stderr = run_fit(f"--output_dir={tmp_path / 'a'}", *args,
+                              cache_home=tmp_path / "xdg")
+    assert code == 0, stderr[-2000:]
+    cache = tmp_path / "xdg" / "ganfit_jax" / "xla"
+    entries = sorted(p.name for p in cache.iterdir())
+    assert any(name.startswith("jit_step") for name in entries), entries
+    code, _, stderr = run_fit(f"--output_dir={tmp_path / 'b'}", f"--compilation_cache={cache}",
+                              *args, cache_home=tmp_path / "unused")
+    assert code == 0, stderr[-2000:]
+    assert sorted(p.name for p in cache.iterdir()) == entries  # nothing new was compiled
+    first, second = np.load(tmp_path / "a" / "params.npz"), np.load(tmp_path / "b" / "params.npz")
+    for key in first.files:
+        np.testing.assert_array_equal(first[key], second[key])
+    code, _, stderr = run_fit(f"--output_dir={tmp_path / 'c'}", "--compilation_cache=", *args,
+                              cache_home=tmp_path / "off")
+    assert code == 0, stderr[-2000:]
+    assert not (tmp_path / "off").exists() and not (tmp_path / "unused").exists()

@@ -6,6 +6,7 @@ codec's loss), in order, with the requested step and count."""
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -65,10 +66,14 @@ def test_not_a_video_is_a_clear_error(tmp_path):
         inputs.read_video_frames(bad, step=0)
 
 
+# fit's default --compilation_cache lives under $XDG_CACHE_HOME: the tests keep theirs apart
+CACHE_HOME = tempfile.mkdtemp(prefix="ganfit_test_xdg_")
+
+
 def run_fit(*args):
     proc = subprocess.run([sys.executable, "-m", "experiments.fit", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", XDG_CACHE_HOME=CACHE_HOME))
     return proc.returncode, proc.stdout, proc.stderr
 
 
