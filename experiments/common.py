@@ -31,3 +31,16 @@ def default_model_path():
 MISSING_MODEL = ("no --model given, and neither checkpoints/sfm.npz nor "
                  "$GANFIT_ASSETS/sfm/sfm_shape_3448.bin (default ../shared/assets) exists; see "
                  "WORKSPACE.md")
+
+
+def enable_compilation_cache(folder):
+    """JAX's persistent compilation cache in `folder` (created; OSError if it cannot be), for
+    every program that took at least a second to compile; '' or None leaves it off."""
+    if not folder:
+        return
+    import jax
+
+    folder = os.path.expanduser(folder)
+    os.makedirs(folder, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -471,26 +471,13 @@ def fit_folder(paths, folders, pipeline, config, start, photo_texture, key):
         raise InputError(f"--images: none of the {len(paths)} photos could be fitted")
 
 
-def enable_compilation_cache(folder):
-    """JAX's persistent compilation cache in `folder` (created), for every program that took at
-    least a second to compile; '' leaves it off."""
-    if not folder:
-        return
-    import jax
-
-    folder = os.path.expanduser(folder)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise app.UsageError(f"--compilation_cache: cannot create {folder}: {e}") from e
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    enable_compilation_cache(FLAGS.compilation_cache)
+    try:
+        common.enable_compilation_cache(FLAGS.compilation_cache)
+    except OSError as e:
+        raise app.UsageError(f"--compilation_cache: {e}") from e
     try:
         run()
     except InputError as e:

@@ -140,11 +140,17 @@ def test_compilation_cache_is_filled_and_reused(ffhq_photo, sfm_dir, tmp_path):
     assert not (tmp_path / "unused").exists()
 
 
-def test_empty_compilation_cache_leaves_jax_alone():
+def test_empty_compilation_cache_leaves_jax_alone(tmp_path):
     import jax
 
-    from experiments import fit
+    from experiments import common  # no absl flags: safe to import in the test process
 
     before = jax.config.jax_compilation_cache_dir
-    fit.enable_compilation_cache("")
+    common.enable_compilation_cache("")
+    common.enable_compilation_cache(None)
+    assert jax.config.jax_compilation_cache_dir == before
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError):
+        common.enable_compilation_cache(str(blocker / "xla"))
     assert jax.config.jax_compilation_cache_dir == before
