@@ -111,9 +111,8 @@ def machine_rates(repeats=5):
 
     from ganfit_jax import fitting
 
-    option_sets = [None]
-    if fitting.cpu_step_compiler_options(jax.default_backend()) is not None:
-        option_sets.append(fitting.cpu_step_compiler_options(jax.default_backend()))
+    step_options = fitting.cpu_step_compiler_options(jax.default_backend())
+    option_sets = [None] if step_options is None else [None, step_options]
     n = 2048
     a = jnp.ones((n, n), jnp.float32)
     x = jnp.ones((8, 56, 56, 64), jnp.float32)
@@ -156,19 +155,23 @@ def step_flops(fn, args, compiled=None):
 
 
 def counted_flops(config, pipeline, step, args, single, compiled=None):
-    """`step_flops` of the step, with whole-grid renders when the step shades a compacted list
-    of covered pixels (`FitConfig.pixel_budget`, batch 1): XLA's count of that program adds up
-    both branches of its `lax.cond` and the branch's recomputation, so the whole-grid step, the
-    same algorithm without the compaction, is what we count (the compacted step itself does
-    ~3% fewer FLOPs: it skips the background's shading)."""
+    """`step_flops` of the BoundStep `step` (`compiled`: its compiled program, if at hand), with
+    whole-grid renders when the step shades a compacted list of covered pixels
+    (`FitConfig.pixel_budget`, batch 1): XLA's count of that program adds up both branches of
+    its `lax.cond` and the branch's recomputation, so the whole-grid step, the same algorithm
+    without the compaction, is what we count (the compacted step itself does ~3% fewer FLOPs: it
+    skips the background's shading). On the CPU the step's own program is counted (its compiler
+    options forbid nesting it in another jit), compiled here when not given."""
     import jax
 
     from ganfit_jax import fitting
 
     if config.pixel_budget is not None and single:
-        whole = dataclasses.replace(config, pixel_budget=None)
-        step = fitting.bound_step(whole, 2, "single", pipeline)
-        compiled = step.lower(*args).compile() if jax.default_backend() == "cpu" else None
+        step = fitting.bound_step(dataclasses.replace(config, pixel_budget=None), 2, "single",
+                                  pipeline)
+        compiled = None
+    if compiled is None and jax.default_backend() == "cpu":
+        compiled = step.lower(*args).compile()
     return step_flops(step.jitted, step.pipeline_args + args, compiled)
 
 
@@ -251,9 +254,7 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
                       machine_conv_gflops=round(conv_rate / 1e9, 1))
         if loop != "step":
             step_ms, compile_s = chunk_step_ms(config, loop, chunk, pipeline, args, repeats)
-            # on the CPU count the step's own program (its compiler options forbid nesting it)
-            compiled = step.lower(*args).compile() if jax.default_backend() == "cpu" else None
-            flops = counted_flops(config, pipeline, step, args, b == 1, compiled)
+            flops = counted_flops(config, pipeline, step, args, b == 1)
             rows.append(dict(common, chunk=chunk, step_ms=round(step_ms, 1), flops=flops,
                              achieved_gflops=round(flops / step_ms / 1e6, 2),
                              ratio_to_conv_floor=round(step_ms / 1000 / (flops / conv_rate), 2),

@@ -301,9 +301,7 @@ def render(vertices, triangles, uv, colours_or_texture, camera, light, image_siz
     background = jnp.broadcast_to(background, (height, width, 3))
 
     def whole_grid(_):
-        qx = (jnp.arange(width, dtype=pixels.dtype) + 0.5)[None, :]
-        qy = (jnp.arange(height, dtype=pixels.dtype) + 0.5)[:, None]
-        shaded, pixel_depth, bary = shade(triangle_ids, (qx, qy))
+        shaded, pixel_depth, bary = shade(triangle_ids, None)  # None: the (H,W) pixel centres
         # per channel, then stacked (see _shade_covered)
         image = jnp.stack([jnp.where(mask, c, background[..., i]) for i, c in enumerate(shaded)],
                           axis=-1)
