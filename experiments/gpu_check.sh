@@ -3,7 +3,9 @@
 #   bash experiments/gpu_check.sh OUT_DIR            # on a GPU machine, within ~8 minutes
 #   bash experiments/gpu_check.sh OUT_DIR --dry_run  # CPU, tiny sizes: checks the script itself
 # Writes OUT_DIR/devices.txt, fit.jsonl, fit_bf16.jsonl, render.jsonl, tests.txt (and fit_remat.jsonl when the
-# largest batch does not fit without rematerialisation). The benchmarks run first: they are what
+# largest batch does not fit without rematerialisation). The tests run in one process:
+# pytest.ini's two workers (pytest-xdist, which the device image may lack) would each claim
+# most of the GPU's memory. The benchmarks run first: they are what
 # a short device lease is for; every step has its own time limit so one slow step cannot eat
 # the others' time. Set PYTHON to choose the interpreter (default python3).
 set -uo pipefail
@@ -47,7 +49,7 @@ step "fit benchmark, bfloat16 networks" "$t_bf16" "$out/fit_bf16.jsonl" "$py" -m
 cat "$out/fit_bf16.jsonl"
 step "render benchmark" "$t_render" "$out/render.jsonl" "$py" -m experiments.benchmark render --json "${render_args[@]}"
 cat "$out/render.jsonl"
-step "tests" "$t_tests" "$out/tests.txt" "$py" -m pytest -x -q -p no:cacheprovider "${tests[@]}"
+step "tests" "$t_tests" "$out/tests.txt" "$py" -m pytest -x -q -p no:cacheprovider -p no:xdist -o addopts=-ra "${tests[@]}"
 tail -3 "$out/tests.txt"
 # the largest batch again with jax.checkpoint, when it ran out of memory (or in the dry run)
 largest=${remat_args[1]#--batch_sizes=}
