@@ -6,7 +6,6 @@ variant, --rounds rounds; (2) the forward+backward of each part of the step alon
 dlib ResNet, renderer) with XLA's FLOP count. The numbers behind BENCHMARKS.md's tables.
 """
 
-import dataclasses
 import statistics
 import time
 
@@ -15,8 +14,8 @@ from absl import app, flags
 flags.DEFINE_string("model", "../shared/assets/sfm/sfm_shape_3448.bin", "SFM shape model")
 flags.DEFINE_integer("rounds", 3, "rounds of the variant comparison")
 flags.DEFINE_integer("repeats", 15, "timed calls per measurement (median)")
-flags.DEFINE_bool("two_threads", True, "also time the probe of the step split into four programs, "
-                  "the two views' branches on two threads")
+flags.DEFINE_bool("two_threads", True, "also time fitting.TwoViewStep (the two views of Eq. 12 "
+                  "on two threads) against the fused step")
 FLAGS = flags.FLAGS
 
 
@@ -95,67 +94,53 @@ def main(argv):
 
 
 def _two_threads(pipe, params, target, key, config, fused):
-    """A probe, not what `fit` runs: Eq. 12's gradient from four programs, G(p_t) forward (with
-    its VJP residuals), the main view's terms and the random view's term (Eq. 7) given G(p_t),
-    each with its gradient, and G's backward pass; the two views' programs run on two threads.
-    XLA:CPU runs the many small ops of one program one after another (a step keeps ~1 of the 2
-    cores busy); two programs overlap. Checks the gradient against the fused one, then times
-    it against the fused step (which also applies Adam, < 1 ms)."""
+    """`fitting.TwoViewStep` (what `fit` runs for one photo on the CPU: the two views of Eq. 12
+    as programs on two threads) against the fused step, with the same arguments: their results
+    compared, then timed, and the TwoViewStep's programs called on one thread for reference."""
+    import dataclasses as dc
     import threading
 
     import jax
     import jax.numpy as jnp
 
-    from ganfit_jax import fitting, losses
+    from ganfit_jax import fitting
 
-    options = fitting.CPU_STEP_COMPILER_OPTIONS
-    weights = config.weights
-    main_weights = dataclasses.replace(weights, identity_random=0.0)
-    random_weights = losses.LossWeights(identity=0.0, content=0.0, pixel=0.0, landmark=0.0,
-                                        shape_reg=0.0, expression_reg=0.0, light_reg=0.0,
-                                        identity_random=weights.identity_random)
-    given_texture = pipe.replace(texture_fn=lambda _, t: t, texture_params=None)
-
-    def branch(w):
-        def f(p, texture):
-            return fitting.loss(p.replace(texture=texture), target, given_texture, key, w,
-                                config.random_render, params.light, config.pixel_budget)[0]
-        return jax.jit(jax.grad(f, argnums=(0, 1)), compiler_options=options)
-
-    generate = jax.jit(lambda t: jax.vjp(lambda u: pipe.texture_fn(pipe.texture_params, u), t),
-                       compiler_options=options)
-    generate_backward = jax.jit(lambda vjp, g: vjp(g)[0], compiler_options=options)
-    main_view, random_view = branch(main_weights), branch(random_weights)
-
-    def split_gradient(threads=True):
-        texture, vjp = generate(params.texture)
-        out = {}
-        run = lambda: out.setdefault("random", jax.block_until_ready(random_view(params, texture)))
-        thread = threading.Thread(target=run) if threads else None
-        if thread:
-            thread.start()
-        g_main = main_view(params, texture)
-        if thread:
-            thread.join()
-        else:
-            run()
-        g_random = out["random"]
-        grads = jax.tree.map(jnp.add, g_main[0], g_random[0])
-        return grads.replace(texture=generate_backward(vjp, g_main[1] + g_random[1]))
-
-    fused_grads = jax.jit(jax.grad(lambda p: fitting.loss(
-        p, target, pipe, key, weights, config.random_render, params.light,
-        config.pixel_budget)[0]), compiler_options=options)(params)
-    split = split_gradient()
+    f, (params_, opt) = fused
+    step = fitting.TwoViewStep(dc.replace(config, two_threads=True), pipe,
+                               fitting.CPU_STEP_COMPILER_OPTIONS)
+    args = (params, opt, target, key, params.light)
+    got, want = step(*args), f(params_, opt)
     diff = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
-               for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(fused_grads)))
-    print(f"two views on two threads (probe): gradient vs fused, max relative difference {diff:.1e}")
-    f, args = fused
+               for a, b in zip(jax.tree.leaves(got[:2]), jax.tree.leaves(want[:2])))
+    print(f"two views on two threads (fitting.TwoViewStep): new params vs the fused step's, max "
+          f"relative difference {diff:.1e}")
+
+    def one_thread():  # the same four programs, the random view after the photo's
+        real = threading.Thread
+        threading.Thread = _Inline
+        try:
+            return step(*args)
+        finally:
+            threading.Thread = real
+
     for _ in range(FLAGS.rounds):
-        print("  fused step {:.1f} ms | split, one thread {:.1f} ms | split, two threads {:.1f} ms"
-              .format(_ms(lambda: jax.block_until_ready(f(*args)), FLAGS.repeats),
-                      _ms(lambda: jax.block_until_ready(split_gradient(False)), FLAGS.repeats),
-                      _ms(lambda: jax.block_until_ready(split_gradient()), FLAGS.repeats)))
+        print("  fused step {:.1f} ms | four programs, one thread {:.1f} ms | two threads {:.1f} ms"
+              .format(_ms(lambda: jax.block_until_ready(f(params_, opt)), FLAGS.repeats),
+                      _ms(lambda: jax.block_until_ready(one_thread()), FLAGS.repeats),
+                      _ms(lambda: jax.block_until_ready(step(*args)), FLAGS.repeats)))
+
+
+class _Inline:
+    """A stand-in for threading.Thread that runs its target when started."""
+
+    def __init__(self, target, name=None):
+        self._target = target
+
+    def start(self):
+        self._target()
+
+    def join(self):
+        pass
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -111,6 +112,11 @@ class FitConfig:
     # more (`render.render`'s pixel_budget; same result, ~30% less renderer time for a face
     # covering ~40% of the image); batched steps (vmap) always shade the whole grid. None: off
     pixel_budget: Optional[float] = 0.5
+    # one photo on the CPU, pipeline compiled in: Eq. 12's two views (the photo's and the random
+    # one of Eq. 7) run as separate programs on two threads (`TwoViewStep`); XLA:CPU runs one
+    # program's many small ops one after another, two programs overlap (~10% off the cpu-small
+    # step; BENCHMARKS.md). Same gradient as the fused step. False: one fused program
+    two_threads: bool = True
 
 
 @flax.struct.dataclass
@@ -526,6 +532,87 @@ class BoundStep:
         return self.jitted.lower(*self.pipeline_args, *args)
 
 
+class TwoViewStep:
+    """Stage 2 for one photo on the CPU as four programs, called like a BoundStep: (params,
+    opt_state, target, key, light_init) → (params, opt_state, terms).
+
+    1. G(p_t) forward, returning its VJP residuals;
+    2. the photo's view: L_lan, L_pix, L_id, L_con, Reg and their gradient, given G(p_t);
+    3. the random view of Eq. 7: λ̂_id·L̂_id and its gradient, given G(p_t) — on a second thread,
+       beside 2;
+    4. G's backward pass of both texture gradients, then the Adam update.
+    The sum of 2 and 3 is Eq. 12 term by term, so the gradient is the fused step's (tested)."""
+
+    pipeline_args = ()  # the pipeline is compiled in, as in a BoundStep of constants
+
+    def __init__(self, config: FitConfig, pipeline: Pipeline, compiler_options):
+        weights = config.weights
+        unweighted = {f.name: 0.0 for f in dataclasses.fields(losses.LossWeights)}
+        view_weights = (dataclasses.replace(weights, identity_random=0.0),
+                        losses.LossWeights(**dict(unweighted,
+                                                  identity_random=weights.identity_random)))
+        given_texture = pipeline.replace(texture_fn=_given_texture, texture_params=None)
+
+        def view(w):
+            def view_loss(params, texture, target, key, light_init):
+                return loss(params.replace(texture=texture), target, given_texture, key, w,
+                            config.random_render, light_init, config.pixel_budget)
+
+            return jax.jit(jax.value_and_grad(view_loss, argnums=(0, 1), has_aux=True),
+                           compiler_options=compiler_options)
+
+        def generate(p_t):
+            return jax.vjp(functools.partial(pipeline.texture_fn, pipeline.texture_params), p_t)
+
+        def update(texture_vjp, grads, texture_grads, params, opt_state):
+            grads = grads.replace(texture=grads.texture + texture_vjp(texture_grads)[0])
+            tx = optimiser(stage_learning_rate(config, 2), params, 2,
+                           texture_step_scale(pipeline))
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        self._generate = jax.jit(generate, compiler_options=compiler_options)
+        self._views = tuple(view(w) for w in view_weights)
+        self._update = jax.jit(update, compiler_options=compiler_options)
+
+    def __call__(self, params, opt_state, target, key, light_init):
+        texture, texture_vjp = self._generate(params.texture)
+        args = (params, texture, target, key, light_init)
+        second = {}
+
+        def random_view():
+            try:
+                second["out"] = jax.block_until_ready(self._views[1](*args))
+            except BaseException as e:  # noqa: BLE001 -- re-raised on the caller's thread
+                second["error"] = e
+
+        thread = threading.Thread(target=random_view, name="ganfit-random-view")
+        thread.start()
+        try:
+            (total, terms), (grads, texture_grads) = jax.block_until_ready(self._views[0](*args))
+        finally:
+            thread.join()
+        if "error" in second:
+            raise second["error"]
+        (total2, terms2), (grads2, texture_grads2) = second["out"]
+        params, opt_state = self._update(texture_vjp, jax.tree.map(jnp.add, grads, grads2),
+                                         texture_grads + texture_grads2, params, opt_state)
+        # the random view's program also evaluates L_lan and Reg (weighted 0): the photo's count
+        return params, opt_state, dict(terms2, **terms, total=total + total2)
+
+
+def _given_texture(_, texture):
+    return texture
+
+
+def two_view_step_applies(config: FitConfig, stage: int, mode: str, pipeline: Pipeline) -> bool:
+    """Whether `bound_step` gives a `TwoViewStep`: stage 2 of one photo in the CPU's host loop,
+    pipeline compiled in, both views present (an identity network and λ̂_id > 0), no remat."""
+    return (config.two_threads and stage == 2 and mode == "single" and not config.remat
+            and jax.default_backend() == "cpu" and pipeline.identity_fn is not None
+            and config.weights.identity_random > 0 and pipeline_as_constants(config, pipeline))
+
+
 _CONSTANT_STEPS = {}  # (config, stage, mode, backend) → the latest pipeline's (treedef, leaves, BoundStep)
 
 
@@ -541,10 +628,11 @@ def _jitted_step(config: FitConfig, stage: int, mode: str, backend: str):
                    compiler_options=cpu_step_compiler_options(backend))
 
 
-def bound_step(config: FitConfig, stage: int, mode: str, pipeline: Pipeline) -> BoundStep:
+def bound_step(config: FitConfig, stage: int, mode: str, pipeline: Pipeline):
     """The step `fitting.fit` runs on the host (mode as in `compiled_chunk`), jitted once per
     configuration and, when `pipeline_as_constants`, once per pipeline (the latest is kept, so
-    fitting photo after photo with one pipeline compiles once)."""
+    fitting photo after photo with one pipeline compiles once). A `TwoViewStep` where
+    `two_view_step_applies`, else a `BoundStep`."""
     backend = jax.default_backend()
     if not pipeline_as_constants(config, pipeline):
         return BoundStep(_jitted_step(config, stage, mode, backend), (pipeline,))
@@ -554,9 +642,13 @@ def bound_step(config: FitConfig, stage: int, mode: str, pipeline: Pipeline) -> 
     # the same pipeline, also when rebuilt from the same arrays (`pipeline.replace(...)` in a
     # loop); the held leaves keep those arrays alive, so `is` cannot match a reused id
     if held is None or held[0] != treedef or any(a is not b for a, b in zip(held[1], leaves)):
-        fn = functools.partial(_step_function(config, stage, mode), pipeline)
-        held = (treedef, leaves,
-                BoundStep(jax.jit(fn, compiler_options=cpu_step_compiler_options(backend)), ()))
+        options = cpu_step_compiler_options(backend)
+        if two_view_step_applies(config, stage, mode, pipeline):
+            step = TwoViewStep(config, pipeline, options)
+        else:
+            step = BoundStep(jax.jit(functools.partial(_step_function(config, stage, mode),
+                                                       pipeline), compiler_options=options), ())
+        held = (treedef, leaves, step)
         _CONSTANT_STEPS[key] = held
     return held[2]
 

@@ -35,9 +35,10 @@ def test_the_cross_device_path_equals_the_compiled_count():
 
 
 def test_the_benchmark_times_the_steps_fit_runs_with_their_results(sfm_dir):
-    """Batch 1 times `fit --image`'s unvmapped step, batch 2 the vmapped step of `fit --images`,
-    with the pipeline compiled in as constants as `fit` does on the CPU: each must compute what
-    the plain vmapped step computes with the pipeline as an argument."""
+    """Batch 1 times `fit --image`'s unvmapped step (on the CPU a TwoViewStep: the two views of
+    Eq. 12 as programs on two threads), batch 2 the vmapped step of `fit --images`, with the
+    pipeline compiled in as constants as `fit` does on the CPU: each must compute what the plain
+    vmapped step computes with the pipeline as an argument."""
     from ganfit_jax import fitting
 
     pipe, params, target = benchmark_fit.build("tiny", str(sfm_dir / "sfm_shape_3448.bin"),
@@ -52,7 +53,9 @@ def test_the_benchmark_times_the_steps_fit_runs_with_their_results(sfm_dir):
     for b, k in ((2, key), (1, jax.random.split(key, 2)[0])):
         step, args = benchmark_fit.step_arguments(config, pipe, params, target, b, k)
         assert step.pipeline_args == ()  # a tiny pipeline on the CPU: compiled in
-        got = step.lower(*args).compile()(*args)
+        # one photo: the two views on two threads (fitting.TwoViewStep), batches: one program
+        assert isinstance(step, fitting.TwoViewStep) == (b == 1)
+        got = step(*args) if b == 1 else step.lower(*args).compile()(*args)
         expected = want if b == 2 else jax.tree.map(lambda x: x[:1], want)
         if b == 1:
             got = jax.tree.map(lambda x: x[None], got)
@@ -88,7 +91,7 @@ def test_the_count_of_a_compacted_step_is_the_whole_grid_step(sfm_dir):
 
     pipe, params, target = benchmark_fit.build("tiny", str(sfm_dir / "sfm_shape_3448.bin"),
                                                jax.random.PRNGKey(0))
-    config = fitting.FitConfig()
+    config = fitting.FitConfig(two_threads=False)
     step, args = benchmark_fit.step_arguments(config, pipe, params, target, 1,
                                               jax.random.PRNGKey(1))
     whole, _ = benchmark_fit.step_arguments(dataclasses.replace(config, pixel_budget=None), pipe,
@@ -97,3 +100,9 @@ def test_the_count_of_a_compacted_step_is_the_whole_grid_step(sfm_dir):
     counted = benchmark_fit.counted_flops(config, pipe, step, args, True)
     assert counted == benchmark_fit.step_flops(whole.jitted, args, whole.lower(*args).compile())
     assert counted < as_compiled
+    # the default one-photo step is a TwoViewStep (four programs): the same fused count
+    threaded = dataclasses.replace(config, two_threads=True)
+    two_views, _ = benchmark_fit.step_arguments(threaded, pipe, params, target, 1,
+                                                jax.random.PRNGKey(1))
+    assert isinstance(two_views, fitting.TwoViewStep)
+    assert benchmark_fit.counted_flops(threaded, pipe, two_views, args, True) == counted

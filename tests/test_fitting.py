@@ -314,3 +314,59 @@ def test_pixel_budget_leaves_the_loss_and_its_gradient_unchanged(sfm_model):
     conds = lambda step: str(jax.make_jaxpr(step)(*args)).count(" cond[")  # noqa: E731
     assert conds(fitting.make_step(cfg, 2)) >= 1  # the main render (no identity net here)
     assert conds(fitting.make_step(cfg, 2, batched=True)) == 0
+
+
+def test_two_view_step_equals_the_fused_step(sfm_dir):
+    """FitConfig.two_threads (one photo, CPU, pipeline compiled in): Eq. 12's photo view and
+    random view as programs on two threads give the fused step's parameters, optimiser state and
+    terms, step after step; it is used only where both views exist."""
+    import dataclasses
+
+    from experiments import benchmark_fit
+
+    key = jax.random.PRNGKey(0)
+    pipe, params, target = benchmark_fit.build("tiny", str(sfm_dir / "sfm_shape_3448.bin"), key)
+    threaded = fitting.FitConfig(loop="host")
+    fused = dataclasses.replace(threaded, two_threads=False)
+    two_views = fitting.bound_step(threaded, 2, "single", pipe)
+    one = fitting.bound_step(fused, 2, "single", pipe)
+    assert isinstance(two_views, fitting.TwoViewStep) and isinstance(one, fitting.BoundStep)
+    tx = fitting.optimiser(threaded.learning_rate, params, 2, fitting.texture_step_scale(pipe))
+    a = b = (params, tx.init(params))
+    for i in range(3):
+        k = jax.random.fold_in(key, i)
+        *a, terms_a = two_views(*a, target, k, params.light)
+        *b, terms_b = one(*b, target, k, params.light)
+        assert sorted(terms_a) == sorted(terms_b)
+        assert "identity_random" in terms_a and "identity" in terms_a
+        for name in terms_b:
+            np.testing.assert_allclose(terms_a[name], terms_b[name], rtol=1e-5, atol=1e-6)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    # not where a view is missing, under remat, for batches or for stage 1
+    no_random = dataclasses.replace(
+        threaded, weights=dataclasses.replace(threaded.weights, identity_random=0.0))
+    assert not fitting.two_view_step_applies(no_random, 2, "single", pipe)
+    assert not fitting.two_view_step_applies(threaded, 2, "single",
+                                             pipe.replace(identity_fn=None))
+    assert not fitting.two_view_step_applies(dataclasses.replace(threaded, remat=True), 2,
+                                             "single", pipe)
+    assert not fitting.two_view_step_applies(threaded, 2, "batch", pipe)
+    assert not fitting.two_view_step_applies(threaded, 1, "single", pipe)
+
+
+def test_two_view_step_reraises_the_random_views_error(sfm_dir, monkeypatch):
+    """An error on the random view's thread reaches the caller (not a silent missing term)."""
+    from experiments import benchmark_fit
+
+    key = jax.random.PRNGKey(0)
+    pipe, params, target = benchmark_fit.build("tiny", str(sfm_dir / "sfm_shape_3448.bin"), key)
+    step = fitting.TwoViewStep(fitting.FitConfig(), pipe, None)
+
+    def broken(*_):
+        raise RuntimeError("random view failed")
+
+    step._views = (step._views[0], broken)
+    tx = fitting.optimiser(0.01, params, 2, fitting.texture_step_scale(pipe))
+    with pytest.raises(RuntimeError, match="random view failed"):
+        step(params, tx.init(params), target, key, params.light)
