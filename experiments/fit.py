@@ -63,6 +63,9 @@ flags.DEFINE_string("output_dir", None, "Where results go (one sub-folder per ph
 flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
 flags.DEFINE_bool("remat", False, "Recompute activations in the backward pass (jax.checkpoint): "
                   "less device memory per photo, for large --batch_size.")
+flags.DEFINE_bool("two_threads", True, "One photo on the CPU: run Eq. 12's two views (the photo's "
+                  "and the random one) as programs on two threads (20-25% faster steps, ~6 s "
+                  "more compilation; BENCHMARKS.md). --notwo_threads: one fused program.")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                   "Width of the texture GAN and identity network; bfloat16 is ~1.5x faster on "
                   "GPUs (BENCHMARKS.md), geometry and losses stay float32.")
@@ -363,7 +366,8 @@ def run():
     config = fitting.FitConfig(stage1_iterations=FLAGS.stage1_iterations,
                                stage1_learning_rate=FLAGS.stage1_learning_rate,
                                stage2_iterations=FLAGS.iterations, chunk=FLAGS.chunk,
-                               weights=weights, remat=FLAGS.remat)
+                               weights=weights, remat=FLAGS.remat,
+                               two_threads=FLAGS.two_threads)
 
     texture_init = np.asarray(texture_model.init_latent(k_tex))
 

@@ -129,7 +129,9 @@ def test_compilation_cache_is_filled_and_reused(ffhq_photo, sfm_dir, tmp_path):
     Which programs get written depends on their compile time (>= 1 s), so a program near that
     line may be written by one run and not the other: the test asks that the first run's
     entries are all hits in the second, not that the folder is unchanged."""
-    args = [f"--image={ffhq_photo}", f"--model={sfm_dir / 'sfm_shape_3448.bin'}", *TINY]
+    # the fused step (the other tests fit with the default two-view step)
+    args = [f"--image={ffhq_photo}", f"--model={sfm_dir / 'sfm_shape_3448.bin'}", *TINY,
+            "--notwo_threads"]
     code, _, stderr = run_fit(f"--output_dir={tmp_path / 'a'}", *args,
                               cache_home=tmp_path / "xdg")
     assert code == 0, stderr[-2000:]
