@@ -613,7 +613,7 @@ def two_view_step_applies(config: FitConfig, stage: int, mode: str, pipeline: Pi
             and config.weights.identity_random > 0 and pipeline_as_constants(config, pipeline))
 
 
-_CONSTANT_STEPS = {}  # (config, stage, mode, backend) → the latest pipeline's (treedef, leaves, BoundStep)
+_CONSTANT_STEPS = {}  # (config, stage, mode, backend) → the latest pipeline's (treedef, leaves, step)
 
 
 @functools.lru_cache(maxsize=64)
