@@ -167,8 +167,8 @@ def counted_flops(config, pipeline, step, args, single, compiled=None):
     from ganfit_jax import fitting
 
     if single and (config.pixel_budget is not None or isinstance(step, fitting.TwoViewStep)):
-        # the fused whole-grid program (a TwoViewStep is four programs, with G's forward pass
-        # in two of them: their sum is no FLOP count of the step)
+        # the same algorithm as one fused whole-grid program (a TwoViewStep is four programs,
+        # none of which is the step)
         step = fitting.bound_step(dataclasses.replace(config, pixel_budget=None,
                                                       two_threads=False), 2, "single", pipeline)
         compiled = None

@@ -98,7 +98,6 @@ def _two_threads(pipe, params, target, key, config, fused):
     as programs on two threads) against the fused step, with the same arguments: their results
     compared, then timed, and the TwoViewStep's programs called on one thread for reference."""
     import dataclasses as dc
-    import threading
 
     import jax
     import jax.numpy as jnp
@@ -115,32 +114,11 @@ def _two_threads(pipe, params, target, key, config, fused):
     print(f"two views on two threads (fitting.TwoViewStep): new params vs the fused step's, max "
           f"relative difference {diff:.1e}")
 
-    def one_thread():  # the same four programs, the random view after the photo's
-        real = threading.Thread
-        threading.Thread = _Inline
-        try:
-            return step(*args)
-        finally:
-            threading.Thread = real
-
     for _ in range(FLAGS.rounds):
         print("  fused step {:.1f} ms | four programs, one thread {:.1f} ms | two threads {:.1f} ms"
               .format(_ms(lambda: jax.block_until_ready(f(params_, opt)), FLAGS.repeats),
-                      _ms(lambda: jax.block_until_ready(one_thread()), FLAGS.repeats),
+                      _ms(lambda: jax.block_until_ready(step(*args, overlap=False)), FLAGS.repeats),
                       _ms(lambda: jax.block_until_ready(step(*args)), FLAGS.repeats)))
-
-
-class _Inline:
-    """A stand-in for threading.Thread that runs its target when started."""
-
-    def __init__(self, target, name=None):
-        self._target = target
-
-    def start(self):
-        self._target()
-
-    def join(self):
-        pass
 
 
 if __name__ == "__main__":

@@ -575,7 +575,8 @@ class TwoViewStep:
         self._views = tuple(view(w) for w in view_weights)
         self._update = jax.jit(update, compiler_options=compiler_options)
 
-    def __call__(self, params, opt_state, target, key, light_init):
+    def __call__(self, params, opt_state, target, key, light_init, overlap=True):
+        """overlap=False runs the random view after the photo's, on this thread (for timing)."""
         texture, texture_vjp = self._generate(params.texture)
         args = (params, texture, target, key, light_init)
         second = {}
@@ -587,11 +588,15 @@ class TwoViewStep:
                 second["error"] = e
 
         thread = threading.Thread(target=random_view, name="ganfit-random-view")
-        thread.start()
+        if overlap:
+            thread.start()
         try:
             (total, terms), (grads, texture_grads) = jax.block_until_ready(self._views[0](*args))
         finally:
-            thread.join()
+            if overlap:
+                thread.join()
+        if not overlap:
+            random_view()
         if "error" in second:
             raise second["error"]
         (total2, terms2), (grads2, texture_grads2) = second["out"]
