@@ -177,6 +177,18 @@ def counted_flops(config, pipeline, step, args, single, compiled=None):
     return step_flops(step.jitted, step.pipeline_args + args, compiled)
 
 
+def _rates(flops, step_s, matmul_rate, conv_rate, floors=False):
+    """The columns derived from a step's FLOP count (None when it was not counted)."""
+    best = max(matmul_rate, conv_rate)
+    ok = flops is not None
+    rates = dict(achieved_gflops=round(flops / step_s / 1e9, 2) if ok else None)
+    if floors:
+        rates.update(floor_ms=round(flops / best * 1000, 1) if ok else None,
+                     ratio_to_floor=round(step_s / (flops / best), 2) if ok else None)
+    rates["ratio_to_conv_floor"] = round(step_s / (flops / conv_rate), 2) if ok else None
+    return rates
+
+
 def _median(fn, repeats):
     times = []
     for _ in range(repeats):
@@ -233,9 +245,12 @@ def chunk_step_ms(config, loop, chunk, pipeline, args, repeats):
 
 
 def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=False,
-              compute_dtype="float32", loop="step", chunk=10):
+              compute_dtype="float32", loop="step", chunk=10, count_flops=True):
     """Rows for each batch size. loop='step' times one step (`fitting.bound_step`); 'scan' or
-    'host' time `chunk` steps as `fitting.fit` runs them (see `chunk_step_ms`)."""
+    'host' time `chunk` steps as `fitting.fit` runs them (see `chunk_step_ms`).
+    count_flops=False leaves `flops` and the rates derived from it None: off the CPU the count
+    is one extra CPU compilation per batch size (~30 s for `paper`), device time a short lease
+    is better spent on; the count does not depend on the device, so any CPU can supply it."""
     import jax
 
     from ganfit_jax import fitting
@@ -256,10 +271,9 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
                       machine_conv_gflops=round(conv_rate / 1e9, 1))
         if loop != "step":
             step_ms, compile_s = chunk_step_ms(config, loop, chunk, pipeline, args, repeats)
-            flops = counted_flops(config, pipeline, step, args, b == 1)
+            flops = counted_flops(config, pipeline, step, args, b == 1) if count_flops else None
             rows.append(dict(common, chunk=chunk, step_ms=round(step_ms, 1), flops=flops,
-                             achieved_gflops=round(flops / step_ms / 1e6, 2),
-                             ratio_to_conv_floor=round(step_ms / 1000 / (flops / conv_rate), 2),
+                             **_rates(flops, step_ms / 1000, matmul_rate, conv_rate),
                              images_per_second=round(b / (step_ms / 1000 * iterations), 4),
                              compile_s=round(compile_s, 1), peak_mb=None))
             yield rows[-1]
@@ -283,7 +297,7 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
             yield rows[-1]
             break
         flops = counted_flops(config, pipeline, step, args, b == 1,
-                              None if compiled is step else compiled)
+                              None if compiled is step else compiled) if count_flops else None
         run = lambda: jax.block_until_ready(compiled(*step.pipeline_args, *args))  # noqa: E731
         step_s = _median(run, repeats)
         try:  # (a TwoViewStep has none: several programs)
@@ -292,11 +306,8 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
                        - m.alias_size_in_bytes) / 2 ** 20
         except Exception:  # backend without memory analysis
             peak_mb = None
-        rows.append(dict(common, step_ms=round(step_s * 1000, 1),
-                         flops=flops, achieved_gflops=round(flops / step_s / 1e9, 2),
-                         floor_ms=round(flops / max(matmul_rate, conv_rate) * 1000, 1),
-                         ratio_to_floor=round(step_s / (flops / max(matmul_rate, conv_rate)), 2),
-                         ratio_to_conv_floor=round(step_s / (flops / conv_rate), 2),
+        rows.append(dict(common, step_ms=round(step_s * 1000, 1), flops=flops,
+                         **_rates(flops, step_s, matmul_rate, conv_rate, floors=True),
                          # compiled-in weights are in the executable, not in peak_mb
                          pipeline_as_constants=not step.pipeline_args,
                          two_threads=isinstance(step, fitting.TwoViewStep),

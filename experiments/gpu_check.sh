@@ -2,8 +2,11 @@
 # One prepared GPU check (the device image already has jax with CUDA; nothing is installed):
 #   bash experiments/gpu_check.sh OUT_DIR            # on a GPU machine, within ~8 minutes
 #   bash experiments/gpu_check.sh OUT_DIR --dry_run  # CPU, tiny sizes: checks the script itself
-# Writes OUT_DIR/devices.txt, fit.jsonl, fit_bf16.jsonl, render.jsonl, tests.txt (and fit_remat.jsonl when the
-# largest batch does not fit without rematerialisation). The tests run in one process:
+# Writes OUT_DIR/devices.txt, fit.jsonl, fit_bf16.jsonl, fit_scan.jsonl, render.jsonl,
+# tests.txt (and fit_remat.jsonl when the largest batch does not fit without
+# rematerialisation). The fit rows leave `flops` null (--nocount_flops: counting costs a CPU
+# compilation per batch size, ~30 s of the lease each); the count does not depend on the
+# device, so take it on any CPU (`benchmark fit --config=paper --json`). The tests run in one process:
 # pytest.ini's two workers (pytest-xdist, which the device image may lack) would each claim
 # most of the GPU's memory. The benchmarks run first: they are what
 # a short device lease is for; every step has its own time limit so one slow step cannot eat
@@ -19,18 +22,23 @@ if [[ $dry == --dry_run ]]; then
   tests=(tests/test_losses.py)
   fit_args=(--config=tiny --batch_sizes=2 --repeats=1 --iterations=10)
   bf16_args=(--config=tiny --batch_sizes=2 --repeats=1 --iterations=10 --compute_dtype=bfloat16)
+  scan_args=(--config=tiny --batch_sizes=2 --repeats=1 --iterations=10 --compute_dtype=bfloat16
+             --loop=scan --chunk=2)
   remat_args=(--config=tiny --batch_sizes=2 --repeats=1 --iterations=10 --remat)
   render_args=(--cases=sfm-224 --repeats=1)
-  t_fit=300 t_bf16=300 t_render=120 t_tests=300 t_remat=300
+  t_fit=300 t_bf16=300 t_scan=300 t_render=120 t_tests=300 t_remat=300
 else
   # what GPUs change: the renderer's scatters, TF32 products, bfloat16 networks
   tests=(tests/test_render.py tests/test_fitting.py tests/test_precision.py tests/test_camera.py)
   fit_args=(--config=paper --batch_sizes=1,32 --repeats=5 --iterations=300)
   bf16_args=(--config=paper --batch_sizes=32,64 --repeats=5 --iterations=300 --compute_dtype=bfloat16)
+  # the largest batch as `fitting.fit` runs it on accelerators: 10 steps in one lax.scan
+  scan_args=(--config=paper --batch_sizes=64 --repeats=3 --iterations=300 --compute_dtype=bfloat16
+             --loop=scan --chunk=10)
   remat_args=(--config=paper --batch_sizes=32 --repeats=3 --iterations=300 --remat)
   render_args=(--repeats=10)
   # measured on an H100: each paper batch size compiles in 35-50 s; GPU test compiles are slow
-  t_fit=150 t_bf16=130 t_render=45 t_tests=100 t_remat=60
+  t_fit=130 t_bf16=120 t_scan=90 t_render=45 t_tests=100 t_remat=60
 fi
 "$py" -c "import jax; print(jax.__version__, jax.devices(), jax.default_backend())" | tee "$out/devices.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$out/devices.txt" 2>/dev/null
@@ -43,18 +51,20 @@ step() {  # step NAME SECONDS OUTFILE CMD...: run with a time limit, report how 
   echo "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit s)"
   [[ $rc == 0 ]] || { status=1; tail -5 "$file.err"; }
 }
-step "fit benchmark" "$t_fit" "$out/fit.jsonl" "$py" -m experiments.benchmark fit --json "${fit_args[@]}"
+step "fit benchmark" "$t_fit" "$out/fit.jsonl" "$py" -m experiments.benchmark fit --json --nocount_flops "${fit_args[@]}"
 cat "$out/fit.jsonl"
-step "fit benchmark, bfloat16 networks" "$t_bf16" "$out/fit_bf16.jsonl" "$py" -m experiments.benchmark fit --json "${bf16_args[@]}"
+step "fit benchmark, bfloat16 networks" "$t_bf16" "$out/fit_bf16.jsonl" "$py" -m experiments.benchmark fit --json --nocount_flops "${bf16_args[@]}"
 cat "$out/fit_bf16.jsonl"
+step "fit benchmark, lax.scan chunks" "$t_scan" "$out/fit_scan.jsonl" "$py" -m experiments.benchmark fit --json --nocount_flops "${scan_args[@]}"
+cat "$out/fit_scan.jsonl"
 step "render benchmark" "$t_render" "$out/render.jsonl" "$py" -m experiments.benchmark render --json "${render_args[@]}"
 cat "$out/render.jsonl"
 step "tests" "$t_tests" "$out/tests.txt" "$py" -m pytest -x -q -p no:cacheprovider -p no:xdist -o addopts=-ra "${tests[@]}"
 tail -3 "$out/tests.txt"
 # the largest batch again with jax.checkpoint, when it ran out of memory (or in the dry run)
 largest=${remat_args[1]#--batch_sizes=}
-if [[ $dry == --dry_run ]] || ! grep -q "\"batch_size\": $largest, \"step_ms\"" "$out/fit.jsonl"; then
-  step "fit benchmark, remat" "$t_remat" "$out/fit_remat.jsonl" "$py" -m experiments.benchmark fit --json "${remat_args[@]}"
+if [[ $dry == --dry_run ]] || ! grep -q "\"batch_size\": $largest,.*\"step_ms\"" "$out/fit.jsonl"; then
+  step "fit benchmark, remat" "$t_remat" "$out/fit_remat.jsonl" "$py" -m experiments.benchmark fit --json --nocount_flops "${remat_args[@]}"
   cat "$out/fit_remat.jsonl"
 fi
 exit $status

@@ -106,3 +106,18 @@ def test_the_count_of_a_compacted_step_is_the_whole_grid_step(sfm_dir):
                                                 jax.random.PRNGKey(1))
     assert isinstance(two_views, fitting.TwoViewStep)
     assert benchmark_fit.counted_flops(threaded, pipe, two_views, args, True) == counted
+
+
+def test_nocount_flops_leaves_the_count_and_its_rates_null(sfm_dir):
+    """--nocount_flops (what the device check passes: off the CPU the count is one more CPU
+    compilation per batch size) still times the step; counted, the rate is flops / time."""
+    model = str(sfm_dir / "sfm_shape_3448.bin")
+    counted = next(benchmark_fit.bench_fit("tiny", [2], model, 10, 1))
+    skipped = next(benchmark_fit.bench_fit("tiny", [2], model, 10, 1, count_flops=False))
+    assert counted["flops"] > 0
+    np.testing.assert_allclose(counted["achieved_gflops"],
+                               counted["flops"] / counted["step_ms"] / 1e6, rtol=0.01)
+    assert skipped["step_ms"] > 0 and skipped["images_per_second"] > 0
+    for column in ("flops", "achieved_gflops", "floor_ms", "ratio_to_floor",
+                   "ratio_to_conv_floor"):
+        assert skipped[column] is None, column
