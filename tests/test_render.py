@@ -506,3 +506,42 @@ def test_pixel_budget_rejects_bad_values():
     for bad in (0, -3, 0.5, True):
         with pytest.raises(ValueError, match="pixel_budget"):
             render.render(verts, tris, uv, colours, cam, light, 16, pixel_budget=bad)
+
+
+@pytest.mark.parametrize("budget", [None, 400])
+def test_given_triangle_ids_give_the_same_image_and_gradients(budget):
+    """Rasterizing beforehand (`triangle_ids=`, as fitting's two-view step does beside the
+    texture generator) changes nothing: image, aux and every gradient equal the render that
+    rasterizes itself, also with a pixel budget. Ids of another pose are used as given (the
+    image changes), and ids of the wrong shape or type are refused by name."""
+    verts, tris, uv, colours, texture, cam, light = _tiny_scene()
+    cam = cam * np.array([1, 1, 1, 1, 1, 1, 0.5])
+    size = 24
+    weights = np.random.default_rng(1).normal(size=(size, size, 3))
+
+    def run(ids, camera=cam):
+        def f(v, t, camera_, light_):
+            image, aux = render.render(v, tris, uv, t, camera_, light_, size, background=0.3,
+                                       pixel_budget=budget, triangle_ids=ids)
+            return jnp.sum(image * weights), (image, aux)
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))(
+            verts, texture, camera, light)
+
+    (_, (image, aux)), grads = run(None)
+    (_, (g_image, g_aux)), g_grads = run(aux["triangle_ids"])
+    np.testing.assert_array_equal(np.asarray(g_image), np.asarray(image))
+    for k in ("depth", "bary", "mask", "triangle_ids"):
+        np.testing.assert_array_equal(np.asarray(g_aux[k]), np.asarray(aux[k]))
+    for a, b in zip(g_grads, grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6,
+                                   atol=1e-6 * float(np.abs(np.asarray(b)).max()))
+    # the ids are used, not recomputed: another camera's ids change what is shaded
+    moved = cam + np.array([0, 0, 0, 0, 0, 0, 0.2]) * cam[6]
+    (_, (m_image, m_aux)), _ = run(None, moved)
+    assert int(np.asarray(m_aux["mask"]).sum()) != int(np.asarray(aux["mask"]).sum())
+    (_, (x_image, _)), _ = run(m_aux["triangle_ids"])
+    assert not np.allclose(np.asarray(x_image), np.asarray(image))
+    for bad in (jnp.zeros((size, size + 1), jnp.int32), jnp.zeros((size, size), jnp.float32)):
+        with pytest.raises(ValueError, match="triangle_ids"):
+            render.render(verts, tris, uv, texture, cam, light, size, triangle_ids=bad)

@@ -220,7 +220,7 @@ def _shade_covered(shade, triangle_ids, background, budget):
 def render(vertices, triangles, uv, colours_or_texture, camera, light, image_size,
            background=None, specular=DEFAULT_SPECULAR, shininess=DEFAULT_SHININESS,
            texture_sampling="pixel", near=rasterize_lib.DEFAULT_NEAR, chunk_size=None,
-           pixel_budget=None):
+           pixel_budget=None, triangle_ids=None):
     """Renders a mesh with Phong shading: the rendering function R of GANFIT Sec. 3.2.
 
     Args:
@@ -245,6 +245,11 @@ def render(vertices, triangles, uv, colours_or_texture, camera, light, image_siz
         instead (`lax.cond`). The result is the same either way. A face portrait covers ~40% of
         the image, so half the grid is a good budget for one image; leave None under `vmap`,
         where a batched condition runs both branches.
+      triangle_ids: None, or (H,W) int32 from `rasterize` of this mesh and camera, when the
+        caller rasterized beforehand (nvdiffrast's split of rasterization from interpolation):
+        visibility is piecewise constant in the vertices and carries no gradient, so it can be
+        computed in another program, e.g. beside the texture generator. Every gradient still
+        flows through the barycentrics, recomputed here from the vertices.
 
     Returns:
       image: (H,W,3) float32, not clipped to [0,1].
@@ -274,8 +279,15 @@ def render(vertices, triangles, uv, colours_or_texture, camera, light, image_siz
                          f"got {pixel_budget!r}")
 
     pixels, depth = camera_lib.project(camera, vertices, (height, width))
-    triangle_ids, _ = rasterize_lib.rasterize(pixels, depth, triangles, (height, width),
-                                              near=near, chunk_size=chunk_size)
+    if triangle_ids is None:
+        triangle_ids, _ = rasterize_lib.rasterize(pixels, depth, triangles, (height, width),
+                                                  near=near, chunk_size=chunk_size)
+    else:
+        triangle_ids = jnp.asarray(triangle_ids)
+        if triangle_ids.shape != (height, width) or triangle_ids.dtype != jnp.int32:
+            raise ValueError(f"triangle_ids: expected ({height},{width}) int32 from rasterize, "
+                             f"got {triangle_ids.shape} {triangle_ids.dtype}")
+        triangle_ids = jax.lax.stop_gradient(triangle_ids)
     mask = triangle_ids >= 0
 
     normals = vertex_normals(vertices, triangles)
