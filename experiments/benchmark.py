@@ -198,6 +198,8 @@ flags.DEFINE_enum("loop", "step", ["step", "scan", "host"],
                   "fit: 'step' times one step; 'scan' / 'host' time --chunk steps as fitting.fit "
                   "runs them (one lax.scan, as on accelerators / a host loop, as on the CPU)")
 flags.DEFINE_integer("chunk", 10, "fit: steps per timed chunk with --loop=scan|host")
+flags.DEFINE_enum("batch_steps", "auto", ["auto", "vmap", "per_photo"],
+                  "fit: how batches > 1 step (fitting.FitConfig.batch_steps)")
 flags.DEFINE_bool("count_flops", True, "fit: count each step's FLOPs (XLA's CPU cost analysis; "
                   "off the CPU one extra CPU compilation per batch size); --nocount_flops "
                   "leaves flops and the rates from it null")
@@ -210,7 +212,8 @@ def run_fit(argv):
     for row in benchmark_fit.bench_fit(FLAGS.config, [int(b) for b in FLAGS.batch_sizes],
                                        FLAGS.model or _DEFAULT_MODEL, FLAGS.iterations,
                                        FLAGS.repeats, FLAGS.remat, FLAGS.compute_dtype,
-                                       FLAGS.loop, FLAGS.chunk, FLAGS.count_flops):
+                                       FLAGS.loop, FLAGS.chunk, FLAGS.count_flops,
+                                       FLAGS.batch_steps):
         rows.append(row)
         _emit([row], header=len(rows) == 1)
     return rows

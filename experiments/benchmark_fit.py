@@ -166,7 +166,12 @@ def counted_flops(config, pipeline, step, args, single, compiled=None):
 
     from ganfit_jax import fitting
 
-    if single and (config.pixel_budget is not None or isinstance(step, fitting.TwoViewStep)):
+    if isinstance(step, fitting.PerPhotoStep):
+        # photo after photo: the same algorithm as the vmapped batch program, which is counted
+        step = fitting.bound_step(dataclasses.replace(config, batch_steps="vmap"), 2, "batch",
+                                  pipeline)
+        compiled = None
+    elif single and (config.pixel_budget is not None or isinstance(step, fitting.TwoViewStep)):
         # the same algorithm as one fused whole-grid program (a TwoViewStep is four programs,
         # none of which is the step)
         step = fitting.bound_step(dataclasses.replace(config, pixel_budget=None,
@@ -201,8 +206,9 @@ def _median(fn, repeats):
 def step_arguments(config, pipeline, params, target, batch_size, key):
     """(the BoundStep `fitting.fit` runs for this batch size, its arguments): for a batch of 1
     the single-photo step as `fit --image` runs it (no vmap; vmap over one image costs ~40% on
-    the CPU), else the vmapped step of `fit --images`, with the pipeline compiled in as constants
-    or passed as an argument exactly as the fit would (`fitting.pipeline_as_constants`)."""
+    the CPU), else the batch step of `fit --images` (vmapped, or on one CPU photo after photo:
+    `fitting.PerPhotoStep`), with the pipeline compiled in as constants or passed as an argument
+    exactly as the fit would (`fitting.pipeline_as_constants`)."""
     import jax
 
     from ganfit_jax import fitting
@@ -245,7 +251,8 @@ def chunk_step_ms(config, loop, chunk, pipeline, args, repeats):
 
 
 def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=False,
-              compute_dtype="float32", loop="step", chunk=10, count_flops=True):
+              compute_dtype="float32", loop="step", chunk=10, count_flops=True,
+              batch_steps="auto"):
     """Rows for each batch size. loop='step' times one step (`fitting.bound_step`); 'scan' or
     'host' time `chunk` steps as `fitting.fit` runs them (see `chunk_step_ms`).
     count_flops=False leaves `flops` and the rates derived from it None: off the CPU the count
@@ -261,7 +268,7 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
     pipeline, params, target = build(config_name, model_path, key, compute_dtype)
     config = fitting.FitConfig()
     matmul_rate, conv_rate = machine_rates()
-    config = dataclasses.replace(config, remat=remat)
+    config = dataclasses.replace(config, remat=remat, batch_steps=batch_steps)
     rows = []
     for b in batch_sizes:
         step, args = step_arguments(config, pipeline, params, target, b, key)
@@ -280,7 +287,8 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
             continue
         t0 = time.perf_counter()
         try:
-            if isinstance(step, fitting.TwoViewStep):  # four programs, compiled on first call
+            if isinstance(step, (fitting.TwoViewStep, fitting.PerPhotoStep)):
+                # several programs, compiled on the first call
                 compiled = step
                 jax.block_until_ready(step(*args))
             else:
@@ -300,7 +308,7 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
                               None if compiled is step else compiled) if count_flops else None
         run = lambda: jax.block_until_ready(compiled(*step.pipeline_args, *args))  # noqa: E731
         step_s = _median(run, repeats)
-        try:  # (a TwoViewStep has none: several programs)
+        try:  # (a TwoViewStep or PerPhotoStep has none: several programs)
             m = compiled.memory_analysis()
             peak_mb = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                        - m.alias_size_in_bytes) / 2 ** 20
@@ -310,7 +318,9 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
                          **_rates(flops, step_s, matmul_rate, conv_rate, floors=True),
                          # compiled-in weights are in the executable, not in peak_mb
                          pipeline_as_constants=not step.pipeline_args,
-                         two_threads=isinstance(step, fitting.TwoViewStep),
+                         two_threads=isinstance(getattr(step, "single", step),
+                                                fitting.TwoViewStep),
+                         per_photo=isinstance(step, fitting.PerPhotoStep),
                          images_per_second=round(b / (step_s * iterations), 4),
                          compile_s=round(compile_s, 1),
                          peak_mb=None if peak_mb is None else round(peak_mb, 1)))

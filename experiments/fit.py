@@ -25,7 +25,7 @@ from experiments import common
 FLAGS = flags.FLAGS
 flags.DEFINE_string("image", None, "One photo.")
 flags.DEFINE_string("images", None, "A folder or glob of photos, fitted independently in "
-                    "vmapped batches of --batch_size.")
+                    "batches of --batch_size (vmapped; see --batch_steps).")
 flags.DEFINE_string("frames", None, "A folder of frames, or a video file (.mp4, .mov, .avi, "
                     ".mkv, .webm, ...), of one person: per-frame expression, pose and light, one "
                     "shared shape and texture (Eq. 13).")
@@ -47,7 +47,7 @@ flags.DEFINE_integer("stage1_iterations", 600, "Stage-1 iterations (landmarks on
 flags.DEFINE_float("stage1_learning_rate", 0.03, "Stage-1 Adam rate (stage 2: 0.01, the paper's).")
 flags.DEFINE_integer("chunk", 25, "Iterations per jitted chunk (one progress line each).")
 flags.DEFINE_integer("image_size", 224, "Working (render) resolution.")
-flags.DEFINE_integer("batch_size", 8, "Photos per vmapped batch with --images.")
+flags.DEFINE_integer("batch_size", 8, "Photos per batch with --images.")
 flags.DEFINE_string("detector", "hog", "dlib face detector when landmarks must be detected.")
 flags.DEFINE_integer("seed", 0, "PRNG seed (random second render, texture init).")
 flags.DEFINE_float("lambda_id", 2.0, "λ_id")
@@ -66,6 +66,10 @@ flags.DEFINE_bool("remat", False, "Recompute activations in the backward pass (j
 flags.DEFINE_bool("two_threads", True, "One photo on the CPU: run Eq. 12's two views (the photo's "
                   "and the random one) as programs on two threads (20-25% faster steps, ~6 s "
                   "more compilation; BENCHMARKS.md). --notwo_threads: one fused program.")
+flags.DEFINE_enum("batch_steps", "auto", ["auto", "vmap", "per_photo"],
+                  "--images: how a batch steps. 'auto': on one CPU device stage 2 goes photo "
+                  "after photo with the single-photo step (1.3-1.7x the vmapped throughput on a "
+                  "2-core CPU; BENCHMARKS.md), elsewhere one vmapped program.")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                   "Width of the texture GAN and identity network; bfloat16 is ~1.5x faster on "
                   "GPUs (BENCHMARKS.md), geometry and losses stay float32.")
@@ -367,7 +371,7 @@ def run():
                                stage1_learning_rate=FLAGS.stage1_learning_rate,
                                stage2_iterations=FLAGS.iterations, chunk=FLAGS.chunk,
                                weights=weights, remat=FLAGS.remat,
-                               two_threads=FLAGS.two_threads)
+                               two_threads=FLAGS.two_threads, batch_steps=FLAGS.batch_steps)
 
     texture_init = np.asarray(texture_model.init_latent(k_tex))
 
@@ -452,8 +456,11 @@ def fit_folder(paths, folders, pipeline, config, start, photo_texture, key):
         if not batch:
             break
         real = len(batch)
-        # pad a short last batch by repeating its last photo: one compiled shape for all
-        padded = batch + [batch[-1]] * (batch_size - real)
+        # pad a short last batch by repeating its last photo: one compiled shape for all; not
+        # when stage 2 steps photo after photo, where a padded photo costs a whole fit and a
+        # new batch shape only recompiles stage 1's small step
+        pad = 0 if fitting.per_photo_batch_applies(config, 2, "batch") else batch_size - real
+        padded = batch + [batch[-1]] * pad
         starts = [start(item) for _, _, item in padded]
         batch_index += 1
         print(f"batch {batch_index}: {real} photo(s), {done} done so far", flush=True)

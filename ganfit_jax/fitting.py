@@ -117,6 +117,12 @@ class FitConfig:
     # program's many small ops one after another, two programs overlap (~10% off the cpu-small
     # step; BENCHMARKS.md). Same gradient as the fused step. False: one fused program
     two_threads: bool = True
+    # how a batch of independent photos (fit --images) steps in the host loop: 'vmap', one
+    # vmapped program; 'per_photo', photo after photo with the single-photo step (its compacted
+    # shading and two threads; on the 2-core CPU 52-64 ms a photo against 76-94 ms a photo
+    # vmapped at batch 2 and 8, cpu-small, BENCHMARKS.md); 'auto', per_photo for stage 2 on a
+    # single CPU device, vmap otherwise (stage 1 is a few tiny ops: vmap amortises dispatch)
+    batch_steps: str = "auto"
 
 
 @flax.struct.dataclass
@@ -618,6 +624,53 @@ def two_view_step_applies(config: FitConfig, stage: int, mode: str, pipeline: Pi
             and config.weights.identity_random > 0 and pipeline_as_constants(config, pipeline))
 
 
+def per_photo_batch_applies(config: FitConfig, stage: int, mode: str) -> bool:
+    """Whether `bound_step` steps a batch photo after photo (`PerPhotoStep`;
+    `FitConfig.batch_steps`): only independent photos ('batch', not frames, whose shared shape
+    and texture need the vmapped mean) in the host loop."""
+    if config.batch_steps not in ("auto", "vmap", "per_photo"):
+        raise ValueError("FitConfig.batch_steps must be 'auto', 'vmap' or 'per_photo', got "
+                         f"{config.batch_steps!r}")
+    if mode != "batch" or uses_scan(config) or config.batch_steps == "vmap":
+        return False
+    return config.batch_steps == "per_photo" or (
+        stage == 2 and jax.default_backend() == "cpu" and jax.device_count() == 1)
+
+
+class PerPhotoStep:
+    """A batch of independent photos stepped one photo after another with the single-photo
+    step (`bound_step(config, stage, 'single', pipeline)`), called like the vmapped step:
+    (params, opt_state, target, keys, light_init), each with a leading batch axis, and giving
+    its outputs stacked the same way. Photo i gets keys[i], as under vmap, so the results are
+    the vmapped step's (tested). On the CPU the single step's compacted shading and two threads
+    beat vmap, whose batched renders shade every pixel in one program."""
+
+    pipeline_args = ()
+
+    def __init__(self, single):
+        self.single = single
+        self._target = None  # (the batch's target, its photos): the same for a whole stage
+
+    def __call__(self, params, opt_state, target, keys, light_init):
+        n = keys.shape[0]
+        if self._target is None or self._target[0] is not target:
+            self._target = (target, _unstack_tree(target, n))
+        photos = _unstack_tree((params, opt_state, keys, light_init), n)
+        return _stack_trees([self.single(p, s, t, k, light)
+                             for (p, s, k, light), t in zip(photos, self._target[1])])
+
+
+# one dispatch each way per step, instead of one per array and photo
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack_tree(tree, n):
+    return [jax.tree.map(lambda x: x[i], tree) for i in range(n)]
+
+
+@jax.jit
+def _stack_trees(trees):
+    return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+
+
 _CONSTANT_STEPS = {}  # (config, stage, mode, backend) → the latest pipeline's (treedef, leaves, step)
 
 
@@ -636,8 +689,16 @@ def _jitted_step(config: FitConfig, stage: int, mode: str, backend: str):
 def bound_step(config: FitConfig, stage: int, mode: str, pipeline: Pipeline):
     """The step `fitting.fit` runs on the host (mode as in `compiled_chunk`), jitted once per
     configuration and, when `pipeline_as_constants`, once per pipeline (the latest is kept, so
-    fitting photo after photo with one pipeline compiles once). A `TwoViewStep` where
-    `two_view_step_applies`, else a `BoundStep`."""
+    fitting photo after photo with one pipeline compiles once). A `PerPhotoStep` where
+    `per_photo_batch_applies`, a `TwoViewStep` where `two_view_step_applies`, else a
+    `BoundStep`."""
+    if per_photo_batch_applies(config, stage, mode):
+        single = bound_step(config, stage, "single", pipeline)
+        key = ("per_photo", config, stage)
+        held = _CONSTANT_STEPS.get(key)
+        if held is None or held.single is not single:
+            held = _CONSTANT_STEPS[key] = PerPhotoStep(single)
+        return held
     backend = jax.default_backend()
     if not pipeline_as_constants(config, pipeline):
         return BoundStep(_jitted_step(config, stage, mode, backend), (pipeline,))

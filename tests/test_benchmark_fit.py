@@ -36,9 +36,10 @@ def test_the_cross_device_path_equals_the_compiled_count():
 
 def test_the_benchmark_times_the_steps_fit_runs_with_their_results(sfm_dir):
     """Batch 1 times `fit --image`'s unvmapped step (on the CPU a TwoViewStep: the two views of
-    Eq. 12 as programs on two threads), batch 2 the vmapped step of `fit --images`, with the
-    pipeline compiled in as constants as `fit` does on the CPU: each must compute what the plain
-    vmapped step computes with the pipeline as an argument."""
+    Eq. 12 as programs on two threads), batch 2 the batch step of `fit --images` (on one CPU
+    device photo after photo with that step, a PerPhotoStep), with the pipeline compiled in as
+    constants as `fit` does on the CPU: each must compute what the plain vmapped step computes
+    with the pipeline as an argument."""
     from ganfit_jax import fitting
 
     pipe, params, target = benchmark_fit.build("tiny", str(sfm_dir / "sfm_shape_3448.bin"),
@@ -53,9 +54,12 @@ def test_the_benchmark_times_the_steps_fit_runs_with_their_results(sfm_dir):
     for b, k in ((2, key), (1, jax.random.split(key, 2)[0])):
         step, args = benchmark_fit.step_arguments(config, pipe, params, target, b, k)
         assert step.pipeline_args == ()  # a tiny pipeline on the CPU: compiled in
-        # one photo: the two views on two threads (fitting.TwoViewStep), batches: one program
+        # one photo: the two views on two threads (fitting.TwoViewStep); a batch: that step
+        # photo after photo on one CPU device, else one vmapped program
+        per_photo = b == 2 and jax.device_count() == 1
         assert isinstance(step, fitting.TwoViewStep) == (b == 1)
-        got = step(*args) if b == 1 else step.lower(*args).compile()(*args)
+        assert isinstance(step, fitting.PerPhotoStep) == per_photo
+        got = step(*args) if b == 1 or per_photo else step.lower(*args).compile()(*args)
         expected = want if b == 2 else jax.tree.map(lambda x: x[:1], want)
         if b == 1:
             got = jax.tree.map(lambda x: x[None], got)

@@ -376,3 +376,43 @@ def test_two_view_step_reraises_the_random_views_error(sfm_dir, monkeypatch):
     tx = fitting.optimiser(0.01, params, 2, fitting.texture_step_scale(pipe))
     with pytest.raises(RuntimeError, match="random view failed"):
         step(params, tx.init(params), target, key, params.light)
+
+
+def test_batch_per_photo_equals_the_vmapped_batch(sfm_dir):
+    """FitConfig.batch_steps='per_photo' (on one CPU device the default for stage 2 of `fit
+    --images`): photo after photo with the single-photo step, each photo with its own key as
+    under vmap, gives the vmapped batch's parameters and per-step terms, random view included;
+    never for frames (their shared shape and texture need the vmapped mean)."""
+    import dataclasses
+
+    from experiments import benchmark_fit
+
+    key = jax.random.PRNGKey(0)
+    pipe, params, target = benchmark_fit.build("tiny", str(sfm_dir / "sfm_shape_3448.bin"), key)
+    ps = fitting.stack([params, params.replace(shape=params.shape + 0.2)])
+    ts = fitting.stack([target, target.replace(landmarks=target.landmarks + 1.5)])
+    results = {}
+    for mode in ("vmap", "per_photo"):
+        cfg = fitting.FitConfig(stage1_iterations=2, stage2_iterations=4, chunk=2,
+                                batch_steps=mode)
+        results[mode] = fitting.fit(pipe, ps, ts, cfg, jax.random.PRNGKey(3), batched=True,
+                                    log=None)
+        assert isinstance(fitting.bound_step(cfg, 2, "batch", pipe),
+                          fitting.PerPhotoStep) == (mode == "per_photo")
+    (got, got_hist), (want, want_hist) = results["per_photo"], results["vmap"]
+    assert got_hist[2]["identity_random"].shape == (4, 2)
+    for stage in (1, 2):
+        for name, v in want_hist[stage].items():
+            np.testing.assert_allclose(got_hist[stage][name], v, rtol=1e-4, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                   atol=1e-5 * float(np.abs(np.asarray(b)).max()))
+    auto = fitting.FitConfig()
+    on_one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+    assert fitting.per_photo_batch_applies(auto, 2, "batch") == on_one_cpu
+    assert not fitting.per_photo_batch_applies(auto, 1, "batch")
+    assert not fitting.per_photo_batch_applies(
+        dataclasses.replace(auto, batch_steps="per_photo"), 2, "frames")
+    assert not fitting.per_photo_batch_applies(dataclasses.replace(auto, loop="scan"), 2, "batch")
+    with pytest.raises(ValueError, match="batch_steps"):
+        fitting.per_photo_batch_applies(dataclasses.replace(auto, batch_steps="loop"), 2, "batch")
