@@ -20,11 +20,13 @@ cd "$(dirname "$0")/.."
 if [[ $dry == --dry_run ]]; then
   export JAX_PLATFORMS=cpu
   tests=(tests/test_losses.py)
-  fit_args=(--config=tiny --batch_sizes=2 --repeats=1 --iterations=10)
-  bf16_args=(--config=tiny --batch_sizes=2 --repeats=1 --iterations=10 --compute_dtype=bfloat16)
+  # --batch_steps=vmap: the batch step accelerators run (on one CPU `auto` steps photo by photo)
+  fit_args=(--config=tiny --batch_sizes=2 --repeats=1 --iterations=10 --batch_steps=vmap)
+  bf16_args=(--config=tiny --batch_sizes=2 --repeats=1 --iterations=10 --compute_dtype=bfloat16
+             --batch_steps=vmap)
   scan_args=(--config=tiny --batch_sizes=2 --repeats=1 --iterations=10 --compute_dtype=bfloat16
              --loop=scan --chunk=2)
-  remat_args=(--config=tiny --batch_sizes=2 --repeats=1 --iterations=10 --remat)
+  remat_args=(--config=tiny --batch_sizes=2 --repeats=1 --iterations=10 --remat --batch_steps=vmap)
   render_args=(--cases=sfm-224 --repeats=1)
   t_fit=300 t_bf16=300 t_scan=300 t_render=120 t_tests=300 t_remat=300
 else

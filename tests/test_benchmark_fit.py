@@ -112,16 +112,19 @@ def test_the_count_of_a_compacted_step_is_the_whole_grid_step(sfm_dir):
     assert benchmark_fit.counted_flops(threaded, pipe, two_views, args, True) == counted
 
 
-def test_nocount_flops_leaves_the_count_and_its_rates_null(sfm_dir):
-    """--nocount_flops (what the device check passes: off the CPU the count is one more CPU
-    compilation per batch size) still times the step; counted, the rate is flops / time."""
+def test_a_per_photo_batch_is_counted_and_nocount_leaves_the_rates_null(sfm_dir):
+    """A batch stepped photo after photo (the CPU's default) is counted as the vmapped program
+    of the same algorithm, and its rate is flops / time; --nocount_flops (what the device check
+    passes: off the CPU the count is one more CPU compilation per batch size) leaves the count
+    and every rate derived from it null."""
     model = str(sfm_dir / "sfm_shape_3448.bin")
-    counted = next(benchmark_fit.bench_fit("tiny", [2], model, 10, 1))
-    skipped = next(benchmark_fit.bench_fit("tiny", [2], model, 10, 1, count_flops=False))
-    assert counted["flops"] > 0
-    np.testing.assert_allclose(counted["achieved_gflops"],
-                               counted["flops"] / counted["step_ms"] / 1e6, rtol=0.01)
-    assert skipped["step_ms"] > 0 and skipped["images_per_second"] > 0
-    for column in ("flops", "achieved_gflops", "floor_ms", "ratio_to_floor",
-                   "ratio_to_conv_floor"):
-        assert skipped[column] is None, column
+    row = next(benchmark_fit.bench_fit("tiny", [2], model, 10, 1, batch_steps="per_photo"))
+    assert row["per_photo"] and row["two_threads"] and row["flops"] > 0
+    np.testing.assert_allclose(row["achieved_gflops"], row["flops"] / row["step_ms"] / 1e6,
+                               rtol=0.01)
+    rates = benchmark_fit._rates(None, 0.1, 2e11, 1e11, floors=True)
+    assert rates == dict(achieved_gflops=None, floor_ms=None, ratio_to_floor=None,
+                         ratio_to_conv_floor=None)
+    counted = benchmark_fit._rates(4e9, 0.1, 2e11, 1e11, floors=True)
+    assert counted == dict(achieved_gflops=40.0, floor_ms=20.0, ratio_to_floor=5.0,
+                           ratio_to_conv_floor=2.5)
