@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -41,3 +43,22 @@ def ict_path():
 @pytest.fixture(scope="session")
 def faces_dir():
     return _asset("faces")
+
+
+@pytest.fixture(scope="session")
+def run_fit(tmp_path_factory):
+    """`python -m experiments.fit ARGS` in a subprocess on the CPU → (exit code, stdout,
+    stderr). fit's default --compilation_cache lives under $XDG_CACHE_HOME, so the tests keep
+    theirs in a folder of their own (`cache_home=` gives a test a fresh one)."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    shared_home = tmp_path_factory.mktemp("xdg")
+
+    def run(*args, timeout=600, cache_home=None, env=None):
+        proc = subprocess.run(
+            [sys.executable, "-m", "experiments.fit", *args], cwd=root, capture_output=True,
+            text=True, timeout=timeout,
+            env=dict(os.environ, JAX_PLATFORMS="cpu",
+                     XDG_CACHE_HOME=str(cache_home or shared_home), **(env or {})))
+        return proc.returncode, proc.stdout, proc.stderr
+
+    return run

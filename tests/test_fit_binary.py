@@ -1,27 +1,7 @@
 """experiments/fit.py end to end on a real photo (tiny settings) and on bad input."""
 
-import os
-import subprocess
-import sys
-import tempfile
-
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# fit's default --compilation_cache lives under $XDG_CACHE_HOME: the tests keep theirs apart
-CACHE_HOME = tempfile.mkdtemp(prefix="ganfit_test_xdg_")
-
-
-def run_fit(*args, timeout=600, cache_home=CACHE_HOME, env=None):
-    proc = subprocess.run([sys.executable, "-m", "experiments.fit", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", XDG_CACHE_HOME=str(cache_home),
-                                   **(env or {})))
-    return proc.returncode, proc.stdout, proc.stderr
-
 
 TINY = ["--identity=tiny", "--texture=direct", "--stage1_iterations=4", "--iterations=2",
         "--chunk=2", "--image_size=64"]
@@ -32,7 +12,7 @@ def ffhq_photo(faces_dir):
     return faces_dir / "ffhq" / "FFHQ" / "00002.png"
 
 
-def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, tmp_path):
+def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, tmp_path, run_fit):
     out = tmp_path / "fit"
     code, stdout, stderr = run_fit(f"--image={ffhq_photo}", f"--output_dir={out}",
                                    f"--model={sfm_dir / 'sfm_shape_3448.bin'}", *TINY)
@@ -64,7 +44,7 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
 
 @pytest.mark.parametrize("case", ["missing_image", "not_an_image", "no_face", "bad_landmarks",
                                   "unknown_model"])
-def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path):
+def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fit):
     out = tmp_path / "out"
     image, extra, expect = ffhq_photo, [], None
     model = f"--model={sfm_dir / 'sfm_shape_3448.bin'}"
@@ -94,7 +74,7 @@ def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path):
     assert not out.exists()
 
 
-def test_folder_of_photos_in_vmapped_batches_skips_bad_ones(faces_dir, sfm_dir, tmp_path):
+def test_folder_of_photos_in_batches_skips_bad_ones(faces_dir, sfm_dir, tmp_path, run_fit):
     import shutil
 
     from PIL import Image
@@ -121,7 +101,7 @@ def test_folder_of_photos_in_vmapped_batches_skips_bad_ones(faces_dir, sfm_dir, 
     assert np.abs(cams[0] - cams[1]).max() > 1.0 and np.abs(cams[1] - cams[2]).max() > 1.0
 
 
-def test_compilation_cache_is_filled_and_reused(ffhq_photo, sfm_dir, tmp_path):
+def test_compilation_cache_is_filled_and_reused(ffhq_photo, sfm_dir, tmp_path, run_fit):
     """--compilation_cache (default $XDG_CACHE_HOME/ganfit_jax/xla): the first fit writes its
     compiled programs there, a second fit of the same shapes loads every one of them (JAX logs
     each hit) and gives the same result.

@@ -4,9 +4,6 @@ The reference is the frames the test itself encodes: decoding must give them bac
 codec's loss), in order, with the requested step and count."""
 
 import os
-import subprocess
-import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -15,7 +12,6 @@ from ganfit_jax import inputs
 
 av = pytest.importorskip("av", reason="PyAV (requirements.txt) reads video files")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIFT = 6  # pixels the face moves right per frame
 
 
@@ -66,18 +62,7 @@ def test_not_a_video_is_a_clear_error(tmp_path):
         inputs.read_video_frames(bad, step=0)
 
 
-# fit's default --compilation_cache lives under $XDG_CACHE_HOME: the tests keep theirs apart
-CACHE_HOME = tempfile.mkdtemp(prefix="ganfit_test_xdg_")
-
-
-def run_fit(*args):
-    proc = subprocess.run([sys.executable, "-m", "experiments.fit", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", XDG_CACHE_HOME=CACHE_HOME))
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def test_fit_a_video_shares_shape_and_keeps_per_frame_pose(clip, sfm_dir, tmp_path):
+def test_fit_a_video_shares_shape_and_keeps_per_frame_pose(clip, sfm_dir, tmp_path, run_fit):
     path, _ = clip
     out = tmp_path / "person"
     code, stdout, stderr = run_fit(
@@ -100,7 +85,7 @@ def test_fit_a_video_shares_shape_and_keeps_per_frame_pose(clip, sfm_dir, tmp_pa
         assert (out / n / "overlay.png").stat().st_size > 0
 
 
-def test_fit_an_unreadable_video_is_one_line(tmp_path, sfm_dir):
+def test_fit_an_unreadable_video_is_one_line(tmp_path, sfm_dir, run_fit):
     bad = tmp_path / "broken.mp4"
     bad.write_text("not a video")
     code, _, stderr = run_fit(f"--frames={bad}", f"--output_dir={tmp_path / 'o'}",
