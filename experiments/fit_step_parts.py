@@ -3,7 +3,9 @@
 Prints (1) the step with the pipeline as a jit argument or compiled in as constants, each with
 XLA:CPU's default options or `fitting.CPU_STEP_COMPILER_OPTIONS` (YNNPACK off), one compilation per
 variant, --rounds rounds; (2) the forward+backward of each part of the step alone (ProGAN,
-dlib ResNet, renderer) with XLA's FLOP count. The numbers behind BENCHMARKS.md's tables.
+dlib ResNet, renderer) with XLA's FLOP count; (3) the two-view step against the fused one
+(--two_threads); (4) a batch photo after photo against vmap (--batches). The numbers behind
+BENCHMARKS.md's tables.
 """
 
 import statistics
@@ -16,6 +18,9 @@ flags.DEFINE_integer("rounds", 3, "rounds of the variant comparison")
 flags.DEFINE_integer("repeats", 15, "timed calls per measurement (median)")
 flags.DEFINE_bool("two_threads", True, "also time fitting.TwoViewStep (the two views of Eq. 12 "
                   "on two threads) against the fused step")
+flags.DEFINE_list("batches", ["2", "8"], "also time a batch stepped photo after photo "
+                  "(fitting.PerPhotoStep) against the vmapped step at these sizes, ms per photo "
+                  "(empty: skip)")
 FLAGS = flags.FLAGS
 
 
@@ -91,6 +96,31 @@ def main(argv):
          target.image)
     if FLAGS.two_threads:
         _two_threads(pipe, params, target, key, config, fused)
+    if FLAGS.batches:
+        _batches(pipe, params, target, key, config, [int(b) for b in FLAGS.batches])
+
+
+def _batches(pipe, params, target, key, config, sizes):
+    """`fitting.FitConfig.batch_steps`: the batch step `fit --images` runs, photo after photo
+    (the CPU's default) against one vmapped program, each the step the benchmark times
+    (`benchmark_fit.step_arguments`), in interleaved rounds, as ms per photo."""
+    import dataclasses as dc
+
+    import jax
+
+    from experiments import benchmark_fit
+
+    calls = {}
+    for mode in ("per_photo", "vmap"):
+        for b in ([1] if mode == "per_photo" else []) + sizes:
+            step, args = benchmark_fit.step_arguments(dc.replace(config, batch_steps=mode),
+                                                      pipe, params, target, b, key)
+            calls[mode, b] = (lambda step=step, args=args:
+                              jax.block_until_ready(step(*args)))
+    print("batch step, ms per photo (per_photo: photo after photo; vmap: one program):")
+    for _ in range(FLAGS.rounds):
+        print("  " + " | ".join(f"{mode} b={b} {_ms(call, FLAGS.repeats) / b:.1f}"
+                                for (mode, b), call in calls.items()))
 
 
 def _two_threads(pipe, params, target, key, config, fused):

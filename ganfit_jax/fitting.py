@@ -593,16 +593,17 @@ class TwoViewStep:
             except BaseException as e:  # noqa: BLE001 -- re-raised on the caller's thread
                 second["error"] = e
 
-        thread = threading.Thread(target=random_view, name="ganfit-random-view")
-        if overlap:
-            thread.start()
-        try:
-            (total, terms), (grads, texture_grads) = jax.block_until_ready(self._views[0](*args))
-        finally:
-            if overlap:
-                thread.join()
         if not overlap:
+            (total, terms), (grads, texture_grads) = self._views[0](*args)
             random_view()
+        else:
+            thread = threading.Thread(target=random_view, name="ganfit-random-view")
+            thread.start()
+            try:
+                (total, terms), (grads, texture_grads) = jax.block_until_ready(
+                    self._views[0](*args))
+            finally:
+                thread.join()
         if "error" in second:
             raise second["error"]
         (total2, terms2), (grads2, texture_grads2) = second["out"]

@@ -361,7 +361,7 @@ def test_two_view_step_equals_the_fused_step(sfm_dir):
     assert fitting.two_view_step_applies(threaded, 2, "single", pipe) == on_cpu
 
 
-def test_two_view_step_reraises_the_random_views_error(sfm_dir, monkeypatch):
+def test_two_view_step_reraises_the_random_views_error(sfm_dir):
     """An error on the random view's thread reaches the caller (not a silent missing term)."""
     from experiments import benchmark_fit
 
