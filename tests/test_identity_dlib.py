@@ -150,3 +150,26 @@ def test_space_to_depth_conv_equals_strided_conv(size, kernel, stride):
     g_ref = jax.grad(lambda p, x: jnp.sum(jnp.tanh(ref.apply(p, x)) * w), argnums=(0, 1))(params, x)
     for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size,stride", [((4, 4), 2), ((3, 3), 2), ((1, 1), 1), ((5, 6), 1), ((8, 9), 2)])
+def test_dlib_conv_equals_nn_conv(size, stride):
+    """DlibConv (dlib's padding rule; one matrix product where the output is a single pixel, as in
+    stage 5) equals nn.Conv with the same parameters, forward and in both gradients."""
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, *size, 6))
+    pad = 0 if stride != 1 else 1
+    ours = dlib_resnet.DlibConv(5, 3, stride)
+    ref = nn.Conv(5, (3, 3), strides=(stride, stride), padding=[(pad, pad), (pad, pad)])
+    params = jax.tree.map(lambda p: p + 0.1, ours.init(jax.random.PRNGKey(1), x))
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref.init(jax.random.PRNGKey(1), x))
+    y_ref = ref.apply(params, x)
+    y = ours.apply(params, x)
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
+    w = jax.random.normal(jax.random.PRNGKey(2), y_ref.shape)
+    g_ours = jax.grad(lambda p, x: jnp.sum(jnp.tanh(ours.apply(p, x)) * w), argnums=(0, 1))(params, x)
+    g_ref = jax.grad(lambda p, x: jnp.sum(jnp.tanh(ref.apply(p, x)) * w), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
