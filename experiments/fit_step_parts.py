@@ -1,8 +1,8 @@
 """Where a cpu-small fitting step goes: `python -m experiments.fit_step_parts`.
 
 Prints (1) the step with the pipeline as a jit argument or compiled in as constants, each with
-XLA:CPU's default options or `fitting.CPU_STEP_COMPILER_OPTIONS` (YNNPACK off), one compilation per
-variant, --rounds rounds; (2) the forward+backward of each part of the step alone (ProGAN,
+XLA:CPU's default options or `fitting.CPU_STEP_COMPILER_OPTIONS` (YNNPACK and the fusion
+emitters off), one compilation per variant, --rounds rounds; (2) the forward+backward of each part of the step alone (ProGAN,
 dlib ResNet, renderer) with XLA's FLOP count; (3) the two-view step against the fused one
 (--two_threads); (4) a batch photo after photo against vmap (--batches). The numbers behind
 BENCHMARKS.md's tables.
@@ -51,7 +51,7 @@ def main(argv):
     calls = {}
     for weights in ("arguments", "constants"):
         for fusions, options in (("default", None),
-                                 ("YNNPACK off", fitting.CPU_STEP_COMPILER_OPTIONS)):
+                                 ("step options", fitting.CPU_STEP_COMPILER_OPTIONS)):
             if weights == "constants":
                 f = jax.jit(lambda p, o: step(pipe, p, o, target, key, light),
                             compiler_options=options)
@@ -63,10 +63,10 @@ def main(argv):
     for _ in range(FLAGS.rounds):
         for name, (f, args) in calls.items():
             times[name].append(_ms(lambda: jax.block_until_ready(f(*args)), FLAGS.repeats))
-    fused = calls["constants", "YNNPACK off"]
+    fused = calls["constants", "step options"]
     print("step ms, batch 1, per round:")
     for (weights, fusions), t in times.items():
-        print(f"  weights as {weights:9s} fusions {fusions:17s} "
+        print(f"  weights as {weights:9s} options {fusions:12s} "
               + " / ".join(f"{x:.0f}" for x in t))
 
     def part(name, fn, *args):
@@ -76,7 +76,7 @@ def main(argv):
         ms = _ms(lambda: jax.block_until_ready(c(*args)), FLAGS.repeats)
         print(f"  {name:40s} {ms:6.1f} ms {flops / 1e9:6.2f} GFLOP {flops / ms / 1e6:6.0f} GFLOP/s")
 
-    print("parts alone (weights as constants, YNNPACK off):")
+    print("parts alone (weights as constants, the step options):")
     texture = pipe.texture_fn(pipe.texture_params, params.texture)
     part("ProGAN 128² forward+backward",
          jax.grad(lambda z: jnp.sum(pipe.texture_fn(pipe.texture_params, z) ** 2)), params.texture)

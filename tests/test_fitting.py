@@ -281,6 +281,26 @@ def test_which_pipelines_the_host_loop_compiles_in(sfm_model, monkeypatch):
         fitting.pipeline_as_constants(dataclasses.replace(host, constant_pipeline="maybe"), pipe)
 
 
+def test_cpu_step_options_keep_what_this_xla_knows(monkeypatch):
+    """The CPU step's compiler options: both of ours on the pinned jaxlib, none off the CPU, and
+    an option this XLA does not know is dropped alone (the others are kept)."""
+    fitting.cpu_step_compiler_options.cache_clear()
+    try:
+        assert fitting.cpu_step_compiler_options("cpu") == fitting.CPU_STEP_COMPILER_OPTIONS
+        assert fitting.cpu_step_compiler_options("gpu") is None
+        monkeypatch.setattr(fitting, "CPU_STEP_COMPILER_OPTIONS",
+                            dict(fitting.CPU_STEP_COMPILER_OPTIONS, xla_cpu_no_such_option=True))
+        fitting.cpu_step_compiler_options.cache_clear()
+        kept = fitting.cpu_step_compiler_options("cpu")
+        assert "xla_cpu_no_such_option" not in kept
+        assert kept["xla_cpu_use_fusion_emitters"] is False
+        monkeypatch.setattr(fitting, "CPU_STEP_COMPILER_OPTIONS", {"xla_cpu_no_such_option": 1})
+        fitting.cpu_step_compiler_options.cache_clear()
+        assert fitting.cpu_step_compiler_options("cpu") is None
+    finally:
+        fitting.cpu_step_compiler_options.cache_clear()
+
+
 def test_pixel_budget_leaves_the_loss_and_its_gradient_unchanged(sfm_model):
     """FitConfig.pixel_budget (compacted shading of the covered pixels in unbatched steps) is a
     speed choice only: Eq. 12 and its gradient equal the whole-grid renders, with the face inside
