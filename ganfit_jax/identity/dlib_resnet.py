@@ -204,7 +204,8 @@ class DlibConv(nn.Module):
         n, h, w, c = x.shape
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, c, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        kernel = kernel.astype(x.dtype)
+        dtype = jnp.promote_types(x.dtype, kernel.dtype)  # as nn.Conv
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
         pad = 0 if s != 1 else k // 2
         if (h + 2 * pad - k) // s == 0 and (w + 2 * pad - k) // s == 0:
             window = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))[:, :k, :k, :]
