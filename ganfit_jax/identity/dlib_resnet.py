@@ -152,7 +152,22 @@ class Affine(nn.Module):
         return x * scale + bias
 
 
-class SpaceToDepthConv(nn.Module):
+class _Conv(nn.Module):
+    """A k×k, stride-s convolution layer with nn.Conv's parameters."""
+
+    features: int
+    kernel_size: int
+    stride: int
+
+    def conv_params(self, in_features):
+        """(kernel (k,k,Cin,Cout), bias (Cout,)), initialised as nn.Conv's."""
+        k = self.kernel_size
+        return (self.param("kernel", nn.initializers.lecun_normal(),
+                           (k, k, in_features, self.features)),
+                self.param("bias", nn.initializers.zeros, (self.features,)))
+
+
+class SpaceToDepthConv(_Conv):
     """A stride-s convolution without padding, computed as a stride-1 convolution over s×s
     space-to-depth blocks (input channels × s²; kernel zero-padded to a multiple of s).
 
@@ -161,16 +176,11 @@ class SpaceToDepthConv(nn.Module):
     convolution ran at ~20 GFLOP/s; over 12-channel blocks it measured ~2.5× faster forward
     (2-core dev machine)."""
 
-    features: int
-    kernel_size: int
-    stride: int
-
     @nn.compact
     def __call__(self, x):
         k, s = self.kernel_size, self.stride
         n, h, w, c = x.shape
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, c, self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        kernel, bias = self.conv_params(c)
         out_h, out_w = (h - k) // s + 1, (w - k) // s + 1
         taps = -(-k // s)  # kernel taps per block axis
         bh, bw = max(-(-h // s), out_h + taps - 1), max(-(-w // s), out_w + taps - 1)
@@ -186,7 +196,7 @@ class SpaceToDepthConv(nn.Module):
         return y[:, :out_h, :out_w] + bias.astype(y.dtype)
 
 
-class DlibConv(nn.Module):
+class DlibConv(_Conv):
     """dlib's `con_`: a k×k convolution padded by k//2 at stride 1 and not at all otherwise (dlib's
     default), with nn.Conv's parameters (`kernel` (k,k,Cin,Cout), `bias`).
 
@@ -194,16 +204,11 @@ class DlibConv(nn.Module):
     matrix-vector product over the window: XLA:CPU's convolution took ~0.3 ms forward and its
     input gradient ~0.6 ms there (2-core dev machine), a product of 2.4 MB of weights ~0.1 ms."""
 
-    features: int
-    kernel_size: int
-    stride: int
-
     @nn.compact
     def __call__(self, x):
         k, s = self.kernel_size, self.stride
         n, h, w, c = x.shape
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, c, self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        kernel, bias = self.conv_params(c)
         dtype = jnp.promote_types(x.dtype, kernel.dtype)  # as nn.Conv
         x, kernel = x.astype(dtype), kernel.astype(dtype)
         pad = 0 if s != 1 else k // 2
