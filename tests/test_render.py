@@ -513,7 +513,6 @@ def test_given_triangle_ids_give_the_same_image_and_gradients():
     interpolation) changes nothing: image, aux and every gradient equal the render that
     rasterizes itself, and the image also with a pixel budget. Ids of another pose are used as
     given (the image changes), and ids of the wrong shape or type are refused by name."""
-    budget = None
     verts, tris, uv, colours, texture, cam, light = _tiny_scene()
     cam = cam * np.array([1, 1, 1, 1, 1, 1, 0.5])
     size = 24
@@ -522,7 +521,7 @@ def test_given_triangle_ids_give_the_same_image_and_gradients():
     def run(ids, camera=cam):
         def f(v, t, camera_, light_):
             image, aux = render.render(v, tris, uv, t, camera_, light_, size, background=0.3,
-                                       pixel_budget=budget, triangle_ids=ids)
+                                       triangle_ids=ids)
             return jnp.sum(image * weights), (image, aux)
 
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))(
