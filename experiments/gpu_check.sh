@@ -34,15 +34,17 @@ else
   tests=(tests/test_render.py tests/test_fitting.py tests/test_precision.py tests/test_camera.py)
   fit_args=(--config=paper --batch_sizes=1,32 --repeats=5 --iterations=300)
   bf16_args=(--config=paper --batch_sizes=32,64 --repeats=5 --iterations=300 --compute_dtype=bfloat16)
-  # a batch of 128 as `fitting.fit` runs it on accelerators (10 steps in one lax.scan): where
-  # an H200 reached the 2 images/s (2.06; BENCHMARKS.md), ~26 GB, so it fits an H100
-  scan_args=(--config=paper --batch_sizes=128 --repeats=3 --iterations=300 --compute_dtype=bfloat16
+  # batches of 128 and 256 as `fitting.fit` runs them on accelerators (10 steps in one
+  # lax.scan): 128 is where an H200 reached the 2 images/s (2.06; BENCHMARKS.md) in
+  # ~26 GB; 256 (~52 GB, still inside an H100) shows whether throughput is still growing
+  scan_args=(--config=paper --batch_sizes=128,256 --repeats=3 --iterations=300 --compute_dtype=bfloat16
              --loop=scan --chunk=10)
   remat_args=(--config=paper --batch_sizes=32 --repeats=3 --iterations=300 --remat)
   render_args=(--repeats=10)
   # each paper batch size compiles in 35-55 s (H100, H200); GPU test compiles are slow. On an
-  # H200 (session 6) the steps took 98, 104, 70 (scan at batch 64; 128 alone: 94) and 39 s
-  t_fit=130 t_bf16=120 t_scan=120 t_render=45 t_tests=100 t_remat=60
+  # H200 (session 6) the steps took 98, 104, 70 (scan at batch 64; 128 alone: 94) and 39 s;
+  # the scan row runs first: it holds the target
+  t_fit=130 t_bf16=120 t_scan=200 t_render=45 t_tests=90 t_remat=60
 fi
 "$py" -c "import jax; print(jax.__version__, jax.devices(), jax.default_backend())" | tee "$out/devices.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$out/devices.txt" 2>/dev/null
@@ -55,12 +57,12 @@ step() {  # step NAME SECONDS OUTFILE CMD...: run with a time limit, report how 
   echo "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit s)"
   [[ $rc == 0 ]] || { status=1; tail -5 "$file.err"; }
 }
+step "fit benchmark, lax.scan chunks" "$t_scan" "$out/fit_scan.jsonl" "$py" -m experiments.benchmark fit --json --nocount_flops "${scan_args[@]}"
+cat "$out/fit_scan.jsonl"
 step "fit benchmark" "$t_fit" "$out/fit.jsonl" "$py" -m experiments.benchmark fit --json --nocount_flops "${fit_args[@]}"
 cat "$out/fit.jsonl"
 step "fit benchmark, bfloat16 networks" "$t_bf16" "$out/fit_bf16.jsonl" "$py" -m experiments.benchmark fit --json --nocount_flops "${bf16_args[@]}"
 cat "$out/fit_bf16.jsonl"
-step "fit benchmark, lax.scan chunks" "$t_scan" "$out/fit_scan.jsonl" "$py" -m experiments.benchmark fit --json --nocount_flops "${scan_args[@]}"
-cat "$out/fit_scan.jsonl"
 step "render benchmark" "$t_render" "$out/render.jsonl" "$py" -m experiments.benchmark render --json "${render_args[@]}"
 cat "$out/render.jsonl"
 step "tests" "$t_tests" "$out/tests.txt" "$py" -m pytest -x -q -p no:cacheprovider -p no:xdist -o addopts=-ra "${tests[@]}"
