@@ -93,6 +93,44 @@ def test_equalized_conv_scales_weights_by_he_constant():
     assert abs(float(np.std(np.asarray(p["kernel"]))) - 1.0) < 0.3  # stored N(0, 1)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (2, 4, 3, 5), (1, 6, 6, 2)])
+def test_upsample_conv_equals_conv_of_the_upsampled_input(shape):
+    """The generator's fused upsample-conv against numpy (repeat, zero-pad, 3x3 windows), and
+    its gradients against XLA's convolution of the upsampled input."""
+    rng = np.random.default_rng(sum(shape))
+    x = rng.normal(size=shape).astype(np.float32)
+    w = rng.normal(size=(3, 3, shape[-1], 4)).astype(np.float32)
+    up = np.pad(x.repeat(2, 1).repeat(2, 2), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    n, h, wd = shape[0], 2 * shape[1], 2 * shape[2]
+    ref = np.zeros((n, h, wd, 4), np.float32)
+    for i in range(h):
+        for j in range(wd):
+            ref[:, i, j] = np.einsum("nabc,abcd->nd", up[:, i:i + 3, j:j + 3], w)
+    out = progan.upsample2x_conv3x3(jnp.asarray(x), jnp.asarray(w))
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
+
+    def unfused(x, w):
+        return jax.lax.conv_general_dilated(progan.upsample2x(x), w, (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    cot = jnp.asarray(rng.normal(size=ref.shape).astype(np.float32))
+    grads = jax.grad(lambda x, w: jnp.sum(cot * progan.upsample2x_conv3x3(x, w)), (0, 1))(x, w)
+    expect = jax.grad(lambda x, w: jnp.sum(cot * unfused(x, w)), (0, 1))(x, w)
+    for g, e in zip(grads, expect):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)
+
+
+def test_upsample_conv_layer_keeps_the_parameters_and_needs_3x3():
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 3, 3, 4)), jnp.float32)
+    fused, plain = progan.EqualizedConv(5, upsample=True), progan.EqualizedConv(5)
+    p = fused.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, p) == jax.tree.map(jnp.shape, plain.init(jax.random.key(0), x))
+    np.testing.assert_allclose(np.asarray(fused.apply(p, x)),
+                               np.asarray(plain.apply(p, progan.upsample2x(x))), rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="3x3 kernel"):
+        progan.EqualizedConv(5, kernel_size=1, upsample=True).init(jax.random.key(0), x)
+
+
 # ---------------------------------------------------------------------------------------------
 # networks
 

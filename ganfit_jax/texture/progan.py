@@ -152,12 +152,46 @@ class EqualizedDense(nn.Module):
         return x @ (w * (self.gain / math.sqrt(fan_in))) + b
 
 
+# Which of a 3x3 kernel's taps (along one axis) reach each output phase of a 2x nearest
+# upsampling, as two taps over the low-resolution input: even outputs 2i see input rows
+# (i-1, i, i) through taps (0, 1, 2), odd outputs 2i+1 see rows (i, i, i+1).
+_UPSAMPLE_PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]],
+                                 [[1, 1, 0], [0, 0, 1]]], np.float32)  # (phase, tap, 3x3 tap)
+
+
+def upsample2x_conv3x3(x, w):
+    """conv3x3_SAME(upsample2x(x), w) computed at x's resolution: (N, H, W, Ci) -> (N, 2H, 2W, Co).
+
+    Each of the four output phases is a 2x2 convolution of x with sums of w's taps (the
+    "fused" upscale-conv of Karras et al.'s code), so it takes 16 instead of 36 multiply-adds
+    per output value and never stores the upsampled input. The four phases are one
+    convolution with 4·Co output channels over x padded by one pixel; phase (a, b) of output
+    pixel (i, j) is that convolution's pixel (i + a, j + b).
+    """
+    n, h, wd, _ = x.shape
+    co = w.shape[-1]
+    m = jnp.asarray(_UPSAMPLE_PHASE_TAPS, w.dtype)
+    w_phases = jnp.einsum("atu,bsv,uvio->tsiabo", m, m, w).reshape(2, 2, w.shape[2], 4 * co)
+    y = jax.lax.conv_general_dilated(
+        jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), w_phases, window_strides=(1, 1),
+        padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = y.reshape(n, h + 1, wd + 1, 2, 2, co)
+    rows = jnp.stack([y[:, a:a + h, :, a] for a in (0, 1)], axis=2)  # (n, h, 2, w+1, 2, co)
+    out = jnp.stack([rows[:, :, :, b:b + wd, b] for b in (0, 1)], axis=4)  # (n, h, 2, w, 2, co)
+    return out.reshape(n, 2 * h, 2 * wd, co)
+
+
 class EqualizedConv(nn.Module):
-    """k x k convolution (NHWC, 'SAME' padding) with equalised learning rate."""
+    """k x k convolution (NHWC, 'SAME' padding) with equalised learning rate.
+
+    upsample=True: the convolution of the 2x nearest-upsampled input (ProGAN's upsample-conv),
+    same parameters, computed without upsampling (`upsample2x_conv3x3`; 3x3 kernels only).
+    """
 
     features: int
     kernel_size: int = 3
     gain: float = math.sqrt(2.0)
+    upsample: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -165,8 +199,13 @@ class EqualizedConv(nn.Module):
         fan_in = k * k * cin
         w = self.param("kernel", nn.initializers.normal(1.0), (k, k, cin, self.features))
         b = self.param("bias", nn.initializers.zeros, (self.features,))
+        w = w * (self.gain / math.sqrt(fan_in))
+        if self.upsample:
+            if k != 3:
+                raise ValueError(f"upsample=True needs a 3x3 kernel, got kernel_size={k}")
+            return upsample2x_conv3x3(x, w) + b
         y = jax.lax.conv_general_dilated(
-            x, w * (self.gain / math.sqrt(fan_in)), window_strides=(1, 1), padding="SAME",
+            x, w, window_strides=(1, 1), padding="SAME",
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y + b
 
@@ -193,7 +232,8 @@ class Generator(nn.Module):
         # gain sqrt(2)/4 to reach 4x4 ("conv 4x4" on a 1x1 input in their Table 2).
         self.block_4_dense = EqualizedDense(16 * nf(1), gain=math.sqrt(2.0) / 4)
         self.block_4_conv = EqualizedConv(nf(1))
-        self.blocks = {str(2 ** r): (EqualizedConv(nf(r - 1)), EqualizedConv(nf(r - 1)))
+        self.blocks = {str(2 ** r): (EqualizedConv(nf(r - 1), upsample=True),
+                                     EqualizedConv(nf(r - 1)))
                        for r in range(3, cfg.max_level + 1)}
         self.to_rgb = {str(2 ** r): EqualizedConv(cfg.channels, 1, gain=1.0)
                        for r in range(2, cfg.max_level + 1)}
@@ -212,7 +252,7 @@ class Generator(nn.Module):
         features = {2: x}
         for r in range(3, top + 1):
             c0, c1 = self.blocks[str(2 ** r)]
-            x = pixel_norm(leaky_relu(c0(upsample2x(x))))
+            x = pixel_norm(leaky_relu(c0(x)))  # c0 convolves the 2x-upsampled x
             x = pixel_norm(leaky_relu(c1(x)))
             features[r] = x
         if init_all:
