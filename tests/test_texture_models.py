@@ -36,7 +36,8 @@ def test_gan_generate_is_pure_and_transformable(gan):
     np.testing.assert_allclose(jax.jit(lambda m, q: m.generate(q))(gan, p), uv, atol=1e-5)
     ps = jax.random.normal(jax.random.key(2), (3, 8))
     batch = jax.vmap(gan.generate)(ps)
-    np.testing.assert_allclose(batch[1], gan.generate(ps[1]), atol=1e-6)
+    # batched convolutions sum in another order: float32 rounding (~4e-6 relative seen)
+    np.testing.assert_allclose(batch[1], gan.generate(ps[1]), atol=1e-5)
     g = jax.grad(lambda q: jnp.sum(gan.generate(q) ** 2))(p)
     assert g.shape == (8,) and bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
     # the functional form used by the fitting

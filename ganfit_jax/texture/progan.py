@@ -162,8 +162,9 @@ _UPSAMPLE_PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]],
 def upsample2x_conv3x3(x, w):
     """conv3x3_SAME(upsample2x(x), w) computed at x's resolution: (N, H, W, Ci) -> (N, 2H, 2W, Co).
 
-    Each of the four output phases is a 2x2 convolution of x with sums of w's taps (the
-    "fused" upscale-conv of Karras et al.'s code), so it takes 16 instead of 36 multiply-adds
+    Each of the four output phases is a 2x2 convolution of x with sums of w's taps (the function
+    Karras et al.'s code computes as a transposed convolution, `upscale2d_conv2d` with
+    fused_scale), so it takes 16 instead of 36 multiply-adds
     per output value and never stores the upsampled input. The four phases are one
     convolution with 4·Co output channels over x padded by one pixel; phase (a, b) of output
     pixel (i, j) is that convolution's pixel (i + a, j + b).
