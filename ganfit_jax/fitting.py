@@ -546,6 +546,64 @@ class BoundStep:
         return self.jitted.lower(*self.pipeline_args, *args)
 
 
+def _dependent_outputs(jaxpr, dependent_inputs):
+    """Which of `jaxpr`'s outputs depend on the inputs flagged in `dependent_inputs`: dataflow
+    through its equations, into nested jit/call bodies; any other nested program (cond, scan,
+    custom rules) counts as depending on all of its inputs, which errs on the safe side."""
+    from jax.extend import core as jcore
+
+    dependent = {v for v, d in zip(jaxpr.invars, dependent_inputs) if d}
+
+    def depends(v):
+        return isinstance(v, jcore.Var) and v in dependent
+
+    for eqn in jaxpr.eqns:
+        inputs = [depends(v) for v in eqn.invars]
+        if not any(inputs):
+            continue
+        body = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+        body = getattr(body, "jaxpr", body)
+        if (isinstance(body, jcore.Jaxpr) and len(body.invars) == len(inputs)
+                and len(body.outvars) == len(eqn.outvars)):
+            outputs = _dependent_outputs(body, inputs)
+        else:
+            outputs = [True] * len(eqn.outvars)
+        dependent.update(v for v, d in zip(eqn.outvars, outputs) if d)
+    return [depends(v) for v in jaxpr.outvars]
+
+
+def vjp_with_constant_residuals(fn, x):
+    """jax.vjp(fn, ·) as two functions to jit separately, (forward, backward):
+    forward(x) → (fn(x), residuals) and backward(residuals, cotangent) → the cotangent of x.
+
+    The VJP's residuals that do not depend on x (for the texture GAN: its scaled and
+    rearranged kernels) are computed once, here, and closed over by `backward`, so they are
+    compiled into it as constants and XLA folds what it derives from them (each backward
+    convolution's flipped, transposed kernel) at compile time instead of every step; `forward`
+    returns only the residuals that depend on x. `x` gives the shape and dtype (its value is
+    only used to evaluate the constant residuals, which do not depend on it)."""
+    treedef = {}
+
+    def leaves(x):
+        flat, treedef["vjp"] = jax.tree.flatten(jax.vjp(fn, x)[1])
+        return flat
+
+    closed = jax.make_jaxpr(leaves)(x)
+    dependent = _dependent_outputs(closed.jaxpr, [True] * len(closed.jaxpr.invars))
+    constants = jax.jit(lambda x: [r for r, d in zip(leaves(x), dependent) if not d])(x)
+
+    def forward(x):
+        out, vjp = jax.vjp(fn, x)
+        return out, [r for r, d in zip(jax.tree.leaves(vjp), dependent) if d]
+
+    def backward(residuals, cotangent):
+        varying, fixed = iter(residuals), iter(constants)
+        flat = [next(varying) if d else next(fixed) for d in dependent]
+        return jax.tree.unflatten(treedef["vjp"], flat)(cotangent)[0]
+
+    return forward, backward
+
+
 class TwoViewStep:
     """Stage 2 for one photo on the CPU as four programs, called like a BoundStep: (params,
     opt_state, target, key, light_init) → (params, opt_state, terms).
@@ -555,7 +613,9 @@ class TwoViewStep:
     3. the random view of Eq. 7: λ̂_id·L̂_id and its gradient, given G(p_t) — on a second thread,
        beside 2;
     4. G's backward pass of both texture gradients, then the Adam update.
-    The sum of 2 and 3 is Eq. 12 term by term, so the gradient is the fused step's (tested)."""
+    The sum of 2 and 3 is Eq. 12 term by term, so the gradient is the fused step's (tested).
+    1 and 4 are compiled on the first call, with G's residuals that do not depend on p_t as
+    constants of 4 (`vjp_with_constant_residuals`)."""
 
     pipeline_args = ()  # the pipeline is compiled in, as in a BoundStep of constants
 
@@ -575,23 +635,31 @@ class TwoViewStep:
             return jax.jit(jax.value_and_grad(view_loss, argnums=(0, 1), has_aux=True),
                            compiler_options=compiler_options)
 
-        def generate(p_t):
-            return jax.vjp(functools.partial(pipeline.texture_fn, pipeline.texture_params), p_t)
+        self._config, self._pipeline, self._options = config, pipeline, compiler_options
+        self._generate = self._update = None  # compiled for p_t's shape on the first call
+        self._views = tuple(view(w) for w in view_weights)
 
-        def update(texture_vjp, grads, texture_grads, params, opt_state):
-            grads = grads.replace(texture=grads.texture + texture_vjp(texture_grads)[0])
+    def _compile_texture_programs(self, p_t):
+        config, pipeline = self._config, self._pipeline
+        generate, texture_backward = vjp_with_constant_residuals(
+            functools.partial(pipeline.texture_fn, pipeline.texture_params), p_t)
+
+        def update(residuals, grads, texture_grads, params, opt_state):
+            grads = grads.replace(
+                texture=grads.texture + texture_backward(residuals, texture_grads))
             tx = optimiser(stage_learning_rate(config, 2), params, 2,
                            texture_step_scale(pipeline))
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
 
-        self._generate = jax.jit(generate, compiler_options=compiler_options)
-        self._views = tuple(view(w) for w in view_weights)
-        self._update = jax.jit(update, compiler_options=compiler_options)
+        self._generate = jax.jit(generate, compiler_options=self._options)
+        self._update = jax.jit(update, compiler_options=self._options)
 
     def __call__(self, params, opt_state, target, key, light_init, overlap=True):
         """overlap=False runs the random view after the photo's, on this thread (for timing)."""
-        texture, texture_vjp = self._generate(params.texture)
+        if self._generate is None:
+            self._compile_texture_programs(params.texture)
+        texture, texture_residuals = self._generate(params.texture)
         args = (params, texture, target, key, light_init)
         second = {}
 
@@ -615,7 +683,8 @@ class TwoViewStep:
         if "error" in second:
             raise second["error"]
         (total2, terms2), (grads2, texture_grads2) = second["out"]
-        params, opt_state = self._update(texture_vjp, jax.tree.map(jnp.add, grads, grads2),
+        params, opt_state = self._update(texture_residuals,
+                                         jax.tree.map(jnp.add, grads, grads2),
                                          texture_grads + texture_grads2, params, opt_state)
         # the random view's program also evaluates L_lan and Reg (weighted 0): the photo's count
         return params, opt_state, dict(terms2, **terms, total=total + total2)
