@@ -119,6 +119,23 @@ def test_upsample_conv_equals_conv_of_the_upsampled_input(shape):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)
 
 
+def test_leaky_relu_pixel_norm_gradient_equals_autodiff_of_the_composition():
+    """The generator's activation with its hand-written VJP against JAX's differentiation of
+    pixel_norm(leaky_relu(z)), forward and backward, batched and with exact zeros."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(2, 4, 3, 6)).astype(np.float32)
+    z[0, 0, 0, :3] = 0.0
+    z = jnp.asarray(z)
+    ct = jnp.asarray(rng.normal(size=z.shape).astype(np.float32))
+    composed = lambda z: progan.pixel_norm(progan.leaky_relu(z))  # noqa: E731
+    np.testing.assert_allclose(progan.leaky_relu_pixel_norm(z), composed(z), rtol=1e-6)
+    got = jax.grad(lambda z: jnp.sum(ct * progan.leaky_relu_pixel_norm(z)))(z)
+    expect = jax.grad(lambda z: jnp.sum(ct * composed(z)))(z)
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+    got = jax.vmap(jax.grad(lambda z, c: jnp.sum(c * progan.leaky_relu_pixel_norm(z))))(z, ct)
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+
+
 def test_upsample_conv_layer_keeps_the_parameters_and_needs_3x3():
     x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 3, 3, 4)), jnp.float32)
     fused, plain = progan.EqualizedConv(5, upsample=True), progan.EqualizedConv(5)

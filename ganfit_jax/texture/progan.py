@@ -25,6 +25,7 @@ contains the smaller one as a subset: growing a trained model is a dictionary ov
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import zlib
 from typing import Any
@@ -99,6 +100,36 @@ def pixel_norm(x, eps=1e-8):
 
 def leaky_relu(x):
     return jnp.where(x >= 0, x, LEAKY_SLOPE * x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def leaky_relu_pixel_norm(z, eps=1e-8):
+    """pixel_norm(leaky_relu(z)), the generator's activation after every convolution.
+
+    Its gradient is written out so that the only residuals are the output y and the per-pixel
+    scale r = 1/sqrt(mean a² + eps) (y is the next layer's input, stored anyway); automatic
+    differentiation of the composition keeps more full-size arrays per layer for G's backward
+    pass to read back (the activation before normalisation, the sign mask).
+    """
+    return pixel_norm(leaky_relu(z), eps)
+
+
+def _leaky_relu_pixel_norm_fwd(z, eps):
+    a = leaky_relu(z)
+    r = jax.lax.rsqrt(jnp.mean(jnp.square(a), axis=-1, keepdims=True) + eps)
+    y = a * r
+    return y, (y, r)
+
+
+def _leaky_relu_pixel_norm_bwd(eps, residuals, dy):
+    del eps
+    y, r = residuals
+    # d(a·r)/da = r·(dy − y·mean(dy·y)); sign(y) = sign(z) because r > 0
+    da = r * (dy - y * jnp.mean(dy * y, axis=-1, keepdims=True))
+    return (jnp.where(y >= 0, da, LEAKY_SLOPE * da),)
+
+
+leaky_relu_pixel_norm.defvjp(_leaky_relu_pixel_norm_fwd, _leaky_relu_pixel_norm_bwd)
 
 
 def upsample2x(x):
@@ -248,13 +279,13 @@ class Generator(nn.Module):
         top = cfg.max_level if init_all else level
         z = jnp.asarray(z)  # floating z keeps its width (bfloat16 under mixed precision)
         x = pixel_norm(z if jnp.issubdtype(z.dtype, jnp.floating) else z.astype(jnp.float32))
-        x = pixel_norm(leaky_relu(self.block_4_dense(x).reshape(-1, 4, 4, cfg.num_features(1))))
-        x = pixel_norm(leaky_relu(self.block_4_conv(x)))
+        x = leaky_relu_pixel_norm(self.block_4_dense(x).reshape(-1, 4, 4, cfg.num_features(1)))
+        x = leaky_relu_pixel_norm(self.block_4_conv(x))
         features = {2: x}
         for r in range(3, top + 1):
             c0, c1 = self.blocks[str(2 ** r)]
-            x = pixel_norm(leaky_relu(c0(x)))  # c0 convolves the 2x-upsampled x
-            x = pixel_norm(leaky_relu(c1(x)))
+            x = leaky_relu_pixel_norm(c0(x))  # c0 convolves the 2x-upsampled x
+            x = leaky_relu_pixel_norm(c1(x))
             features[r] = x
         if init_all:
             for r in range(2, top + 1):
