@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from absl import app, flags
 
@@ -35,6 +36,7 @@ flags.DEFINE_integer("top", 40, "ops listed in the table (all are in ops.json)")
 flags.DEFINE_string("output_dir", None, "folder for ops.json and the trace (created)")
 flags.DEFINE_string("model", None, "3DMM (.bin or .npz); default checkpoints/sfm.npz, else the "
                     "shared assets' SFM")
+flags.DEFINE_bool("overwrite", False, "replace an existing ops.json and trace in --output_dir")
 flags.mark_flag_as_required("output_dir")
 
 
@@ -48,6 +50,13 @@ def main(argv):
         raise app.UsageError(common.MISSING_MODEL)
     if not os.path.exists(model):
         raise app.UsageError(f"--model: {model} does not exist")
+    existing = [name for name in ("ops.json", "trace")
+                if os.path.exists(os.path.join(FLAGS.output_dir, name))]
+    if existing and not FLAGS.overwrite:
+        raise app.UsageError(f"--output_dir: {FLAGS.output_dir} already holds "
+                             f"{', '.join(existing)}; pass --overwrite to replace them")
+    if FLAGS.overwrite and "trace" in existing:
+        shutil.rmtree(os.path.join(FLAGS.output_dir, "trace"))
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     result = profile_ops.profile(FLAGS.config, FLAGS.batch_size, FLAGS.compute_dtype, FLAGS.steps,
                      FLAGS.output_dir, model)

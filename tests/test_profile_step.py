@@ -59,6 +59,11 @@ def test_profile_step_binary_on_the_tiny_configuration(tmp_path, sfm_dir):
     assert not any(profile_ops._WRAPPERS.search(n) for n in names)
     assert sum(op["share"] for op in result["ops"]) == pytest.approx(1.0, abs=0.01)
     assert "ms per step under the profiler" in proc.stdout
+    # a second run does not replace the first's results unless asked
+    again = _run("--config=tiny", "--steps=1", f"--output_dir={tmp_path}",
+                 f"--model={sfm_dir / 'sfm_shape_3448.bin'}")
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+    assert json.loads((tmp_path / "ops.json").read_text()) == result
 
 
 def test_profile_step_names_a_missing_model(tmp_path):
