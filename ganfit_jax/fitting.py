@@ -484,9 +484,12 @@ def uses_scan(config: FitConfig) -> bool:
 # cpu-small step, weights compiled in: 78-80 → 66-68 ms (2-core dev machine, interleaved;
 # BENCHMARKS.md). Session 3 had kept YNNPACK to dots and convolutions (reductions were slow).
 # XLA:CPU's older loop emitters (fusion emitters off) compile the step ~35% faster (cpu-small:
-# 27-31 → 18-20 s) and run it as fast (BENCHMARKS.md, session 7).
+# 27-31 → 18-20 s) and run it as fast (BENCHMARKS.md, session 7). 512-bit vectors where the
+# CPU has them (AVX-512; XLA prefers 256): a view's program ~3% faster on one core, the step
+# 46.1 → 45.5 ms (faster in 8 of 9 interleaved rounds; session 8). No effect without AVX-512.
 CPU_STEP_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "",
-                             "xla_cpu_use_fusion_emitters": False}
+                             "xla_cpu_use_fusion_emitters": False,
+                             "xla_cpu_prefer_vector_width": 512}
 
 
 # A pipeline up to this size is compiled into the CPU step as constants: its network weights

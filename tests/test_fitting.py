@@ -282,7 +282,7 @@ def test_which_pipelines_the_host_loop_compiles_in(sfm_model, monkeypatch):
 
 
 def test_cpu_step_options_keep_what_this_xla_knows(monkeypatch):
-    """The CPU step's compiler options: both of ours on the pinned jaxlib, none off the CPU, and
+    """The CPU step's compiler options: all of ours on the pinned jaxlib, none off the CPU, and
     an option this XLA does not know is dropped alone (the others are kept)."""
     fitting.cpu_step_compiler_options.cache_clear()
     try:
