@@ -4,7 +4,7 @@ Prints (1) the step with the pipeline as a jit argument or compiled in as consta
 XLA:CPU's default options or `fitting.CPU_STEP_COMPILER_OPTIONS` (YNNPACK and the fusion
 emitters off), one compilation per variant, --rounds rounds; (2) the forward+backward of each
 part of the step alone (ProGAN, dlib ResNet, renderer) with XLA's FLOP count; (3) the two-view
-step against the fused one (--two_threads); (4) a batch photo after photo against vmap
+step against the fused one and its four programs alone (--two_threads); (4) a batch photo after photo against vmap
 (--batches). The numbers behind BENCHMARKS.md's tables.
 """
 
@@ -149,6 +149,42 @@ def _two_threads(pipe, params, target, key, config, fused):
               .format(_ms(lambda: jax.block_until_ready(f(params_, opt)), FLAGS.repeats),
                       _ms(lambda: jax.block_until_ready(step(*args, overlap=False)), FLAGS.repeats),
                       _ms(lambda: jax.block_until_ready(step(*args)), FLAGS.repeats)))
+    _two_view_programs(step, args)
+
+
+def _two_view_programs(step, args):
+    """Where a TwoViewStep's time goes: its four programs timed alone (both cores), and the two
+    views beside each other on two threads, as the step runs them."""
+    import threading
+
+    import jax
+    import jax.numpy as jnp
+
+    params, opt = args[:2]
+    texture, residuals = step._generate(params.texture)
+    view_args = (params, texture) + args[2:]
+    (_, _), (grads, texture_grads) = step._views[0](*view_args)
+
+    def views_beside_each_other():
+        other = threading.Thread(target=lambda: jax.block_until_ready(step._views[1](*view_args)))
+        other.start()
+        jax.block_until_ready(step._views[0](*view_args))
+        other.join()
+
+    calls = {
+        "G forward": lambda: step._generate(params.texture),
+        "photo's view alone": lambda: step._views[0](*view_args),
+        "random view alone": lambda: step._views[1](*view_args),
+        "both views, two threads": views_beside_each_other,
+        "update (G backward, Adam)": lambda: step._update(
+            residuals, jax.tree.map(jnp.add, grads, grads), texture_grads + texture_grads,
+            params, opt),
+    }
+    print("the two-view step's programs, ms:")
+    for _ in range(FLAGS.rounds):
+        times = {name: _ms(lambda c=call: jax.block_until_ready(c()), FLAGS.repeats)
+                 for name, call in calls.items()}
+        print("  " + " | ".join(f"{name} {ms:.1f}" for name, ms in times.items()))
 
 
 if __name__ == "__main__":
