@@ -1,11 +1,11 @@
 """Where a cpu-small fitting step goes: `python -m experiments.fit_step_parts`.
 
 Prints (1) the step with the pipeline as a jit argument or compiled in as constants, each with
-XLA:CPU's default options or `fitting.CPU_STEP_COMPILER_OPTIONS` (YNNPACK and the fusion
-emitters off), one compilation per variant, --rounds rounds; (2) the forward+backward of each
-part of the step alone (ProGAN, dlib ResNet, renderer) with XLA's FLOP count; (3) the two-view
-step against the fused one and its four programs alone (--two_threads); (4) a batch photo after photo against vmap
-(--batches). The numbers behind BENCHMARKS.md's tables.
+XLA:CPU's default options or `fitting.CPU_STEP_COMPILER_OPTIONS` (the fitting step's options),
+one compilation per variant, --rounds rounds; (2) the forward+backward of each part of the step
+alone (ProGAN, dlib ResNet, renderer) with XLA's FLOP count; (3) the two-view step against the
+fused one, and its four programs alone (--two_threads); (4) a batch photo after photo against
+vmap (--batches). The numbers behind BENCHMARKS.md's tables.
 """
 
 import statistics
