@@ -214,9 +214,16 @@ def barycentrics_planar(pixels, depth, corners, mask, pixel_centres=None):
     qx, qy = pixel_centres
     vertex_data = jnp.concatenate([pixels, depth[:, None]], axis=1)  # one row gather per corner
     gathered = [jnp.moveaxis(vertex_data[c], -1, 0) for c in corners]  # 3 × (3,H,W)
-    dx = [g[0] - qx for g in gathered]  # vertex minus pixel centre
-    dy = [g[1] - qy for g in gathered]
-    z = [g[2] for g in gathered]
+    x, y, z = (tuple(g[i] for g in gathered) for i in range(3))
+    return _perspective_barycentrics(x, y, z, jnp.asarray(qx, x[0].dtype),
+                                     jnp.asarray(qy, x[0].dtype), mask)
+
+
+def _perspective_terms(x, y, z, qx, qy, mask):
+    """Perspective-correct barycentrics of the pixel centres (qx, qy) in the triangles with
+    corners (x_k, y_k) at depths z_k (3-tuples of planes), and the terms their derivative uses."""
+    dx = [xk - qx for xk in x]  # vertex minus pixel centre
+    dy = [yk - qy for yk in y]
     # Sub-triangle areas opposite each vertex; their sum is the full signed area.
     w = [dx[1] * dy[2] - dx[2] * dy[1], dx[2] * dy[0] - dx[0] * dy[2],
          dx[0] * dy[1] - dx[1] * dy[0]]
@@ -224,8 +231,43 @@ def barycentrics_planar(pixels, depth, corners, mask, pixel_centres=None):
     ok = mask & (jnp.abs(area) > _TINY_AREA) & (z[0] > 0) & (z[1] > 0) & (z[2] > 0)
     inv_area = 1.0 / jnp.where(ok, area, 1.0)
     # Perspective correction: screen barycentrics divided by depth, renormalised.
-    q = [w[k] * inv_area / jnp.where(ok, z[k], 1.0) for k in range(3)]
+    inv_z = [1.0 / jnp.where(ok, zk, 1.0) for zk in z]
+    q = [w[k] * inv_area * inv_z[k] for k in range(3)]
     total = q[0] + q[1] + q[2]
     ok = ok & (jnp.abs(total) > 1e-20)
     inv_total = 1.0 / jnp.where(ok, total, 1.0)
-    return tuple(jnp.where(ok, qk * inv_total, 0.0) for qk in q)
+    bary = tuple(jnp.where(ok, qk * inv_total, 0.0) for qk in q)
+    return bary, dict(dx=dx, dy=dy, ok=ok, inv_z=inv_z, scale=inv_area * inv_total)
+
+
+@jax.custom_vjp
+def _perspective_barycentrics(x, y, z, qx, qy, mask):
+    return _perspective_terms(x, y, z, qx, qy, mask)[0]
+
+
+def _perspective_forward(x, y, z, qx, qy, mask):
+    return _perspective_barycentrics(x, y, z, qx, qy, mask), (x, y, z, qx, qy, mask)
+
+
+def _perspective_backward(residuals, g):
+    # By hand: autodiff's backward pass re-derives the sub-areas and the normalisation inside
+    # each of its nine output fusions (one per corner coordinate).
+    x, y, z, qx, qy, mask = residuals
+    b, t = _perspective_terms(x, y, z, qx, qy, mask)
+    dx, dy, ok, inv_z = t["dx"], t["dy"], t["ok"], t["inv_z"]
+    # b_k = q_k / Σ_j q_j with q_k = w_k / (area · z_k): ∂b_k/∂q_j = (δ_kj − b_k) / Σ q, and
+    # b does not change when every q scales with 1/area, so area carries no gradient:
+    # ∂b/∂w_k = (g_k − Σ_j g_j b_j) / (area · z_k · Σ q), ∂b/∂z_k = −(g_k − Σ_j g_j b_j) b_k / z_k.
+    mean = g[0] * b[0] + g[1] * b[1] + g[2] * b[2]
+    d_b = [jnp.where(ok, g[k] - mean, 0.0) for k in range(3)]
+    d_w = [d_b[k] * t["scale"] * inv_z[k] for k in range(3)]
+    d_z = tuple(-d_b[k] * b[k] * inv_z[k] for k in range(3))
+    d_dx = (d_w[2] * dy[1] - d_w[1] * dy[2], d_w[0] * dy[2] - d_w[2] * dy[0],
+            d_w[1] * dy[0] - d_w[0] * dy[1])
+    d_dy = (d_w[1] * dx[2] - d_w[2] * dx[1], d_w[2] * dx[0] - d_w[0] * dx[2],
+            d_w[0] * dx[1] - d_w[1] * dx[0])
+    zeros = lambda a: jnp.zeros_like(a)
+    return d_dx, d_dy, d_z, zeros(qx), zeros(qy), None
+
+
+_perspective_barycentrics.defvjp(_perspective_forward, _perspective_backward)
