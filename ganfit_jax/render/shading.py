@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from ganfit_jax import camera as camera_lib
 from ganfit_jax.morphable import vertex_normals
 from ganfit_jax.render import raster as rasterize_lib
+from ganfit_jax.stored import stored
 
 DEFAULT_SPECULAR = 0.2
 DEFAULT_SHININESS = 16.0
@@ -268,14 +269,17 @@ def _shade_pixels(pixels, depth, triangles, attributes, uv_map, eye, light, spec
     mask = triangle_ids >= 0
     corners = rasterize_lib.corner_ids(triangles, triangle_ids)
     bary = rasterize_lib.barycentrics_planar(pixels, depth, corners, mask, pixel_centres)
-    planes = interpolate_planar(attributes, corners, bary)  # (C,...)
+    # Phong's hand-written backward pass reads positions, normals and albedo in each of its
+    # fusions: stored once, not re-interpolated and re-sampled in each (the cpu-small photo
+    # view on one core 31.4 -> 30.1 ms, 5 interleaved rounds).
+    planes = stored(interpolate_planar(attributes, corners, bary))  # (C,...)
     positions, pixel_normals = planes[0:3], planes[3:6]
     # Depth of the visible surface: sum_i b'_i z_i with the perspective-correct b'.
     pixel_depth = jnp.where(mask, planes[6], 0.0)
     if uv_map is None:
         albedo = planes[7:10]
     else:
-        albedo = sample_texture_planar(uv_map, planes[7], planes[8])
+        albedo = stored(sample_texture_planar(uv_map, planes[7], planes[8]))
     shaded = phong_planar(tuple(albedo), tuple(pixel_normals), tuple(positions), eye, light,
                           specular, shininess)
     return shaded, pixel_depth, bary
