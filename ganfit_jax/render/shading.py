@@ -415,10 +415,11 @@ def render(vertices, triangles, uv, colours_or_texture, camera, light, image_siz
         def covered_only(_):
             return _shade_covered(shade, triangle_ids, background, pixel_budget)
 
-        # Both branches rematerialised: under autodiff a plain cond stores the residuals of
-        # both, zero-filled for the branch not taken, which cost more than the compaction saves.
-        image, pixel_depth, bary = jax.lax.cond(jnp.sum(mask) <= pixel_budget,
-                                                jax.checkpoint(covered_only),
+        # Under autodiff a cond stores the residuals of both branches, zero-filled for the one
+        # not taken: the whole grid's (every plane at H×W) cost more than the compaction saves,
+        # so that branch is rematerialised; the compacted branch's residuals (budget-sized) are
+        # kept, not recomputed (the cpu-small photo view on one core 30.5 -> 30.1 ms).
+        image, pixel_depth, bary = jax.lax.cond(jnp.sum(mask) <= pixel_budget, covered_only,
                                                 jax.checkpoint(whole_grid), None)
     aux = dict(triangle_ids=triangle_ids, mask=mask.astype(image.dtype), depth=pixel_depth,
                bary=bary)
