@@ -584,6 +584,19 @@ def test_shade_covered_touches_only_covered_pixels():
     np.testing.assert_allclose(np.asarray(depth_map), np.asarray(aux["depth"]), rtol=1e-6)
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.7, 1.0])
+def test_covered_index_equals_nonzero(fraction):
+    """The compaction's index list is jnp.nonzero's, truncated or padded to the budget."""
+    from ganfit_jax.render.shading import _covered_index
+
+    rng = np.random.default_rng(int(fraction * 10))
+    ids = np.where(rng.uniform(size=(13, 17)) < fraction, rng.integers(0, 9, (13, 17)), -1)
+    for budget in (1, 40, 13 * 17):
+        want = jnp.nonzero(jnp.asarray(ids).ravel() >= 0, size=budget, fill_value=13 * 17)[0]
+        got = jax.jit(_covered_index, static_argnums=1)(jnp.asarray(ids, jnp.int32), budget)
+        np.testing.assert_array_equal(got, want)
+
+
 def test_pixel_budget_rejects_bad_values():
     verts, tris, uv, colours, texture, cam, light = _tiny_scene()
     for bad in (0, -3, 0.5, True):
