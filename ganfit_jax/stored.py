@@ -14,8 +14,8 @@ import jax.numpy as jnp
 
 
 def stored(x, axis=0):
-    """x (unchanged; subnormals flushed to zero) as the product of the identity along `axis` (0 or -1, the
-    axis of a few channels/planes), on the CPU backend; x itself elsewhere."""
+    """x (unchanged; subnormals flushed to zero) as the product of the identity along `axis`
+    (0 or -1, the axis of a few channels/planes), on the CPU backend; x itself elsewhere."""
     if jax.default_backend() != "cpu":
         return x
     if axis not in (0, -1, x.ndim - 1):
