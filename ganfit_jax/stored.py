@@ -16,10 +16,10 @@ import jax.numpy as jnp
 def stored(x, axis=0):
     """x (unchanged; subnormals flushed to zero) as the product of the identity along `axis`
     (0 or -1, the axis of a few channels/planes), on the CPU backend; x itself elsewhere."""
-    if jax.default_backend() != "cpu":
-        return x
     if axis not in (0, -1, x.ndim - 1):
         raise ValueError(f"stored: axis must be 0 or -1, got {axis}")
+    if jax.default_backend() != "cpu":
+        return x
     eye = jnp.eye(x.shape[axis], dtype=x.dtype)
     highest = jax.lax.Precision.HIGHEST
     if axis == 0:

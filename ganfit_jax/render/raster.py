@@ -266,8 +266,7 @@ def _perspective_backward(residuals, g):
             d_w[1] * dy[0] - d_w[0] * dy[1])
     d_dy = (d_w[1] * dx[2] - d_w[2] * dx[1], d_w[2] * dx[0] - d_w[0] * dx[2],
             d_w[0] * dx[1] - d_w[1] * dx[0])
-    zeros = lambda a: jnp.zeros_like(a)
-    return d_dx, d_dy, d_z, zeros(qx), zeros(qy), None
+    return d_dx, d_dy, d_z, jnp.zeros_like(qx), jnp.zeros_like(qy), None
 
 
 _perspective_barycentrics.defvjp(_perspective_forward, _perspective_backward)

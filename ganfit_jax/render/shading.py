@@ -308,7 +308,6 @@ def _covered_index(triangle_ids, budget):
 def _shade_covered(shade, triangle_ids, background, budget):
     """`shade` on the (at most `budget`) covered pixels only, scattered back into the grid."""
     height, width = triangle_ids.shape
-    num_pixels = height * width
     flat_ids = triangle_ids.reshape(-1)
     index = _covered_index(triangle_ids, budget)
     ids = flat_ids.at[index].get(mode="fill", fill_value=-1)  # -1 on the unused tail
