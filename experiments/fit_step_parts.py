@@ -2,10 +2,15 @@
 
 Prints (1) the step with the pipeline as a jit argument or compiled in as constants, each with
 XLA:CPU's default options or `fitting.CPU_STEP_COMPILER_OPTIONS` (the fitting step's options),
-one compilation per variant, --rounds rounds; (2) the forward+backward of each part of the step
-alone (ProGAN, dlib ResNet, renderer) with XLA's FLOP count; (3) the two-view step against the
+one compilation per variant, --rounds rounds (0: skip); (2) the forward+backward of each part of
+the step alone (ProGAN, dlib ResNet, renderer) with XLA's FLOP count, dlib's up to the end of
+each stage and the renderer's in pieces; (3) the two-view step against the
 fused one, and its four programs alone (--two_threads); (4) a batch photo after photo against
 vmap (--batches). The numbers behind BENCHMARKS.md's tables.
+
+The parts are the honest way to split a program's time on XLA:CPU: a profiler's per-op times
+undercount its asynchronous convolutions and charge their wait to whatever op comes next. Run
+under `taskset -c 0` for one core's numbers (each view of the two-view step runs on one core).
 """
 
 import statistics
@@ -14,7 +19,7 @@ import time
 from absl import app, flags
 
 flags.DEFINE_string("model", "../shared/assets/sfm/sfm_shape_3448.bin", "SFM shape model")
-flags.DEFINE_integer("rounds", 3, "rounds of the variant comparison")
+flags.DEFINE_integer("rounds", 3, "rounds of the variant comparison (0: skip it)")
 flags.DEFINE_integer("repeats", 15, "timed calls per measurement (median)")
 flags.DEFINE_bool("two_threads", True, "also time fitting.TwoViewStep (the two views of Eq. 12 "
                   "on two threads) against the fused step")
@@ -38,8 +43,12 @@ def main(argv):
     import jax
     import jax.numpy as jnp
 
+    import numpy as np
+
     from experiments import benchmark_fit
-    from ganfit_jax import fitting, identity
+    from ganfit_jax import camera as camera_lib
+    from ganfit_jax import fitting, identity, morphable
+    from ganfit_jax.render import raster
 
     key = jax.random.PRNGKey(0)
     pipe, params, target = benchmark_fit.build("cpu-small", FLAGS.model, key)
@@ -49,7 +58,7 @@ def main(argv):
                             fitting.texture_step_scale(pipe)).init(params)
     light = params.light
     calls = {}
-    for weights in ("arguments", "constants"):
+    for weights in ("arguments", "constants") if FLAGS.rounds > 0 else ():
         for fusions, options in (("default", None),
                                  ("step options", fitting.CPU_STEP_COMPILER_OPTIONS)):
             if weights == "constants":
@@ -63,8 +72,8 @@ def main(argv):
     for _ in range(FLAGS.rounds):
         for name, (f, args) in calls.items():
             times[name].append(_ms(lambda: jax.block_until_ready(f(*args)), FLAGS.repeats))
-    fused = calls["constants", "step options"]
-    print("step ms, batch 1, per round:")
+    if calls:
+        print("step ms, batch 1, per round:")
     for (weights, fusions), t in times.items():
         print(f"  weights as {weights:9s} options {fusions:12s} "
               + " / ".join(f"{x:.0f}" for x in t))
@@ -85,6 +94,25 @@ def main(argv):
     part("dlib ResNet forward+backward (150² chip)",
          jax.grad(lambda c: jnp.sum(identity.embed(net, c)[0])), chip)
     part("dlib ResNet forward", lambda c: identity.embed(net, c)[0], chip)
+    # Up to the end of each stage: XLA removes the stages after it, so the differences between
+    # rows are each stage's forward+backward (a fixed random cotangent at the cut).
+    features = identity.embed(net, chip)[1]
+    rng = np.random.default_rng(0)
+    for name in ("stem", "stage1", "stage2", "stage3", "stage4", "stage5"):
+        probe = rng.normal(size=features[name].shape).astype(np.float32)
+        part(f"dlib forward+backward up to {name}",
+             jax.grad(lambda c, n=name, w=probe: jnp.sum(identity.embed(net, c)[1][n] * w)), chip)
+    height, width = pipe.image_size
+
+    def screen(p):
+        verts = morphable.vertices(pipe.model, p.shape, p.expression)
+        return camera_lib.project(p.camera, verts, (height, width))
+
+    part("rasterization (224², forward only)",
+         lambda p: raster.rasterize(*screen(p), pipe.model.triangles, (height, width))[0], params)
+    part(f"renderer forward (224², pixel_budget {config.pixel_budget})",
+         lambda p, t: fitting.render_face(pipe, p, target.image, texture=t,
+                                          pixel_budget=config.pixel_budget)[0], params, texture)
     for budget in (None, config.pixel_budget):
         shaded = "whole grid" if budget is None else f"pixel_budget {budget}"
         part(f"renderer forward+backward (224², {shaded})",
@@ -95,6 +123,9 @@ def main(argv):
          jax.grad(lambda im: jnp.sum(identity.align(net, im, target.landmarks) ** 2)),
          target.image)
     if FLAGS.two_threads:
+        fused = calls.get(("constants", "step options")) or (
+            jax.jit(lambda p, o: step(pipe, p, o, target, key, light),
+                    compiler_options=fitting.CPU_STEP_COMPILER_OPTIONS), (params, opt))
         _two_threads(pipe, params, target, key, config, fused)
     if FLAGS.batches:
         _batches(pipe, params, target, key, config, [int(b) for b in FLAGS.batches])
