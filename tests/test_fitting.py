@@ -336,6 +336,44 @@ def test_pixel_budget_leaves_the_loss_and_its_gradient_unchanged(sfm_model):
     assert conds(fitting.make_step(cfg, 2, batched=True)) == 0
 
 
+def test_a_landmark_term_weighted_zero_is_reported_but_not_differentiated(sfm_model):
+    """λ_lan = 0 (the random view's program of a TwoViewStep): L_lan is still reported, its
+    gradient is exactly zero, and XLA is not asked to back-propagate through the projection
+    (the compiled gradient counts fewer FLOPs than with λ_lan > 0)."""
+    from ganfit_jax.texture.direct import DirectUVTexture
+
+    tex = DirectUVTexture(coarse=4, resolution=16)
+    pipe = fitting.make_pipeline(sfm_model, tex, None, SIZE)
+    truth = random_truth(sfm_model, 5)
+    lm = synthetic_landmarks(sfm_model, truth)
+    target = fitting.Target(image=jnp.zeros(SIZE + (3,)), landmarks=jnp.asarray(lm) + 3.0)
+    p0 = fitting.init_params(sfm_model, lm, SIZE, tex.latent_dim, texture_init=tex.init_latent())
+    p0 = p0.replace(shape=p0.shape + 0.1)
+    key = jax.random.PRNGKey(0)
+    only = dict(identity=0.0, identity_random=0.0, content=0.0, pixel=0.0, expression_reg=0.0,
+                light_reg=0.0, shape_reg=0.05)
+
+    def program(landmark):
+        weights = losses.LossWeights(landmark=landmark, **only)
+        f = lambda p: fitting.loss(p, target, pipe, key, weights)  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+    (total, terms), grad = program(0.0)(p0)
+    assert float(terms["landmark"]) > 1.0  # reported: the target is 3 px off
+    np.testing.assert_allclose(float(total), float(terms["reg"]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad.shape), 2 * 0.05 * np.asarray(p0.shape), rtol=1e-5)
+    for g in (grad.expression, grad.camera, grad.light, grad.texture):
+        assert not np.any(np.asarray(g))
+    _, fitted = program(0.01)(p0)
+    assert np.any(np.asarray(fitted.camera))  # with λ_lan > 0 the landmarks pull the camera
+
+    def flops(landmark):
+        cost = program(landmark).lower(p0).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+    assert flops(0.0) < flops(0.01)
+
+
 def test_two_view_step_equals_the_fused_step(sfm_dir):
     """FitConfig.two_threads (one photo, CPU, pipeline compiled in): Eq. 12's photo view and
     random view as programs on two threads give the fused step's parameters, optimiser state and
