@@ -208,8 +208,7 @@ def _two_view_programs(step, args):
         "random view alone": lambda: step._views[1](*view_args),
         "both views, two threads": views_beside_each_other,
         "update (G backward, Adam)": lambda: step._update(
-            residuals, jax.tree.map(jnp.add, grads, grads), texture_grads + texture_grads,
-            params, opt),
+            residuals, (grads, grads), (texture_grads, texture_grads), params, opt),
     }
     print("the two-view step's programs, ms:")
     for _ in range(FLAGS.rounds):
