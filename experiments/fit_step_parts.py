@@ -42,7 +42,6 @@ def _ms(fn, repeats):
 def main(argv):
     import jax
     import jax.numpy as jnp
-
     import numpy as np
 
     from experiments import benchmark_fit
