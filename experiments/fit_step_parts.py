@@ -95,7 +95,7 @@ def main(argv):
     part("dlib ResNet forward", lambda c: identity.embed(net, c)[0], chip)
     # Up to the end of each stage: XLA removes the stages after it, so the differences between
     # rows are each stage's forward+backward (a fixed random cotangent at the cut).
-    features = identity.embed(net, chip)[1]
+    features = jax.eval_shape(lambda c: identity.embed(net, c)[1], chip)
     rng = np.random.default_rng(0)
     for name in ("stem", "stage1", "stage2", "stage3", "stage4", "stage5"):
         probe = rng.normal(size=features[name].shape).astype(np.float32)
