@@ -193,7 +193,7 @@ def _two_view_programs(step, args):
     params, opt = args[:2]
     texture, residuals = step._generate(params.texture)
     view_args = (params, texture) + args[2:]
-    (_, _), (grads, texture_grads) = step._views[0](*view_args)
+    (total, _), (grads, texture_grads) = step._views[0](*view_args)
 
     def views_beside_each_other():
         other = threading.Thread(target=lambda: jax.block_until_ready(step._views[1](*view_args)))
@@ -207,7 +207,8 @@ def _two_view_programs(step, args):
         "random view alone": lambda: step._views[1](*view_args),
         "both views, two threads": views_beside_each_other,
         "update (G backward, Adam)": lambda: step._update(
-            residuals, (grads, grads), (texture_grads, texture_grads), params, opt),
+            residuals, (grads, grads), (texture_grads, texture_grads), (total, total), params,
+            opt),
     }
     print("the two-view step's programs, ms:")
     for _ in range(FLAGS.rounds):

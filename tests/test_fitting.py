@@ -419,6 +419,33 @@ def test_two_view_step_equals_the_fused_step(sfm_dir):
     assert fitting.two_view_step_applies(threaded, 2, "single", pipe) == on_cpu
 
 
+def test_two_view_step_dispatch_paths_agree_and_errors_surface(sfm_dir):
+    """The random view enqueued from the worker thread (overlap=True) and run after the photo's
+    on the caller's thread (overlap=False) give the same step; an error raised while the
+    worker enqueues the random view reaches the caller, not the worker's log."""
+    from experiments import benchmark_fit
+
+    key = jax.random.PRNGKey(1)
+    pipe, params, target = benchmark_fit.build("tiny", str(sfm_dir / "sfm_shape_3448.bin"), key)
+    config = fitting.FitConfig(loop="host")
+    step = fitting.TwoViewStep(config, pipe, None)
+    opt_state = fitting.optimiser(config.learning_rate, params, 2,
+                                  fitting.texture_step_scale(pipe)).init(params)
+    args = (params, opt_state, target, key, params.light)
+    overlapped = step(*args)
+    serial = step(*args, overlap=False)
+    for x, y in zip(jax.tree.leaves(overlapped), jax.tree.leaves(serial)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert float(overlapped[2]["total"]) > 0
+
+    def broken(*_):
+        raise RuntimeError("random view failed")
+
+    step._views = (step._views[0], broken)
+    with pytest.raises(RuntimeError, match="random view failed"):
+        step(*args)
+
+
 def test_two_view_step_reraises_the_random_views_error(sfm_dir):
     """An error on the random view's thread reaches the caller (not a silent missing term)."""
     from experiments import benchmark_fit
