@@ -195,12 +195,17 @@ def _rates(flops, step_s, matmul_rate, conv_rate, floors=False):
 
 
 def _median(fn, repeats):
+    return _times(fn, repeats)[0]
+
+
+def _times(fn, repeats):
+    """(median, minimum) seconds of `repeats` calls."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
 def step_arguments(config, pipeline, params, target, batch_size, key):
@@ -307,14 +312,16 @@ def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=F
         flops = counted_flops(config, pipeline, step, args, b == 1,
                               None if compiled is step else compiled) if count_flops else None
         run = lambda: jax.block_until_ready(compiled(*step.pipeline_args, *args))  # noqa: E731
-        step_s = _median(run, repeats)
+        step_s, fastest_s = _times(run, repeats)
         try:  # (a TwoViewStep or PerPhotoStep has none: several programs)
             m = compiled.memory_analysis()
             peak_mb = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                        - m.alias_size_in_bytes) / 2 ** 20
         except Exception:  # backend without memory analysis
             peak_mb = None
-        rows.append(dict(common, step_ms=round(step_s * 1000, 1), flops=flops,
+        # the minimum beside the median: on a shared machine it is the uncontended step
+        rows.append(dict(common, step_ms=round(step_s * 1000, 1),
+                         step_ms_min=round(fastest_s * 1000, 1), flops=flops,
                          **_rates(flops, step_s, matmul_rate, conv_rate, floors=True),
                          # compiled-in weights are in the executable, not in peak_mb
                          pipeline_as_constants=not step.pipeline_args,
