@@ -678,7 +678,8 @@ class TwoViewStep:
             # thread (XLA:CPU runs programs enqueued from one thread one after another, from two
             # threads side by side), and the update is enqueued behind both views before they
             # finish, so no Python (thread start, join, the update's dispatch) lies between the
-            # views and the update: the cpu-small step ~0.3-0.5 ms shorter.
+            # views and the update: the cpu-small step 40.82 -> 40.22 ms (BENCHMARKS.md,
+            # session 11).
             second = _view_dispatcher().submit(self._views[1], *args)
             (total, terms), (grads, texture_grads) = self._views[0](*args)
             (total2, terms2), (grads2, texture_grads2) = second.result()
