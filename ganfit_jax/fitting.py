@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -680,7 +679,7 @@ class TwoViewStep:
             # finish, so no Python (thread start, join, the update's dispatch) lies between the
             # views and the update: the cpu-small step 40.82 -> 40.22 ms (BENCHMARKS.md,
             # session 11).
-            second = _view_dispatcher().submit(self._views[1], *args)
+            second = _VIEW_DISPATCHER.submit(self._views[1], *args)
             (total, terms), (grads, texture_grads) = self._views[0](*args)
             (total2, terms2), (grads2, texture_grads2) = second.result()
         else:
@@ -693,19 +692,10 @@ class TwoViewStep:
         return params, opt_state, dict(terms2, **terms, total=total)
 
 
-_VIEW_DISPATCHER = None
-_VIEW_DISPATCHER_LOCK = threading.Lock()
-
-
-def _view_dispatcher():
-    """One long-lived worker thread that enqueues TwoViewStep's second view (starting a thread
-    per step cost ~0.4 ms of the step)."""
-    global _VIEW_DISPATCHER
-    with _VIEW_DISPATCHER_LOCK:
-        if _VIEW_DISPATCHER is None:
-            _VIEW_DISPATCHER = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="ganfit-random-view")
-        return _VIEW_DISPATCHER
+# One long-lived worker thread that enqueues TwoViewStep's second view (starting a thread per
+# step cost ~0.4 ms of the step); its thread starts on the first submit, not at import.
+_VIEW_DISPATCHER = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                         thread_name_prefix="ganfit-random-view")
 
 
 def _given_texture(_, texture):

@@ -419,10 +419,10 @@ def test_two_view_step_equals_the_fused_step(sfm_dir):
     assert fitting.two_view_step_applies(threaded, 2, "single", pipe) == on_cpu
 
 
-def test_two_view_step_dispatch_paths_agree_and_errors_surface(sfm_dir):
+def test_two_view_step_dispatch_paths_agree(sfm_dir):
     """The random view enqueued from the worker thread (overlap=True) and run after the photo's
-    on the caller's thread (overlap=False) give the same step; an error raised while the
-    worker enqueues the random view reaches the caller, not the worker's log."""
+    on the caller's thread (overlap=False) give the same step (the worker's errors: the test
+    below)."""
     from experiments import benchmark_fit
 
     key = jax.random.PRNGKey(1)
@@ -437,13 +437,6 @@ def test_two_view_step_dispatch_paths_agree_and_errors_surface(sfm_dir):
     for x, y in zip(jax.tree.leaves(overlapped), jax.tree.leaves(serial)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert float(overlapped[2]["total"]) > 0
-
-    def broken(*_):
-        raise RuntimeError("random view failed")
-
-    step._views = (step._views[0], broken)
-    with pytest.raises(RuntimeError, match="random view failed"):
-        step(*args)
 
 
 def test_two_view_step_reraises_the_random_views_error(sfm_dir):
