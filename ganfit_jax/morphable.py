@@ -119,7 +119,12 @@ def landmarks3d(model: MorphableModel, verts):
 def vertex_normals(verts, triangles):
     """Area-weighted per-vertex normals (N,3), unit length."""
     a, b, c = verts[triangles[:, 0]], verts[triangles[:, 1]], verts[triangles[:, 2]]
-    face_normals = jnp.cross(b - a, c - a)
+    e1, e2 = b - a, c - a
+    # The cross product written out and stacked along the last axis: jnp.cross's moveaxis
+    # leaves XLA:CPU a channel-first result to reorder at run time, in the backward pass too.
+    face_normals = jnp.stack([e1[:, 1] * e2[:, 2] - e1[:, 2] * e2[:, 1],
+                              e1[:, 2] * e2[:, 0] - e1[:, 0] * e2[:, 2],
+                              e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]], axis=-1)
     normals = jnp.zeros_like(verts)
     for k in range(3):
         normals = normals.at[triangles[:, k]].add(face_normals)

@@ -213,10 +213,36 @@ def barycentrics_planar(pixels, depth, corners, mask, pixel_centres=None):
                          (jnp.arange(height, dtype=pixels.dtype) + 0.5)[:, None])
     qx, qy = pixel_centres
     vertex_data = jnp.concatenate([pixels, depth[:, None]], axis=1)  # one row gather per corner
-    gathered = [jnp.moveaxis(vertex_data[c], -1, 0) for c in corners]  # 3 × (3,H,W)
+    gathered = [gather_planes(vertex_data, c) for c in corners]  # 3 × (3,H,W)
     x, y, z = (tuple(g[i] for g in gathered) for i in range(3))
     return _perspective_barycentrics(x, y, z, jnp.asarray(qx, x[0].dtype),
                                      jnp.asarray(qy, x[0].dtype), mask)
+
+
+@jax.custom_vjp
+def gather_planes(table, index):
+    """Rows `table[index]` of a (N,C) table as a (C,...) stack of planes shaped like `index`."""
+    return jnp.moveaxis(jnp.asarray(table)[index], -1, 0)
+
+
+def _gather_planes_forward(table, index):
+    return gather_planes(table, index), (table, index)
+
+
+def _gather_planes_backward(residuals, g):
+    # The scatter-add wants its updates row-major, (...,C); autodiff hands it the transpose of
+    # the channel-first cotangent, which XLA:CPU lays out channel-first and then reorders in a
+    # runtime transpose that moves two floats at a time (~0.1 ms per 25k×3). Stacking the
+    # planes along the last axis writes the rows directly: with the same change in the UV
+    # lookup's backward pass, the cpu-small photo view on one core 28.90 -> 28.50 ms (7 of 7
+    # interleaved rounds).
+    table, index = residuals
+    rows = jnp.stack([g[c] for c in range(g.shape[0])], axis=-1)
+    d_table = jnp.zeros(table.shape, g.dtype).at[index].add(rows)
+    return d_table.astype(table.dtype), None
+
+
+gather_planes.defvjp(_gather_planes_forward, _gather_planes_backward)
 
 
 def _perspective_terms(x, y, z, qx, qy, mask):

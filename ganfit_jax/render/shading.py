@@ -108,7 +108,8 @@ def _bilinear_backward(residuals, g):
     weights = ((1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy)
     d_flat = jnp.zeros((th * tw, channels), g.dtype)
     for i, w in zip(index, weights):
-        d_flat = d_flat.at[i].add(jnp.moveaxis(g * w, 0, -1))
+        # rows stacked from the planes, not moveaxis (see raster.gather_planes' backward pass)
+        d_flat = d_flat.at[i].add(jnp.stack([g[c] * w for c in range(channels)], axis=-1))
     return d_flat.reshape(uv_map.shape).astype(uv_map.dtype), d_u, d_v
 
 
