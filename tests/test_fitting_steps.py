@@ -1,0 +1,202 @@
+"""Fitting steps: the pixel budget, a zero-weighted landmark term, the two-view step (Eq. 12's
+views as programs on two threads) and the per-photo batch step each equal the plain step."""
+
+import copy
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ganfit_jax import fitting, losses
+from test_fitting import SIZE, random_truth, synthetic_landmarks
+
+
+@pytest.fixture(scope="module")
+def tiny(sfm_dir):
+    """The benchmark's tiny pipeline, its start and target: compiled steps are per pipeline."""
+    from experiments import benchmark_fit
+
+    key = jax.random.PRNGKey(0)
+    return benchmark_fit.build("tiny", str(sfm_dir / "sfm_shape_3448.bin"), key)
+
+
+@pytest.fixture(scope="module")
+def two_views(tiny):
+    """One TwoViewStep (compiled once, on its first call) shared by the tests below; off the
+    CPU `bound_step` keeps the fused step, so the four programs are built directly."""
+    config = fitting.FitConfig(loop="host")
+    step = fitting.bound_step(config, 2, "single", tiny[0])
+    if not isinstance(step, fitting.TwoViewStep):
+        step = fitting.TwoViewStep(config, tiny[0], None)
+    return step
+
+def test_pixel_budget_leaves_the_loss_and_its_gradient_unchanged(sfm_model):
+    """FitConfig.pixel_budget (compacted shading of the covered pixels in unbatched steps) is a
+    speed choice only: Eq. 12 and its gradient equal the whole-grid renders, with the face inside
+    the budget and beyond it (the fallback); batched steps never compact."""
+    from ganfit_jax.texture.direct import DirectUVTexture
+
+    tex = DirectUVTexture(coarse=4, resolution=16)
+    pipe = fitting.make_pipeline(sfm_model, tex, None, SIZE)
+    truth = random_truth(sfm_model, 3).replace(texture=tex.init_latent() + 0.2)
+    photo, aux = fitting.render_face(pipe, truth)
+    covered = float(np.asarray(aux["mask"]).mean())
+    lm = synthetic_landmarks(sfm_model, truth)
+    target = fitting.Target(image=photo, landmarks=jnp.asarray(lm))
+    p0 = fitting.init_params(sfm_model, lm, SIZE, tex.latent_dim, texture_init=tex.init_latent())
+    key = jax.random.PRNGKey(0)
+
+    def value_and_grad(budget):
+        f = lambda p: fitting.loss(p, target, pipe, key, pixel_budget=budget)[0]  # noqa: E731
+        return jax.jit(jax.value_and_grad(f))(p0)
+
+    ref_value, ref_grad = value_and_grad(None)
+    for budget in (min(1.0, covered * 1.5), covered * 0.5):
+        value, grad = value_and_grad(budget)
+        np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                       atol=1e-5 * float(np.abs(np.asarray(b)).max()) + 1e-12)
+    cfg = fitting.FitConfig()
+    opt = fitting.optimiser(cfg.learning_rate, p0, 2).init(p0)
+    args = (pipe, p0, opt, target, key, p0.light)
+    conds = lambda step: str(jax.make_jaxpr(step)(*args)).count(" cond[")  # noqa: E731
+    assert conds(fitting.make_step(cfg, 2)) >= 1  # the main render (no identity net here)
+    assert conds(fitting.make_step(cfg, 2, batched=True)) == 0
+
+
+def test_a_landmark_term_weighted_zero_is_reported_but_not_differentiated(sfm_model):
+    """λ_lan = 0 (the random view's program of a TwoViewStep): L_lan is still reported, its
+    gradient is exactly zero, and XLA is not asked to back-propagate through the projection
+    (the compiled gradient counts fewer FLOPs than with λ_lan > 0)."""
+    from ganfit_jax.texture.direct import DirectUVTexture
+
+    tex = DirectUVTexture(coarse=4, resolution=16)
+    pipe = fitting.make_pipeline(sfm_model, tex, None, SIZE)
+    truth = random_truth(sfm_model, 5)
+    lm = synthetic_landmarks(sfm_model, truth)
+    target = fitting.Target(image=jnp.zeros(SIZE + (3,)), landmarks=jnp.asarray(lm) + 3.0)
+    p0 = fitting.init_params(sfm_model, lm, SIZE, tex.latent_dim, texture_init=tex.init_latent())
+    p0 = p0.replace(shape=p0.shape + 0.1)
+    key = jax.random.PRNGKey(0)
+    only = dict(identity=0.0, identity_random=0.0, content=0.0, pixel=0.0, expression_reg=0.0,
+                light_reg=0.0, shape_reg=0.05)
+
+    def program(landmark):
+        weights = losses.LossWeights(landmark=landmark, **only)
+        f = lambda p: fitting.loss(p, target, pipe, key, weights)  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+    (total, terms), grad = program(0.0)(p0)
+    assert float(terms["landmark"]) > 1.0  # reported: the target is 3 px off
+    np.testing.assert_allclose(float(total), float(terms["reg"]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad.shape), 2 * 0.05 * np.asarray(p0.shape), rtol=1e-5)
+    for g in (grad.expression, grad.camera, grad.light, grad.texture):
+        assert not np.any(np.asarray(g))
+    _, fitted = program(0.01)(p0)
+    assert np.any(np.asarray(fitted.camera))  # with λ_lan > 0 the landmarks pull the camera
+
+    def flops(landmark):
+        cost = program(landmark).lower(p0).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+    assert flops(0.0) < flops(0.01)
+
+
+def test_two_view_step_equals_the_fused_step(tiny, two_views):
+    """FitConfig.two_threads (one photo, CPU, pipeline compiled in): Eq. 12's photo view and
+    random view as programs on two threads give the fused step's parameters, optimiser state and
+    terms, step after step; it is used only where both views exist."""
+    pipe, params, target = tiny
+    key = jax.random.PRNGKey(0)
+    threaded = fitting.FitConfig(loop="host")
+    fused = dataclasses.replace(threaded, two_threads=False)
+    one = fitting.bound_step(fused, 2, "single", pipe)
+    # only the CPU runs a program's small ops one after another; elsewhere the step stays fused
+    on_cpu = jax.default_backend() == "cpu"
+    assert isinstance(fitting.bound_step(threaded, 2, "single", pipe),
+                      fitting.TwoViewStep) == on_cpu
+    assert isinstance(one, fitting.BoundStep)
+    tx = fitting.optimiser(threaded.learning_rate, params, 2, fitting.texture_step_scale(pipe))
+    a = b = (params, tx.init(params))
+    for i in range(3):
+        k = jax.random.fold_in(key, i)
+        *a, terms_a = two_views(*a, target, k, params.light)
+        *b, terms_b = one(*b, target, k, params.light)
+        assert sorted(terms_a) == sorted(terms_b)
+        assert "identity_random" in terms_a and "identity" in terms_a
+        for name in terms_b:
+            np.testing.assert_allclose(terms_a[name], terms_b[name], rtol=1e-5, atol=1e-6)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    # not where a view is missing, under remat, for batches or for stage 1
+    no_random = dataclasses.replace(
+        threaded, weights=dataclasses.replace(threaded.weights, identity_random=0.0))
+    assert not fitting.two_view_step_applies(no_random, 2, "single", pipe)
+    assert not fitting.two_view_step_applies(threaded, 2, "single",
+                                             pipe.replace(identity_fn=None))
+    assert not fitting.two_view_step_applies(dataclasses.replace(threaded, remat=True), 2,
+                                             "single", pipe)
+    assert not fitting.two_view_step_applies(threaded, 2, "batch", pipe)
+    assert not fitting.two_view_step_applies(threaded, 1, "single", pipe)
+    assert fitting.two_view_step_applies(threaded, 2, "single", pipe) == on_cpu
+
+
+def test_two_view_step_dispatch_paths_agree_and_reraise_the_random_views_error(tiny, two_views):
+    """The random view enqueued from the worker thread (overlap=True) and run after the photo's
+    on the caller's thread (overlap=False) give the same step; an error on the random view's
+    thread reaches the caller (not a silent missing term)."""
+    pipe, params, target = tiny
+    key = jax.random.PRNGKey(1)
+    opt_state = fitting.optimiser(0.01, params, 2, fitting.texture_step_scale(pipe)).init(params)
+    args = (params, opt_state, target, key, params.light)
+    overlapped = two_views(*args)
+    serial = two_views(*args, overlap=False)
+    for x, y in zip(jax.tree.leaves(overlapped), jax.tree.leaves(serial)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert float(overlapped[2]["total"]) > 0
+
+    def broken(*_):
+        raise RuntimeError("random view failed")
+
+    broken_step = copy.copy(two_views)  # the shared step keeps its own views
+    broken_step._views = (two_views._views[0], broken)
+    with pytest.raises(RuntimeError, match="random view failed"):
+        broken_step(*args)
+
+
+def test_batch_per_photo_equals_the_vmapped_batch(tiny):
+    """FitConfig.batch_steps='per_photo' (on one CPU device the default for stage 2 of `fit
+    --images`): photo after photo with the single-photo step, each photo with its own key as
+    under vmap, gives the vmapped batch's parameters and per-step terms, random view included;
+    never for frames (their shared shape and texture need the vmapped mean)."""
+    pipe, params, target = tiny
+    ps = fitting.stack([params, params.replace(shape=params.shape + 0.2)])
+    ts = fitting.stack([target, target.replace(landmarks=target.landmarks + 1.5)])
+    results = {}
+    for mode in ("vmap", "per_photo"):
+        cfg = fitting.FitConfig(stage1_iterations=2, stage2_iterations=4, chunk=2,
+                                batch_steps=mode)
+        results[mode] = fitting.fit(pipe, ps, ts, cfg, jax.random.PRNGKey(3), batched=True,
+                                    log=None)
+        assert isinstance(fitting.bound_step(cfg, 2, "batch", pipe),
+                          fitting.PerPhotoStep) == (mode == "per_photo")
+    (got, got_hist), (want, want_hist) = results["per_photo"], results["vmap"]
+    assert got_hist[2]["identity_random"].shape == (4, 2)
+    for stage in (1, 2):
+        for name, v in want_hist[stage].items():
+            np.testing.assert_allclose(got_hist[stage][name], v, rtol=1e-4, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                   atol=1e-5 * float(np.abs(np.asarray(b)).max()))
+    auto = fitting.FitConfig()
+    on_one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+    assert fitting.per_photo_batch_applies(auto, 2, "batch") == on_one_cpu
+    assert not fitting.per_photo_batch_applies(auto, 1, "batch")
+    assert not fitting.per_photo_batch_applies(
+        dataclasses.replace(auto, batch_steps="per_photo"), 2, "frames")
+    assert not fitting.per_photo_batch_applies(dataclasses.replace(auto, loop="scan"), 2, "batch")
+    with pytest.raises(ValueError, match="batch_steps"):
+        fitting.per_photo_batch_applies(dataclasses.replace(auto, batch_steps="loop"), 2, "batch")
