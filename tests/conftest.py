@@ -3,8 +3,10 @@
 import importlib.metadata
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -16,6 +18,22 @@ FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
 if (importlib.metadata.version("jaxlib") == "0.10.2"
         and FAST_COMPILE_FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", "")):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip()
+
+# Many tests compile the same programs (the tiny step in the benchmark, GPU-check, fitting and
+# binary tests; each binary a fresh process): one JAX persistent cache for this run, made here
+# in pytest's main process before its xdist workers start, so that they and the binaries they
+# start inherit it, and removed at the end. ~6% of the suite's wall time (BENCHMARKS.md); a
+# JAX_COMPILATION_CACHE_DIR of the caller's own is left alone.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _TEST_CACHE = tempfile.mkdtemp(prefix="ganfit_jax_test_xla_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _TEST_CACHE
+    os.environ["GANFIT_TEST_CACHE_OWNER"] = str(os.getpid())
+
+
+def pytest_unconfigure(config):
+    if os.environ.get("GANFIT_TEST_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
 
 ASSETS = pathlib.Path(os.environ.get(
     "GANFIT_ASSETS", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "assets"))
