@@ -24,7 +24,8 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("json", False, "print one JSON object per line instead of a table")
-flags.DEFINE_integer("repeats", 10, "timed calls per measurement (the median is reported)")
+flags.DEFINE_integer("repeats", 10, "timed calls per measurement (the median is reported)",
+                     lower_bound=1)
 flags.DEFINE_list("cases", None, "subset of cases to run (default: all of the subcommand's)")
 flags.DEFINE_string("model", None, "SFM shape model (.bin); default: the shared assets' "
                     "sfm/sfm_shape_3448.bin ($GANFIT_ASSETS, else ../shared/assets)")
@@ -190,14 +191,15 @@ def _emit(rows, header):
 
 flags.DEFINE_string("config", "cpu-small", "fit: cpu-small | paper")
 flags.DEFINE_list("batch_sizes", ["1", "2", "4", "8", "16"], "fit: batch sizes to time")
-flags.DEFINE_integer("iterations", 300, "fit: iterations per image for images_per_second")
+flags.DEFINE_integer("iterations", 300, "fit: iterations per image for images_per_second",
+                     lower_bound=1)
 flags.DEFINE_bool("remat", False, "fit: rematerialise the step (jax.checkpoint) to save memory")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                   "fit: width of the texture GAN and identity network (ganfit_jax.precision)")
 flags.DEFINE_enum("loop", "step", ["step", "scan", "host"],
                   "fit: 'step' times one step; 'scan' / 'host' time --chunk steps as fitting.fit "
                   "runs them (one lax.scan, as on accelerators / a host loop, as on the CPU)")
-flags.DEFINE_integer("chunk", 10, "fit: steps per timed chunk with --loop=scan|host")
+flags.DEFINE_integer("chunk", 10, "fit: steps per timed chunk with --loop=scan|host", lower_bound=1)
 flags.DEFINE_enum("batch_steps", "auto", ["auto", "vmap", "per_photo"],
                   "fit: how batches > 1 step (fitting.FitConfig.batch_steps)")
 flags.DEFINE_bool("count_flops", True, "fit: count each step's FLOPs (XLA's CPU cost analysis; "

@@ -24,10 +24,13 @@ from ganfit_jax.texture import pca, uv_io
 FLAGS = flags.FLAGS
 flags.DEFINE_string("uv_dir", None, "Folder of UV maps (NAME.png, optional NAME_mask.png).")
 flags.DEFINE_string("output", None, "Output .npz path.")
-flags.DEFINE_integer("resolution", 128, "UV maps are resized to resolution x resolution.")
-flags.DEFINE_integer("num_components", 0, "Number of components K (0: n - 1, full rank).")
-flags.DEFINE_integer("imputation_rank", 0, "Rank used to fill unobserved texels (0: default).")
-flags.DEFINE_integer("iterations", 50, "Imputation iterations at most.")
+flags.DEFINE_integer("resolution", 128, "UV maps are resized to resolution x resolution.",
+                     lower_bound=4)
+flags.DEFINE_integer("num_components", 0, "Number of components K (0: n - 1, full rank).",
+                     lower_bound=0)
+flags.DEFINE_integer("imputation_rank", 0, "Rank used to fill unobserved texels (0: default).",
+                     lower_bound=0)
+flags.DEFINE_integer("iterations", 50, "Imputation iterations at most.", lower_bound=0)
 
 
 def main(argv):

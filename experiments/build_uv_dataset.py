@@ -23,11 +23,11 @@ flags.DEFINE_string("images", None, "Folder (searched recursively) or glob of ph
 flags.DEFINE_string("output_dir", None, "Where the UV maps and masks go.")
 flags.DEFINE_string("model", None, "3DMM file (default: checkpoints/sfm.npz, else the SFM in "
                     "../shared/assets/sfm).")
-flags.DEFINE_integer("resolution", 256, "UV map size.")
-flags.DEFINE_integer("crop_size", 256, "Working crop of the photo.")
-flags.DEFINE_integer("iterations", 200, "Landmark-fit iterations per photo.")
+flags.DEFINE_integer("resolution", 256, "UV map size.", lower_bound=4)
+flags.DEFINE_integer("crop_size", 256, "Working crop of the photo.", lower_bound=32)
+flags.DEFINE_integer("iterations", 200, "Landmark-fit iterations per photo.", lower_bound=0)
 flags.DEFINE_string("detector", "hog", "dlib detector when no landmark file is beside an image.")
-flags.DEFINE_integer("limit", 0, "Stop after this many photos (0: all).")
+flags.DEFINE_integer("limit", 0, "Stop after this many photos (0: all).", lower_bound=0)
 flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
 
 

@@ -44,3 +44,13 @@ def enable_compilation_cache(folder):
     os.makedirs(folder, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def require_positive(*names):
+    """Flags (floats) that must be > 0: absl's lower_bound admits the bound itself, and a zero
+    learning rate, camera distance or colour-scale top is a mistake, not a choice."""
+    from absl import flags
+
+    for name in names:
+        flags.register_validator(name, lambda value: value is None or value > 0,
+                                 message="must be > 0")

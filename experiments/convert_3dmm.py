@@ -30,7 +30,8 @@ flags.DEFINE_string("symmetry", None, "SFM: eos reference symmetry file (optiona
 flags.DEFINE_string("input", None, "Other formats: the model file (.mat, .h5, .pkl, .npz).")
 flags.DEFINE_string("landmarks", None,
                     "SFM: eos TOML iBUG mapping; others: text/.npy of 68 vertex indices.")
-flags.DEFINE_integer("flame_num_shape", 300, "FLAME: leading shapedirs that are identity.")
+flags.DEFINE_integer("flame_num_shape", 300, "FLAME: leading shapedirs that are identity.",
+                     lower_bound=1)
 flags.DEFINE_string("output", None, "Output .npz path.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
 

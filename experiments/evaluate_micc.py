@@ -51,6 +51,7 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
+from experiments import common
 from ganfit_jax import evaluation as ev
 
 SETTINGS = ("Indoor-Cooperative", "PTZ-Indoor", "PTZ-Outdoor")
@@ -81,7 +82,8 @@ def define_flags():
                       "Scans under Model/ to compare against (min over them).")
     flags.DEFINE_list("subjects", [],
                       "Only these subjects (e.g. subject_01,subject_02); default all.")
-    flags.DEFINE_integer("frames_per_video", 5, "Frames sampled uniformly per video (paper: 5).")
+    flags.DEFINE_integer("frames_per_video", 5, "Frames sampled uniformly per video (paper: 5).",
+                         lower_bound=1)
     flags.DEFINE_float("crop_radius", ev.DEFAULT_CROP_RADIUS_MM,
                        "Crop radius around the nose tip, mm.")
     flags.DEFINE_enum("distance", "plane", list(ev.DISTANCES),
@@ -91,7 +93,7 @@ def define_flags():
     flags.DEFINE_bool("icp_scale", False, "Let ICP scale the reconstruction (the paper: rigid).")
     flags.DEFINE_float("max_correspondence_mm", 0.0,
                        "ICP ignores pairs farther apart than this (0: keep all), e.g. where the "
-                       "scan has hair or neck the reconstruction lacks.")
+                       "scan has hair or neck the reconstruction lacks.", lower_bound=0.0)
     flags.DEFINE_float("scan_scale", 1.0, "Multiplies scan coordinates to give millimetres.")
     flags.DEFINE_list("scan_forward", ["0", "0", "1"], "Direction the scanned face looks.")
     flags.DEFINE_list("init_yaw_degrees", ["0", "-20", "20"],
@@ -105,11 +107,12 @@ def define_flags():
                       "Landmark initial alignment (with --scan_landmarks_dir).")
     flags.DEFINE_bool("error_maps", True, "Write per-vertex error map PNGs.")
     flags.DEFINE_float("error_map_vmax", 4.0, "Top of the error-map colour scale, mm.")
-    flags.DEFINE_integer("error_map_size", 256, "Pixels per error-map view.")
+    flags.DEFINE_integer("error_map_size", 256, "Pixels per error-map view.", lower_bound=16)
     flags.DEFINE_integer("seed", 0, "PRNG seed passed to the fitting.")
     flags.DEFINE_string("fit_kwargs", "{}", "JSON object of extra keyword arguments for "
                         "fitting.fit_frames (e.g. checkpoint paths, iteration counts).")
     flags.DEFINE_bool("overwrite", False, "Re-evaluate subjects that already have a CSV.")
+    common.require_positive("crop_radius", "error_map_vmax", "scan_scale")
 
 
 # ---------------------------------------------------------------------------------------------

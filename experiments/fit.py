@@ -29,9 +29,9 @@ flags.DEFINE_string("images", None, "A folder or glob of photos, fitted independ
 flags.DEFINE_string("frames", None, "A folder of frames, or a video file (.mp4, .mov, .avi, "
                     ".mkv, .webm, ...), of one person: per-frame expression, pose and light, one "
                     "shared shape and texture (Eq. 13).")
-flags.DEFINE_integer("frame_step", 1, "--frames video: fit every N-th frame.")
+flags.DEFINE_integer("frame_step", 1, "--frames video: fit every N-th frame.", lower_bound=1)
 flags.DEFINE_integer("max_frames", 0, "--frames video: at most this many frames (0: all); all "
-                     "frames are fitted jointly, so memory grows with their number.")
+                     "frames are fitted jointly, so memory grows with their number.", lower_bound=0)
 flags.DEFINE_string("landmarks", None, "68 iBUG landmarks for --image (.pts, .npy (68,2) or "
                     ".json). Default: a file of the same stem beside the image, else dlib.")
 flags.DEFINE_string("model", None, "3DMM (.npz or any format morphable.load knows). Default: "
@@ -42,22 +42,25 @@ flags.DEFINE_string("identity_weights", None, "Weights for --identity (.msgpack/
 flags.DEFINE_string("texture", "direct", "Texture model: a GAN .msgpack, a PCA .npz, 'direct' "
                     "(prior-free UV map; the fallback before a GAN is trained) or 'random' "
                     "(untrained tiny GAN, tests only).")
-flags.DEFINE_integer("iterations", 300, "Stage-2 iterations (everything, Eq. 12).")
-flags.DEFINE_integer("stage1_iterations", 600, "Stage-1 iterations (landmarks only; cheap).")
+flags.DEFINE_integer("iterations", 300, "Stage-2 iterations (everything, Eq. 12).", lower_bound=0)
+flags.DEFINE_integer("stage1_iterations", 600, "Stage-1 iterations (landmarks only; cheap).",
+                     lower_bound=0)
 flags.DEFINE_float("stage1_learning_rate", 0.03, "Stage-1 Adam rate (stage 2: 0.01, the paper's).")
-flags.DEFINE_integer("chunk", 25, "Iterations per jitted chunk (one progress line each).")
-flags.DEFINE_integer("image_size", 224, "Working (render) resolution.")
-flags.DEFINE_integer("batch_size", 8, "Photos per batch with --images.")
+flags.DEFINE_integer("chunk", 25, "Iterations per jitted chunk (one progress line each).",
+                     lower_bound=1)
+flags.DEFINE_integer("image_size", 224, "Working (render) resolution.", lower_bound=32)
+flags.DEFINE_integer("batch_size", 8, "Photos per batch with --images.", lower_bound=1)
 flags.DEFINE_string("detector", "hog", "dlib face detector when landmarks must be detected.")
 flags.DEFINE_integer("seed", 0, "PRNG seed (random second render, texture init).")
-flags.DEFINE_float("lambda_id", 2.0, "λ_id")
-flags.DEFINE_float("lambda_id_random", 2.0, "λ̂_id")
-flags.DEFINE_float("lambda_content", 50.0, "λ_con")
-flags.DEFINE_float("lambda_pixel", 1.0, "λ_pix")
-flags.DEFINE_float("lambda_landmark", 0.01, "λ_lan (the paper: 0.001; see losses.LossWeights)")
-flags.DEFINE_float("lambda_shape", 0.05, "λ_reg on shape")
-flags.DEFINE_float("lambda_expression", 0.05, "λ_reg on expression")
-flags.DEFINE_float("lambda_light", 0.01, "λ_reg on light")
+flags.DEFINE_float("lambda_id", 2.0, "λ_id", lower_bound=0.0)
+flags.DEFINE_float("lambda_id_random", 2.0, "λ̂_id", lower_bound=0.0)
+flags.DEFINE_float("lambda_content", 50.0, "λ_con", lower_bound=0.0)
+flags.DEFINE_float("lambda_pixel", 1.0, "λ_pix", lower_bound=0.0)
+flags.DEFINE_float("lambda_landmark", 0.01, "λ_lan (the paper: 0.001; see losses.LossWeights)",
+                   lower_bound=0.0)
+flags.DEFINE_float("lambda_shape", 0.05, "λ_reg on shape", lower_bound=0.0)
+flags.DEFINE_float("lambda_expression", 0.05, "λ_reg on expression", lower_bound=0.0)
+flags.DEFINE_float("lambda_light", 0.01, "λ_reg on light", lower_bound=0.0)
 flags.DEFINE_string("output_dir", None, "Where results go (one sub-folder per photo with "
                     "--images; the folder itself with --image/--frames).")
 flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
@@ -81,6 +84,7 @@ flags.DEFINE_string("compilation_cache",
                     "photo on a 2-core CPU).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host: "
                   "the batch is then sharded over every host's devices).")
+common.require_positive("stage1_learning_rate")
 
 OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
                 "side_by_side.png", "views.png", "loss.png", "metrics.json")

@@ -19,8 +19,8 @@ import time
 from absl import app, flags
 
 flags.DEFINE_string("model", "../shared/assets/sfm/sfm_shape_3448.bin", "SFM shape model")
-flags.DEFINE_integer("rounds", 3, "rounds of the variant comparison (0: skip it)")
-flags.DEFINE_integer("repeats", 15, "timed calls per measurement (median)")
+flags.DEFINE_integer("rounds", 3, "rounds of the variant comparison (0: skip it)", lower_bound=0)
+flags.DEFINE_integer("repeats", 15, "timed calls per measurement (median)", lower_bound=1)
 flags.DEFINE_bool("two_threads", True, "also time fitting.TwoViewStep (the two views of Eq. 12 "
                   "on two threads) against the fused step")
 flags.DEFINE_list("batches", ["2", "8"], "also time a batch stepped photo after photo "

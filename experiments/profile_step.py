@@ -28,11 +28,11 @@ from experiments import profile_ops
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("config", "cpu-small", ["tiny", "cpu-small", "paper"],
                   "a configuration of experiments.benchmark fit")
-flags.DEFINE_integer("batch_size", 1, "photos per step")
+flags.DEFINE_integer("batch_size", 1, "photos per step", lower_bound=1)
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                   "dtype of the texture GAN and identity network")
-flags.DEFINE_integer("steps", 10, "profiled steps (after one warm-up call)")
-flags.DEFINE_integer("top", 40, "ops listed in the table (all are in ops.json)")
+flags.DEFINE_integer("steps", 10, "profiled steps (after one warm-up call)", lower_bound=1)
+flags.DEFINE_integer("top", 40, "ops listed in the table (all are in ops.json)", lower_bound=1)
 flags.DEFINE_string("output_dir", None, "folder for ops.json and the trace (created)")
 flags.DEFINE_string("model", None, "3DMM (.bin or .npz); default checkpoints/sfm.npz, else the "
                     "shared assets' SFM")

@@ -18,20 +18,25 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
+from experiments import common
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "model file loadable by ganfit_jax.morphable.load")
 flags.DEFINE_string("params", None, "optional .npz with shape/expression/camera/light/texture")
 flags.DEFINE_string("output_dir", None, "folder for the PNGs (created if absent)")
 flags.DEFINE_list("views", ["0"], "yaw angles in degrees (positive: camera towards the subject's left)")
-flags.DEFINE_integer("turntable", 0, "if > 0, also render this many views evenly over 360°")
-flags.DEFINE_integer("image_size", 256, "square image size in pixels")
+flags.DEFINE_integer("turntable", 0, "if > 0, also render this many views evenly over 360°",
+                     lower_bound=0)
+flags.DEFINE_integer("image_size", 256, "square image size in pixels", lower_bound=8)
 flags.DEFINE_float("distance", 800.0, "camera distance (mm) from the face centre")
 flags.DEFINE_list("light", None, "9 values: x,y,z (world mm), light rgb, ambient rgb")
-flags.DEFINE_float("background", 1.0, "background grey level in [0,1]")
+flags.DEFINE_float("background", 1.0, "background grey level in [0,1]",
+                   lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_enum("texture_sampling", "pixel", ["pixel", "vertex"], "UV map lookup mode")
 flags.DEFINE_bool("save_depth", False, "also save depth maps (.npy, mm, 0 on background)")
 flags.DEFINE_bool("save_mask", False, "also save foreground masks (.npy, float32)")
 flags.DEFINE_bool("overwrite", False, "replace existing output files")
+common.require_positive("distance")
 
 DEFAULT_ALBEDO = (0.78, 0.6, 0.5)
 

@@ -33,24 +33,34 @@ from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image, ImageDraw
 
 from ganfit_jax.texture import model as texture_model
+from experiments import common
 from ganfit_jax.texture import progan, train, uv_io
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("uv_dir", None, "Folder of UV maps (NAME.png, optional NAME_mask.png).")
 flags.DEFINE_string("output_dir", None, "Where checkpoints, samples and curves go.")
-flags.DEFINE_integer("max_resolution", 64, "Final resolution (power of two, 4..1024).")
-flags.DEFINE_integer("steps_per_phase", 1000, "Steps in each fade-in and each stable phase.")
-flags.DEFINE_integer("batch_size", 16, "Global batch (divisible by the number of devices).")
-flags.DEFINE_integer("latent_dim", 512, "Size of p_t (the paper: 512).")
-flags.DEFINE_integer("fmap_base", 8192, "Channel width base: width(res) = min(base/(res/2), max).")
-flags.DEFINE_integer("fmap_max", 512, "Largest channel width.")
+flags.DEFINE_integer("max_resolution", 64, "Final resolution (power of two, 4..1024).",
+                     lower_bound=4, upper_bound=1024)
+flags.DEFINE_integer("steps_per_phase", 1000, "Steps in each fade-in and each stable phase.",
+                     lower_bound=1)
+flags.DEFINE_integer("batch_size", 16, "Global batch (divisible by the number of devices).",
+                     lower_bound=1)
+flags.DEFINE_integer("latent_dim", 512, "Size of p_t (the paper: 512).", lower_bound=1)
+flags.DEFINE_integer("fmap_base", 8192, "Channel width base: width(res) = min(base/(res/2), max).",
+                     lower_bound=1)
+flags.DEFINE_integer("fmap_max", 512, "Largest channel width.", lower_bound=1)
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate (Karras et al.: 0.001).")
-flags.DEFINE_float("ema_decay", 0.999, "Decay of the generator EMA used for samples/export.")
+flags.DEFINE_float("ema_decay", 0.999, "Decay of the generator EMA used for samples/export.",
+                   lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_integer("seed", 0, "Seed of initialisation, batches and latents.")
-flags.DEFINE_integer("checkpoint_every", 500, "Also checkpoint every N steps (0: phase ends only).")
-flags.DEFINE_integer("log_every", 50, "Progress line every N steps.")
-flags.DEFINE_integer("num_samples", 16, "Samples per grid (a square number reads best).")
-flags.DEFINE_integer("max_steps", 0, "Stop after this many steps in this invocation (0: none).")
+flags.DEFINE_integer("checkpoint_every", 500, "Also checkpoint every N steps (0: phase ends only).",
+                     lower_bound=0)
+flags.DEFINE_integer("log_every", 50, "Progress line every N steps.", lower_bound=1)
+flags.DEFINE_integer("num_samples", 16, "Samples per grid (a square number reads best).",
+                     lower_bound=1)
+flags.DEFINE_integer("max_steps", 0, "Stop after this many steps in this invocation (0: none).",
+                     lower_bound=0)
+common.require_positive("learning_rate")
 
 
 def _atomic_write(path, data: bytes):

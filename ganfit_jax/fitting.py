@@ -124,6 +124,28 @@ class FitConfig:
     # single CPU device, vmap otherwise (stage 1 is a few tiny ops: vmap amortises dispatch)
     batch_steps: str = "auto"
 
+    def __post_init__(self):
+        # a zero chunk divides by zero deep inside the loop, a negative rate or weight fits
+        # uphill without a word: refuse them where the config is made
+        for name in ("stage1_iterations", "stage2_iterations", "chunk"):
+            value, least = getattr(self, name), 1 if name == "chunk" else 0
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise ValueError(f"FitConfig.{name} must be an integer ≥ {least}, got {value!r}")
+        for name in ("learning_rate", "stage1_learning_rate"):
+            value = getattr(self, name)
+            if not (callable(value)  # an optax schedule
+                    or isinstance(value, (int, float, np.number)) and 0 < value < np.inf):
+                raise ValueError(f"FitConfig.{name} must be a finite number > 0 or an optax "
+                                 f"schedule, got {value!r}")
+        if self.pixel_budget is not None and not 0 < self.pixel_budget <= 1:
+            raise ValueError("FitConfig.pixel_budget must be None or a fraction in (0, 1], got "
+                             f"{self.pixel_budget!r}")
+        for field in dataclasses.fields(self.weights):
+            value = getattr(self.weights, field.name)
+            if isinstance(value, (int, float, np.number)) and not 0 <= value < np.inf:
+                raise ValueError(f"FitConfig.weights.{field.name} (a λ of Eq. 12) must be a "
+                                 f"finite number ≥ 0, got {value!r}")
+
 
 @flax.struct.dataclass
 class Pipeline:

@@ -106,6 +106,41 @@ def test_too_few_landmarks_is_a_clear_error(sfm_model):
         fitting.init_params(sfm_model, np.full((68, 2), np.nan), SIZE, 0)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(chunk=0), "chunk must be an integer ≥ 1"),
+    (dict(stage2_iterations=-1), "stage2_iterations must be an integer ≥ 0"),
+    (dict(stage1_iterations=2.5), "stage1_iterations must be an integer"),
+    (dict(learning_rate=0.0), "learning_rate must be a finite number > 0"),
+    (dict(stage1_learning_rate=float("nan")), "stage1_learning_rate must be"),
+    (dict(pixel_budget=1.5), "pixel_budget must be None or a fraction"),
+    (dict(weights=losses.LossWeights(identity=-2.0)), "weights.identity"),
+    (dict(weights=losses.LossWeights(pixel=float("inf"))), "weights.pixel"),
+])
+def test_fit_config_refuses_what_would_fail_deep_or_fit_uphill(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fitting.FitConfig(**kwargs)
+
+
+def test_fit_config_takes_an_ablation_and_an_optax_schedule(sfm_model):
+    import optax
+
+    fitting.FitConfig(weights=losses.LossWeights(identity=0.0, content=0.0))  # an ablation
+    truth = random_truth(sfm_model, 3)
+    lm = synthetic_landmarks(sfm_model, truth)
+    pipe = fitting.Pipeline(model=sfm_model, image_size=SIZE)
+    target = fitting.Target(image=jnp.zeros(SIZE + (3,)), landmarks=jnp.asarray(lm))
+    p0 = fitting.init_params(sfm_model, lm, SIZE, 0)
+    fits = {}
+    for name, rate in [("number", 0.03), ("constant schedule", optax.constant_schedule(0.03)),
+                       ("decayed schedule", optax.exponential_decay(0.03, 1, 0.5))]:
+        cfg = fitting.FitConfig(stage1_iterations=4, stage2_iterations=0, chunk=2,
+                                stage1_learning_rate=rate, loop="host")
+        fits[name] = np.asarray(fitting.fit(pipe, p0, target, cfg, log=None)[0].camera)
+    # the schedule is what Adam steps with: the same rate gives the same fit, a decaying one not
+    np.testing.assert_allclose(fits["constant schedule"], fits["number"], rtol=1e-6, atol=1e-5)
+    assert np.abs(fits["decayed schedule"] - fits["number"]).max() > 1e-3
+
+
 def similarity_aligned_median_error(a, b):
     """Median vertex distance after the best similarity transform of a onto b (Umeyama)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
