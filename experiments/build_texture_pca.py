@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 
 from absl import app, flags
+
+from experiments import common
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -67,4 +69,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["uv_dir", "output"])
-    app.run(main)
+    app.run(common.input_errors_as_one_line(main))

@@ -54,3 +54,23 @@ def require_positive(*names):
     for name in names:
         flags.register_validator(name, lambda value: value is None or value > 0,
                                  message="must be > 0")
+
+
+def input_errors_as_one_line(main):
+    """Wraps a binary's absl main: a ValueError or OSError (what the loaders raise for a bad or
+    missing file or argument, each naming it) ends the run as one `error: ...` line on stderr
+    and exit status 1, not a traceback; GANFIT_TRACEBACK=1 re-raises, to debug."""
+    import functools
+    import sys
+
+    @functools.wraps(main)
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except (ValueError, OSError) as e:
+            if os.environ.get("GANFIT_TRACEBACK"):
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+
+    return wrapped

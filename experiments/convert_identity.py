@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from experiments import common
+
 from ganfit_jax import identity
 from ganfit_jax.identity import arcface, dlib_resnet, weights
 
@@ -59,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(common.input_errors_as_one_line(main))

@@ -538,8 +538,8 @@ def run(cfg, reconstruct):
     """Evaluates every subject not yet done; returns the summary table."""
     out = cfg["output_dir"]
     per_subject = os.path.join(out, "per_subject")
+    subjects = find_subjects(cfg["micc_dir"], cfg["subjects"])  # before any folder is made
     os.makedirs(per_subject, exist_ok=True)
-    subjects = find_subjects(cfg["micc_dir"], cfg["subjects"])
     error_map_dir = os.path.join(out, "error_maps") if cfg["error_maps"] else None
     for subject in subjects:
         path = os.path.join(per_subject, f"{subject}.csv")
@@ -622,4 +622,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(common.input_errors_as_one_line(main))

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments import common
+
 from ganfit_jax import identity, landmarks
 
 FLAGS = flags.FLAGS
@@ -73,4 +75,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(common.input_errors_as_one_line(main))

@@ -23,7 +23,7 @@ import shutil
 
 from absl import app, flags
 
-from experiments import profile_ops
+from experiments import common, profile_ops
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("config", "cpu-small", ["tiny", "cpu-small", "paper"],
@@ -43,8 +43,6 @@ flags.mark_flag_as_required("output_dir")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from experiments import common
-
     model = FLAGS.model or common.default_model_path()
     if model is None:
         raise app.UsageError(common.MISSING_MODEL)
@@ -73,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(common.input_errors_as_one_line(main))

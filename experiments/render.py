@@ -180,4 +180,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(common.input_errors_as_one_line(main))

@@ -139,8 +139,8 @@ def train_gan(uv_dir, output_dir, config: progan.ProGANConfig, steps_per_phase: 
     if batch_size % len(devices):
         raise ValueError(f"--batch_size={batch_size} must be divisible by the "
                          f"{len(devices)} local devices")
-    os.makedirs(output_dir, exist_ok=True)
     names, images, masks = uv_io.load_uv_folder(uv_dir, config.max_resolution)
+    os.makedirs(output_dir, exist_ok=True)  # after the data loads: a typo leaves no empty folder
     log(f"Loaded {len(names)} UV maps from {uv_dir} at {config.max_resolution}px, "
         f"observed texels {100 * masks.mean():.1f}%; {len(devices)} device(s): "
         f"{devices[0].platform}")
@@ -268,4 +268,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["uv_dir", "output_dir"])
-    app.run(main)
+    app.run(common.input_errors_as_one_line(main))

@@ -121,6 +121,9 @@ def test_pca_bad_input_and_missing_file(tmp_path):
     np.savez(tmp_path / "wrong.npz", mean=np.zeros((4, 4, 3)))
     with pytest.raises(ValueError, match="basis"):
         texture.load_pca(tmp_path / "wrong.npz")
+    (tmp_path / "junk.npz").write_text("not an archive")  # numpy would try it as a pickle
+    with pytest.raises(ValueError, match="junk.npz: not a readable .npz"):
+        texture.load_pca(tmp_path / "junk.npz")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -227,7 +227,11 @@ def load_pca(path) -> PCATexture:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"PCA texture file {path} does not exist")
-    with np.load(path) as f:
+    try:
+        archive = np.load(path)
+    except (ValueError, OSError) as e:  # not a zip: numpy tries it as a pickle and refuses
+        raise ValueError(f"{path}: not a readable .npz PCA texture model ({e})") from None
+    with archive as f:
         missing = [k for k in ("mean", "basis") if k not in f.files]
         if missing:
             raise ValueError(f"{path}: missing arrays {missing}; expected mean (H,W,3), "
