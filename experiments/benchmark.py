@@ -222,7 +222,7 @@ def run_fit(argv):
 
 
 # quality: experiments/benchmark_quality.py (its flags are added when this binary runs)
-from experiments import benchmark_quality  # noqa: E402
+from experiments import benchmark_quality, common  # noqa: E402
 
 SUBCOMMANDS = {
     "render": run_render,
@@ -240,4 +240,4 @@ def main(argv):
 
 if __name__ == "__main__":
     benchmark_quality.define_flags()  # skips --json/--model/--iterations, defined above
-    app.run(main)
+    app.run(common.input_errors_as_one_line(main))

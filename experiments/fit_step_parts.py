@@ -18,6 +18,8 @@ import time
 
 from absl import app, flags
 
+from experiments import common
+
 flags.DEFINE_string("model", "../shared/assets/sfm/sfm_shape_3448.bin", "SFM shape model")
 flags.DEFINE_integer("rounds", 3, "rounds of the variant comparison (0: skip it)", lower_bound=0)
 flags.DEFINE_integer("repeats", 15, "timed calls per measurement (median)", lower_bound=1)
@@ -218,4 +220,4 @@ def _two_view_programs(step, args):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(common.input_errors_as_one_line(main))

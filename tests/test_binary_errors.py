@@ -56,7 +56,7 @@ def _run(binary, *args, env=None):
 
 
 FILE_CASES = ["train_texture_gan", "build_texture_pca", "render", "identity_similarity",
-              "convert_identity", "evaluate_micc"]
+              "convert_identity", "evaluate_micc", "benchmark"]
 
 
 @pytest.mark.parametrize("binary", FILE_CASES)
@@ -77,6 +77,7 @@ def test_bad_file_is_one_error_line_naming_it(binary, tmp_path, sfm_dir):
                              str(junk)),
         "evaluate_micc": ([f"--micc_dir={tmp_path / 'nope'}", f"--output_dir={out}",
                            f"--model={sfm_dir / 'sfm_shape_3448.bin'}"], "nope"),
+        "benchmark": (["fit", f"--model={junk}", "--config=tiny"], str(junk)),
     }[binary]
     proc = _run(binary, *args)
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
