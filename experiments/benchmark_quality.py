@@ -52,10 +52,11 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 from absl import app, flags
+
+from experiments import common
 
 FLAGS = flags.FLAGS
 
@@ -567,14 +568,10 @@ def main_quality(argv=None):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    try:
-        main_quality()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    main_quality()
 
 
 if __name__ == "__main__":
     # defined only when run, never at import: the tests import several binaries into one process
     define_flags()
-    app.run(main)
+    app.run(common.input_errors_as_one_line(main))

@@ -127,8 +127,8 @@ class FitConfig:
     def __post_init__(self):
         # a zero chunk divides by zero deep inside the loop, a negative rate or weight fits
         # uphill without a word: refuse them where the config is made
-        for name in ("stage1_iterations", "stage2_iterations", "chunk"):
-            value, least = getattr(self, name), 1 if name == "chunk" else 0
+        for name, least in (("stage1_iterations", 0), ("stage2_iterations", 0), ("chunk", 1)):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
                 raise ValueError(f"FitConfig.{name} must be an integer ≥ {least}, got {value!r}")
         for name in ("learning_rate", "stage1_learning_rate"):

@@ -12,6 +12,13 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+def _run(binary, *args, env=None):
+    return subprocess.run([sys.executable, "-m", f"experiments.{binary}", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})))
+
+
 CASES = [
     ("fit", "--chunk=0", "not a positive integer"),
     ("fit", "--iterations=-3", "not a non-negative integer"),
@@ -34,25 +41,16 @@ CASES = [
 @pytest.mark.parametrize("binary, flag, expect", CASES, ids=[f"{b} {f}" for b, f, _ in CASES])
 def test_out_of_range_flag_is_refused_by_name(binary, flag, expect, tmp_path):
     out = tmp_path / "out"
-    args = [sys.executable, "-m", f"experiments.{binary}", flag]
+    args = ["fit", flag] if binary == "benchmark" else [flag]
     if binary in ("fit", "render", "train_texture_gan", "evaluate_micc", "build_uv_dataset",
                   "profile_step"):
         args.append(f"--output_dir={out}")  # a run that got past the flags would write here
-    if binary == "benchmark":
-        args.insert(3, "fit")
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = _run(binary, *args)
     name = flag.split("=")[0]
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert f"flag {name}=" in proc.stderr and expect in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not out.exists()
-
-
-def _run(binary, *args, env=None):
-    return subprocess.run([sys.executable, "-m", f"experiments.{binary}", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})))
 
 
 FILE_CASES = ["train_texture_gan", "build_texture_pca", "render", "identity_similarity",
