@@ -82,8 +82,14 @@ flags.DEFINE_string("compilation_cache",
                     "Folder of JAX's persistent compilation cache ('' to turn it off): a second "
                     "fit of the same shapes skips XLA compilation (~20 s of a ~35 s fit of one "
                     "photo on a 2-core CPU).")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host: "
-                  "the batch is then sharded over every host's devices).")
+flags.DEFINE_bool("distributed", False, "--images over several processes (hosts): call "
+                  "jax.distributed.initialize() first; process i of n fits photos i, i+n, ... "
+                  "of the folder on its own devices (no host waits for another). The address, "
+                  "count and id come from the flags below, else from the cluster (SLURM, ...).")
+flags.DEFINE_string("coordinator_address", None, "--distributed: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "--distributed: how many processes.", lower_bound=1)
+flags.DEFINE_integer("process_id", None, "--distributed: this process's id, 0 .. n-1.",
+                     lower_bound=0)
 common.require_positive("stage1_learning_rate")
 
 OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
@@ -320,12 +326,10 @@ def run():
 
     from ganfit_jax import fitting, inputs, losses
 
-    if FLAGS.distributed:
-        jax.distributed.initialize()
-
     modes = [m for m in ("image", "images", "frames") if getattr(FLAGS, m)]
     if len(modes) != 1:
         raise InputError("give exactly one of --image, --images, --frames")
+    start_processes(modes[0])
     if not FLAGS.output_dir:
         raise InputError("--output_dir is required")
     if FLAGS.landmarks and not FLAGS.image:
@@ -356,6 +360,13 @@ def run():
         if len(set(stems)) < len(stems):  # a.jpg and a.png would share a folder
             stems = [os.path.basename(p).replace(".", "_") for p in paths]
         folders = [os.path.join(FLAGS.output_dir, stem) for stem in stems]
+        # this process's share, named from the whole folder so that every process agrees
+        index, count = jax.process_index(), jax.process_count()
+        paths, folders = paths[index::count], folders[index::count]
+        if count > 1:
+            print(f"process {index} of {count}: {len(paths)} photo(s)", flush=True)
+            if not paths:
+                return
     check_outputs_free(folders)
 
     model = load_model(FLAGS.model or default_model_path())
@@ -430,6 +441,32 @@ def run():
         print("shared shape and texture: identical in every frame's params.npz")
 
 
+def start_processes(mode):
+    """--distributed: joins the other processes (`jax.distributed.initialize`)."""
+    import jax
+
+    process_flags = {"coordinator_address": FLAGS.coordinator_address,
+                     "num_processes": FLAGS.num_processes, "process_id": FLAGS.process_id}
+    given = {k: v for k, v in process_flags.items() if v is not None}
+    if not FLAGS.distributed:
+        if given:
+            raise InputError(f"--{next(iter(given))} goes with --distributed")
+        return
+    if mode != "images":
+        raise InputError("--distributed splits an --images folder between processes; --image "
+                         "and --frames fit on one process")
+    if FLAGS.num_processes is not None and FLAGS.process_id is not None \
+            and FLAGS.process_id >= FLAGS.num_processes:
+        raise InputError(f"--process_id={FLAGS.process_id} must be below "
+                         f"--num_processes={FLAGS.num_processes}")
+    try:
+        jax.distributed.initialize(**given)
+    except (ValueError, RuntimeError) as e:
+        raise InputError(f"--distributed: jax.distributed.initialize failed ({e}); give "
+                         f"--coordinator_address, --num_processes and --process_id outside a "
+                         f"cluster JAX detects") from e
+
+
 def fit_folder(paths, folders, pipeline, config, start, photo_texture, key):
     """--images: photos decoded, landmarked and cropped in background threads while the device
     fits the previous batch; batches of --batch_size under vmap (sharded over devices); a photo
@@ -439,7 +476,7 @@ def fit_folder(paths, folders, pipeline, config, start, photo_texture, key):
     from ganfit_jax import fitting, inputs
 
     batch_size = FLAGS.batch_size
-    devices = jax.device_count()
+    devices = jax.local_device_count()  # this process's share of the photos runs on its own
     if batch_size % devices:
         batch_size += devices - batch_size % devices  # every device gets the same share
         print(f"batch size rounded up to {batch_size} for {devices} devices")

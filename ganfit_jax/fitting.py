@@ -742,7 +742,7 @@ def per_photo_batch_applies(config: FitConfig, stage: int, mode: str) -> bool:
     if mode != "batch" or uses_scan(config) or config.batch_steps == "vmap":
         return False
     return config.batch_steps == "per_photo" or (
-        stage == 2 and jax.default_backend() == "cpu" and jax.device_count() == 1)
+        stage == 2 and jax.default_backend() == "cpu" and jax.local_device_count() == 1)
 
 
 class PerPhotoStep:
@@ -864,10 +864,15 @@ def _print_progress(stage, done, total, terms, t0, log):
 
 
 def batch_sharding(batch_size: int):
-    """NamedSharding that splits a leading batch axis over all devices (a 1-D 'batch' mesh), or
-    None when there is one device or the batch does not divide evenly. Across hosts this spans
-    every process's devices once `jax.distributed.initialize()` has run."""
-    devices = jax.devices()
+    """NamedSharding that splits a leading batch axis over this process's devices (a 1-D 'batch'
+    mesh), or None when it has one device or the batch does not divide evenly.
+
+    This process's devices, not every host's: photos are fitted independently, so after
+    `jax.distributed.initialize()` each process fits its own photos (`experiments/fit.py
+    --images` splits the folder by `jax.process_index()`) and no step waits for another host;
+    one global mesh would put every host in lock step for nothing, and every host would have to
+    run the same number of batches."""
+    devices = jax.local_devices()
     if len(devices) == 1 or batch_size % len(devices):
         return None
     mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
