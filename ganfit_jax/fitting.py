@@ -893,7 +893,12 @@ def run_stage(pipeline: Pipeline, params: FitParams, target: Target, config: Fit
     if vectorised:
         opt_state = jax.vmap(tx.init)(params)
         n = params.shape.shape[0]
-        sharding = batch_sharding(n) if batched else None
+        # frames too: their shared shape and texture are a mean over the vmapped axis
+        # (`make_step`), which the partitioned step takes across devices
+        sharding = batch_sharding(n)
+        if sharding is None and jax.local_device_count() > 1 and log is not None:
+            log(f"{n} {'frames' if frames else 'photos'} do not divide evenly over "
+                f"{jax.local_device_count()} devices: fitting them on one")
         if sharding is not None:
             # the batch axis lives split over devices; jit partitions the vmapped step to match
             params, opt_state, target, light_init = jax.device_put(

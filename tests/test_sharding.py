@@ -1,4 +1,4 @@
-"""Batch fitting sharded over (forced) host devices equals the unsharded fit."""
+"""Batch and multi-frame fitting sharded over (forced) host devices equal the unsharded fits."""
 
 import os
 import subprocess
@@ -22,10 +22,14 @@ SCRIPT = textwrap.dedent("""
     cfg = fitting.FitConfig(stage1_iterations=20, stage2_iterations=0, chunk=20)
     out, _ = fitting.fit(pipe, fitting.stack(inits), fitting.stack(targets), cfg, batched=True,
                          log=None)
+    # frames of one person (Eq. 13): the shared shape is a mean across the devices
+    frames, _ = fitting.fit(pipe, fitting.stack(inits), fitting.stack(targets), cfg, frames=True,
+                            log=None)
     print("DEVICES", jax.device_count(), "SHARDED", fitting.batch_sharding(4) is not None)
     print("SPEC", out.shape.sharding)
-    np.save(sys.argv[2], np.concatenate([np.asarray(out.shape).ravel(),
-                                         np.asarray(out.camera).ravel()]))
+    print("FRAMES SPEC", frames.camera.sharding)  # per frame; the shared shape may be replicated
+    np.save(sys.argv[2], np.concatenate([np.asarray(a).ravel() for a in (
+        out.shape, out.camera, frames.shape, frames.expression, frames.camera)]))
 """)
 
 
@@ -48,5 +52,7 @@ def test_sharded_equals_unsharded(sfm_dir, tmp_path):
     assert "DEVICES 4 SHARDED True" in log4 and "DEVICES 1 SHARDED False" in log1
     # the fitted batch comes back split over the 4 devices, not gathered onto one
     assert "Mesh('batch': 4" in log4 and "spec=P('batch',)" in log4, log4
+    frames_spec = log4.split("FRAMES SPEC")[1]
+    assert "Mesh('batch': 4" in frames_spec and "spec=P('batch',)" in frames_spec, log4
     np.testing.assert_allclose(np.load(tmp_path / "four.npy"), np.load(tmp_path / "one.npy"),
                                rtol=1e-4, atol=1e-4)
