@@ -64,6 +64,10 @@ flags.DEFINE_float("lambda_light", 0.01, "λ_reg on light", lower_bound=0.0)
 flags.DEFINE_string("output_dir", None, "Where results go (one sub-folder per photo with "
                     "--images; the folder itself with --image/--frames).")
 flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
+flags.DEFINE_bool("resume", False, "--images: go on with an interrupted run into the same "
+                  "--output_dir: photos whose folder holds a finished fit (its metrics.json, "
+                  "written last) are skipped, the others fitted, replacing what the "
+                  "interrupted run left in their folders.")
 flags.DEFINE_bool("remat", False, "Recompute activations in the backward pass (jax.checkpoint): "
                   "less device memory per photo, for large --batch_size.")
 flags.DEFINE_bool("two_threads", True, "One photo on the CPU: run Eq. 12's two views (the photo's "
@@ -244,7 +248,7 @@ def write_result(folder, pipeline, params, original, crop, transform, history, s
     model = pipeline.model
     verts = np.asarray(morphable.vertices(model, params.shape, params.expression))
     texture = np.clip(np.asarray(pipeline.texture_fn(pipeline.texture_params, params.texture)), 0, 1)
-    over = FLAGS.overwrite
+    over = FLAGS.overwrite or FLAGS.resume  # --resume: what an interrupted write left
     io.write_obj(os.path.join(folder, "mesh.obj"), verts, np.asarray(model.triangles),
                  np.asarray(model.uv), texture, overwrite=over)
     lm2d_crop = np.asarray(fitting.project_landmarks(pipeline, params, None))
@@ -329,6 +333,10 @@ def run():
     modes = [m for m in ("image", "images", "frames") if getattr(FLAGS, m)]
     if len(modes) != 1:
         raise InputError("give exactly one of --image, --images, --frames")
+    if FLAGS.resume and FLAGS.overwrite:
+        raise InputError("give --resume (keep finished fits) or --overwrite (refit all), not both")
+    if FLAGS.resume and modes[0] != "images":
+        raise InputError("--resume goes with --images (a folder of photos, one fit each)")
     start_processes(modes[0])
     if not FLAGS.output_dir:
         raise InputError("--output_dir is required")
@@ -365,9 +373,16 @@ def run():
         paths, folders = paths[index::count], folders[index::count]
         if count > 1:
             print(f"process {index} of {count}: {len(paths)} photo(s)", flush=True)
-            if not paths:
-                return
-    check_outputs_free(folders)
+        if FLAGS.resume:  # after the split: each host looks at its own photos' folders
+            done = [os.path.exists(os.path.join(f, "metrics.json")) for f in folders]
+            print(f"--resume: {sum(done)} of {len(paths)} photo(s) already fitted, "
+                  f"{len(paths) - sum(done)} to go", flush=True)
+            paths = [p for p, d in zip(paths, done) if not d]
+            folders = [f for f, d in zip(folders, done) if not d]
+        if not paths:
+            return
+    if not FLAGS.resume:
+        check_outputs_free(folders)
 
     model = load_model(FLAGS.model or default_model_path())
     key = jax.random.PRNGKey(FLAGS.seed)

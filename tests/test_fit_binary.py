@@ -43,7 +43,7 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
 
 
 @pytest.mark.parametrize("case", ["missing_image", "not_an_image", "no_face", "bad_landmarks",
-                                  "unknown_model"])
+                                  "unknown_model", "resume_one_photo", "resume_and_overwrite"])
 def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fit):
     out = tmp_path / "out"
     image, extra, expect = ffhq_photo, [], None
@@ -66,6 +66,10 @@ def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fi
         extra, expect = [f"--landmarks={lm}"], "short.npy"
     elif case == "unknown_model":
         model, expect = f"--model={tmp_path / 'missing.npz'}", "missing.npz: no such model file"
+    elif case == "resume_one_photo":
+        extra, expect = ["--resume"], "--resume goes with --images"
+    elif case == "resume_and_overwrite":
+        extra, expect = ["--resume", "--overwrite"], "not both"
     code, stdout, stderr = run_fit(f"--image={image}", f"--output_dir={out}", model, *TINY, *extra)
     assert code == 1, (code, stderr[-2000:])
     lines = [l for l in stderr.strip().splitlines() if l.startswith("error:")]
@@ -99,6 +103,25 @@ def test_folder_of_photos_in_batches_skips_bad_ones(faces_dir, sfm_dir, tmp_path
     # each photo got its own fit: different cameras, one shared compiled shape
     cams = [np.load(out / n / "params.npz")["camera"] for n in ("00003", "00004", "00005")]
     assert np.abs(cams[0] - cams[1]).max() > 1.0 and np.abs(cams[1] - cams[2]).max() > 1.0
+
+    # an interrupted run: 00004 stopped while writing (no metrics.json, written last), 00005
+    # never started; --resume fits those two and leaves 00003's finished fit as it was
+    (out / "00004" / "metrics.json").unlink()
+    (out / "00004" / "overlay.png").write_bytes(b"half written")
+    shutil.rmtree(out / "00005")
+    kept = {f.name: f.read_bytes() for f in (out / "00003").iterdir()}
+    code, stdout, stderr = run_fit(f"--images={photos}", f"--output_dir={out}", "--batch_size=2",
+                                   f"--model={sfm_dir / 'sfm_shape_3448.bin'}", *TINY,
+                                   "--compute_dtype=bfloat16", "--resume")
+    assert code == 0, stderr[-2000:]
+    assert "--resume: 1 of 4 photo(s) already fitted, 3 to go" in stdout, stdout[-2000:]
+    assert "00003.png:" not in stdout and "00004.png:" in stdout and "00005.png:" in stdout
+    assert {f.name: f.read_bytes() for f in (out / "00003").iterdir()} == kept
+    for name in ("00004", "00005"):
+        assert (out / name / "metrics.json").exists()
+        assert (out / name / "overlay.png").read_bytes()[:4] == b"\x89PNG", name
+    np.testing.assert_allclose(np.load(out / "00004" / "params.npz")["camera"], cams[1],
+                               rtol=1e-4, atol=1e-3)  # the same fit as the first run's
 
 
 def test_compilation_cache_is_filled_and_reused(ffhq_photo, sfm_dir, tmp_path, run_fit):
