@@ -123,8 +123,18 @@ class FitConfig:
     # vmapped at batch 2 and 8, cpu-small, BENCHMARKS.md); 'auto', per_photo for stage 2 on a
     # single CPU device, vmap otherwise (stage 1 is a few tiny ops: vmap amortises dispatch)
     batch_steps: str = "auto"
+    # parameter blocks held at their starting values in both stages (names of FitParams fields),
+    # e.g. ('shape', 'texture') to fit expression, pose and light to a known identity: their
+    # Adam steps are zeroed (`optimiser`), so every step (fused, two-view, per-photo, vmapped)
+    # keeps them exactly; their gradients are still computed
+    frozen: tuple = ()
 
     def __post_init__(self):
+        blocks = [f.name for f in dataclasses.fields(FitParams)]
+        if isinstance(self.frozen, str) or not all(b in blocks for b in self.frozen):
+            raise ValueError(f"FitConfig.frozen must be a tuple of parameter blocks from "
+                             f"{blocks}, got {self.frozen!r}")
+        object.__setattr__(self, "frozen", tuple(self.frozen))
         # a zero chunk divides by zero deep inside the loop, a negative rate or weight fits
         # uphill without a word: refuse them where the config is made
         for name, least in (("stage1_iterations", 0), ("stage2_iterations", 0), ("chunk", 1)):
@@ -412,15 +422,15 @@ def parameter_units(params: FitParams, texture_step=1.0) -> FitParams:
                      light=jnp.asarray(LIGHT_UNITS))
 
 
-def optimiser(learning_rate: float, params: FitParams, stage: int, texture_step=1.0):
+def optimiser(learning_rate: float, params: FitParams, stage: int, texture_step=1.0,
+              frozen=()):
     """optax Adam at the paper's rate, scaled per parameter block; stage 1 frees only shape,
-    expression and camera (landmark fitting), stage 2 everything. `texture_step` is the texture
-    model's own `step_scale` (a prior-free texture moves slowly, or the identity network's
-    gradients paint adversarial noise into it)."""
+    expression and camera (landmark fitting), stage 2 everything but the `frozen` blocks
+    (`FitConfig.frozen`). `texture_step` is the texture model's own `step_scale` (a prior-free
+    texture moves slowly, or the identity network's gradients paint adversarial noise into it)."""
     units = parameter_units(params, texture_step)
-    if stage == 1:
-        units = units.replace(texture=jnp.zeros_like(units.texture),
-                              light=jnp.zeros_like(units.light))
+    held = set(frozen) | ({"texture", "light"} if stage == 1 else set())
+    units = units.replace(**{b: jnp.zeros_like(getattr(units, b)) for b in held})
     return optax.chain(optax.adam(learning_rate),
                        optax.GradientTransformation(
                            lambda p: optax.EmptyState(),
@@ -453,7 +463,7 @@ def make_step(config: FitConfig, stage: int, share_axis: Optional[str] = None,
 
     def step(pipeline, params, opt_state, target, key, light_init):
         tx = optimiser(stage_learning_rate(config, stage), params, stage,
-                       texture_step_scale(pipeline))
+                       texture_step_scale(pipeline), config.frozen)
         loss_fn = functools.partial(_stage_loss, stage, config, pixel_budget, pipeline)
         if config.remat:
             loss_fn = jax.checkpoint(loss_fn)
@@ -681,7 +691,7 @@ class TwoViewStep:
             grads = grads.replace(
                 texture=grads.texture + texture_backward(residuals, texture_grads))
             tx = optimiser(stage_learning_rate(config, 2), params, 2,
-                           texture_step_scale(pipeline))
+                           texture_step_scale(pipeline), config.frozen)
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, view_totals[0] + view_totals[1]
 
@@ -888,7 +898,8 @@ def run_stage(pipeline: Pipeline, params: FitParams, target: Target, config: Fit
     """
     vectorised = batched or frames
     run = compiled_chunk(config, stage, "frames" if frames else "batch" if batched else "single")
-    tx = optimiser(stage_learning_rate(config, stage), params, stage, texture_step_scale(pipeline))
+    tx = optimiser(stage_learning_rate(config, stage), params, stage, texture_step_scale(pipeline),
+                   config.frozen)
     light_init = params.light  # Reg on light pulls towards where stage 2 starts
     if vectorised:
         opt_state = jax.vmap(tx.init)(params)

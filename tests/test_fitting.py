@@ -1,5 +1,7 @@
 """Fitting: stage 1 recovers landmarks; vmap batches equal single fits; frames share identity."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,6 +117,8 @@ def test_too_few_landmarks_is_a_clear_error(sfm_model):
     (dict(pixel_budget=1.5), "pixel_budget must be None or a fraction"),
     (dict(weights=losses.LossWeights(identity=-2.0)), "weights.identity"),
     (dict(weights=losses.LossWeights(pixel=float("inf"))), "weights.pixel"),
+    (dict(frozen=("shape", "albedo")), "frozen must be a tuple of parameter blocks"),
+    (dict(frozen="shape"), "frozen must be a tuple"),
 ])
 def test_fit_config_refuses_what_would_fail_deep_or_fit_uphill(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -227,8 +231,6 @@ def test_texture_from_photo_starts_stage2_closer(sfm_model, kind):
 
 def test_remat_changes_memory_not_results(sfm_model):
     """jax.checkpoint recomputes activations; the optimisation path must be the same."""
-    import dataclasses
-
     from ganfit_jax.texture.direct import DirectUVTexture
 
     size = (64, 64)
@@ -249,12 +251,36 @@ def test_remat_changes_memory_not_results(sfm_model):
     assert np.abs(np.asarray(plain.shape)).max() > 0  # it did move
 
 
+def test_frozen_blocks_keep_their_start_in_both_stages(sfm_model):
+    """FitConfig.frozen: a known identity (shape and texture held), expression, pose and light
+    fitted to the photo; the held blocks come back bit for bit, the others move."""
+    from ganfit_jax.texture.direct import DirectUVTexture
+
+    size = (64, 64)
+    tex = DirectUVTexture(coarse=4, resolution=16)
+    pipe = fitting.make_pipeline(sfm_model, tex, None, size)
+    truth = random_truth(sfm_model, 5).replace(texture=tex.init_latent() + 0.2)
+    photo, _ = fitting.render_face(pipe, truth)
+    lm = synthetic_landmarks(sfm_model, truth)
+    target = fitting.Target(image=photo, landmarks=jnp.asarray(lm))
+    p0 = fitting.init_params(sfm_model, lm, size, tex.latent_dim, texture_init=tex.init_latent())
+    p0 = p0.replace(shape=truth.shape)  # the known identity
+    cfg = fitting.FitConfig(stage1_iterations=10, stage2_iterations=4, chunk=2,
+                            frozen=["shape", "texture"])
+    assert cfg.frozen == ("shape", "texture")  # a list is kept as a (hashable) tuple
+    fitted, _ = fitting.fit(pipe, p0, target, cfg, log=None)
+    for block in ("shape", "texture"):
+        np.testing.assert_array_equal(getattr(fitted, block), getattr(p0, block), err_msg=block)
+    for block in ("expression", "camera", "light"):
+        assert np.abs(np.asarray(getattr(fitted, block) - getattr(p0, block))).max() > 1e-4, block
+    free, _ = fitting.fit(pipe, p0, target, dataclasses.replace(cfg, frozen=()), log=None)
+    assert np.abs(np.asarray(free.shape - p0.shape)).max() > 1e-4  # it is the freezing
+
+
 @pytest.mark.parametrize("mode", ["single", "batch", "frames"])
 def test_host_loop_equals_scan(sfm_model, mode):
     """The CPU's host loop of jitted steps and the accelerators' lax.scan are one algorithm:
     same keys, same steps, same history layout."""
-    import dataclasses
-
     from ganfit_jax.texture.direct import DirectUVTexture
 
     tex = DirectUVTexture(coarse=4, resolution=16)
@@ -290,8 +316,6 @@ def test_host_loop_equals_scan(sfm_model, mode):
 def test_which_pipelines_the_host_loop_compiles_in(sfm_model, monkeypatch):
     """Host loop: a pipeline up to CONSTANT_PIPELINE_MAX_BYTES is compiled in (its weights are
     fixed during a fit); a larger one, or the lax.scan path, takes it as an argument."""
-    import dataclasses
-
     from ganfit_jax.texture.direct import DirectUVTexture
 
     pipe = fitting.make_pipeline(sfm_model, DirectUVTexture(coarse=4, resolution=16), None,
