@@ -13,6 +13,7 @@ other viewpoints) and loss.png. Existing outputs are never replaced unless --ove
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -64,6 +65,11 @@ flags.DEFINE_float("lambda_light", 0.01, "λ_reg on light", lower_bound=0.0)
 flags.DEFINE_string("output_dir", None, "Where results go (one sub-folder per photo with "
                     "--images; the folder itself with --image/--frames).")
 flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
+flags.DEFINE_bool("track", False, "--frames: after the joint fit of the keyframes (every "
+                  "--frame_step-th frame, at most --max_frames), fit every other frame with the "
+                  "joint shape and texture held (its expression, pose and light its own), in "
+                  "batches of --batch_size decoded as they go: a long video in the memory of "
+                  "one batch.")
 flags.DEFINE_bool("resume", False, "--images: go on with an interrupted run into the same "
                   "--output_dir: photos whose folder holds a finished fit (its metrics.json, "
                   "written last) are skipped, the others fitted, replacing what the "
@@ -337,6 +343,8 @@ def run():
         raise InputError("give --resume (keep finished fits) or --overwrite (refit all), not both")
     if FLAGS.resume and modes[0] != "images":
         raise InputError("--resume goes with --images (a folder of photos, one fit each)")
+    if FLAGS.track and modes[0] != "frames":
+        raise InputError("--track goes with --frames (a video or a folder of one person's frames)")
     start_processes(modes[0])
     if not FLAGS.output_dir:
         raise InputError("--output_dir is required")
@@ -357,17 +365,23 @@ def run():
         paths = [f"{FLAGS.frames} frame {index}" for index, _ in video]
     else:
         paths = list_images(getattr(FLAGS, mode), mode)
+    tracked = []  # --track, a folder of frames: ((path, path), output folder), non-keyframes
+    if FLAGS.track and video is None:  # keyframes picked as from a video
+        named = dict(zip(paths, stem_folders(paths)))
+        keys = paths[::FLAGS.frame_step][:FLAGS.max_frames or None]
+        tracked = [((p, p), named[p]) for p in paths if p not in keys]
+        paths = keys
     if FLAGS.landmarks and not os.path.exists(FLAGS.landmarks):
         raise InputError(f"--landmarks={FLAGS.landmarks}: no such file")
     if mode == "image":
         folders = [FLAGS.output_dir]
     elif video is not None:
         folders = [os.path.join(FLAGS.output_dir, f"frame_{index:06d}") for index, _ in video]
+    elif tracked:
+        folders = [named[p] for p in paths]
     else:
-        stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-        if len(set(stems)) < len(stems):  # a.jpg and a.png would share a folder
-            stems = [os.path.basename(p).replace(".", "_") for p in paths]
-        folders = [os.path.join(FLAGS.output_dir, stem) for stem in stems]
+        folders = stem_folders(paths)
+    if mode == "images":
         # this process's share, named from the whole folder so that every process agrees
         index, count = jax.process_index(), jax.process_count()
         paths, folders = paths[index::count], folders[index::count]
@@ -383,6 +397,11 @@ def run():
             return
     if not FLAGS.resume:
         check_outputs_free(folders)
+    if FLAGS.track:
+        # a video's frame count is known only once decoded: every frame folder already there
+        existing = glob.glob(os.path.join(FLAGS.output_dir, "frame_*")) if video is not None \
+            else [folder for _, folder in tracked]
+        check_outputs_free(existing)
 
     model = load_model(FLAGS.model or default_model_path())
     key = jax.random.PRNGKey(FLAGS.seed)
@@ -445,7 +464,8 @@ def run():
                                       frames=True)
         results = [(p, history_slice(history, i))
                    for i, p in enumerate(fitting.unstack(params, len(paths)))]
-    print(f"fitted {len(paths)} photo(s) in {time.time() - t0:.1f}s", flush=True)
+    print(f"fitted {len(paths)} {'frame' if mode == 'frames' else 'photo'}(s) in "
+          f"{time.time() - t0:.1f}s", flush=True)
     for (params, history), (original, crop, lm_crop, transform), folder, path in zip(
             results, prepared, folders, paths):
         metrics = write_result(folder, pipeline, params, original, crop, transform, history, path,
@@ -454,6 +474,46 @@ def run():
         print(_summary(metrics), flush=True)
     if mode == "frames":
         print("shared shape and texture: identical in every frame's params.npz")
+    if FLAGS.track:
+        joint = results[0][0]  # shape and texture: the same in every keyframe's params
+        keyframes = {index for index, _ in video or ()}
+        jobs = (((f"{FLAGS.frames} frame {i}", frame),
+                 os.path.join(FLAGS.output_dir, f"frame_{i:06d}"))
+                for i, frame in inputs.iter_video_frames(FLAGS.frames)
+                if i not in keyframes) if video is not None else tracked
+        track(joint, jobs, pipeline, config, start, k_fit)
+
+
+def stem_folders(paths):
+    """One output folder per photo, named after it (a.jpg and a.png get a_jpg and a_png)."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if len(set(stems)) < len(stems):
+        stems = [os.path.basename(p).replace(".", "_") for p in paths]
+    return [os.path.join(FLAGS.output_dir, stem) for stem in stems]
+
+
+def track(joint, jobs, pipeline, config, start, key):
+    """--track: every frame that was not a keyframe, fitted with the joint shape and texture
+    held (`FitConfig.frozen`), in batches as they are decoded and landmarked."""
+    import dataclasses
+
+    config = dataclasses.replace(config, frozen=("shape", "texture"))
+
+    def start_from_joint(item):
+        params, target = start(item)
+        return params.replace(shape=joint.shape, texture=joint.texture), target
+
+    def load(job):
+        name, frame = job
+        if isinstance(frame, str):  # a frame's image file (landmarks beside it or detected)
+            return prepare(frame, None, FLAGS.image_size, FLAGS.detector)
+        return prepare_frame(frame, name, FLAGS.image_size, FLAGS.detector)
+
+    print("tracking the other frames with the joint shape and texture held", flush=True)
+    done, skipped = fit_in_batches(jobs, load, None, pipeline, config, start_from_joint, None,
+                                   key, "frame")
+    if skipped and not done:
+        raise InputError(f"--track: none of the {skipped} other frames could be fitted")
 
 
 def start_processes(mode):
@@ -483,9 +543,20 @@ def start_processes(mode):
 
 
 def fit_folder(paths, folders, pipeline, config, start, photo_texture, key):
-    """--images: photos decoded, landmarked and cropped in background threads while the device
-    fits the previous batch; batches of --batch_size under vmap (sharded over devices); a photo
-    that cannot be read or has no face is reported and skipped."""
+    """--images: every photo its own fit, in batches (`fit_in_batches`)."""
+    load = lambda path: prepare(path, None, FLAGS.image_size, FLAGS.detector)
+    done, _ = fit_in_batches(list(zip(paths, folders)), load, len(paths), pipeline, config,
+                             start, photo_texture, key, "photo")
+    if done == 0:
+        raise InputError(f"--images: none of the {len(paths)} photos could be fitted")
+
+
+def fit_in_batches(jobs, load, total, pipeline, config, start, photo_texture, key, noun):
+    """Jobs (what `load` reads, output folder) loaded (decoded, landmarked, cropped) in
+    background threads while the device fits the previous batch; batches of --batch_size under
+    vmap (sharded over devices); one that cannot be read or has no face is reported and
+    skipped. `jobs` may be a generator (a video's frames, decoded as they go); `total` (None
+    when not known) gives the ETA. Returns how many were fitted and how many skipped."""
     import jax
 
     from ganfit_jax import fitting, inputs
@@ -495,18 +566,18 @@ def fit_folder(paths, folders, pipeline, config, start, photo_texture, key):
     if batch_size % devices:
         batch_size += devices - batch_size % devices  # every device gets the same share
         print(f"batch size rounded up to {batch_size} for {devices} devices")
-    load = lambda job: prepare(job[0], None, FLAGS.image_size, FLAGS.detector)
-    stream = inputs.prefetch_map(load, list(zip(paths, folders)), workers=2,
+    stream = inputs.prefetch_map(lambda job: load(job[0]), jobs, workers=2,
                                  ahead=2 * batch_size)
+    source = lambda what: what if isinstance(what, str) else what[0]  # a path or a frame's name
     t0, done, skipped, batch_index = time.time(), 0, 0, 0
     while True:
         batch = []
-        for (path, folder), item in stream:
+        for (what, folder), item in stream:
             if isinstance(item, Exception):
                 skipped += 1
-                print(f"skipped {path}: {item}", flush=True)
+                print(f"skipped {source(what)}: {item}", flush=True)
                 continue
-            batch.append((path, folder, item))
+            batch.append((source(what), folder, item))
             if len(batch) == batch_size:
                 break
         if not batch:
@@ -519,23 +590,24 @@ def fit_folder(paths, folders, pipeline, config, start, photo_texture, key):
         padded = batch + [batch[-1]] * pad
         starts = [start(item) for _, _, item in padded]
         batch_index += 1
-        print(f"batch {batch_index}: {real} photo(s), {done} done so far", flush=True)
+        print(f"batch {batch_index}: {real} {noun}(s), {done} done so far", flush=True)
+        hook = None if photo_texture is None else photo_texture([i[1] for _, _, i in padded])
         params, history = fitting.fit(pipeline, fitting.stack([s[0] for s in starts]),
                                       fitting.stack([s[1] for s in starts]), config,
                                       jax.random.fold_in(key, batch_index), batched=True,
-                                      between_stages=photo_texture([i[1] for _, _, i in padded]))
+                                      between_stages=hook)
         for i, p in enumerate(fitting.unstack(params, real)):
-            path, folder, (original, crop, lm_crop, transform) = batch[i]
+            what, folder, (original, crop, lm_crop, transform) = batch[i]
             metrics = write_result(folder, pipeline, p, original, crop, transform,
-                                   history_slice(history, i), path, lm_crop)
-            print(f"{os.path.basename(path)}: {_summary(metrics)}", flush=True)
+                                   history_slice(history, i), what, lm_crop)
+            print(f"{os.path.basename(what)}: {_summary(metrics)}", flush=True)
         done += real
         elapsed = time.time() - t0
-        eta = elapsed / done * (len(paths) - done - skipped)
-        print(f"wrote {done}/{len(paths)} ({skipped} skipped) in {elapsed:.0f}s, "
-              f"{done / elapsed:.2f} photos/s, eta {eta:.0f}s", flush=True)
-    if done == 0:
-        raise InputError(f"--images: none of the {len(paths)} photos could be fitted")
+        left = "" if total is None else \
+            f", eta {elapsed / done * (total - done - skipped):.0f}s"
+        print(f"wrote {done}{'' if total is None else f'/{total}'} ({skipped} skipped) in "
+              f"{elapsed:.0f}s, {done / elapsed:.2f} {noun}s/s{left}", flush=True)
+    return done, skipped
 
 
 def main(argv):

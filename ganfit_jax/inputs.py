@@ -133,6 +133,15 @@ def read_video_frames(path, step: int = 1, max_frames: int = 0):
     """Frames of a video file as [(index, float32 H×W×3 RGB in [0, 1])]: every `step`-th frame
     (indices count decoded frames from 0), at most `max_frames` of them (0: all). Decoded with
     PyAV (FFmpeg), so any container and codec FFmpeg reads."""
+    frames = list(iter_video_frames(path, step, max_frames))
+    if not frames:
+        raise ValueError(f"{path}: no frames decoded")
+    return frames
+
+
+def iter_video_frames(path, step: int = 1, max_frames: int = 0):
+    """`read_video_frames` one frame at a time, decoded as they are asked for: a long video is
+    never held in memory whole."""
     if step < 1 or max_frames < 0:
         raise ValueError(f"frame step must be ≥ 1 and max frames ≥ 0, got {step}, {max_frames}")
     try:
@@ -140,7 +149,7 @@ def read_video_frames(path, step: int = 1, max_frames: int = 0):
     except ImportError:
         raise ValueError(f"{path}: reading video needs PyAV (pip install av, in requirements.txt)"
                          ) from None
-    frames = []
+    count = 0
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -148,11 +157,9 @@ def read_video_frames(path, step: int = 1, max_frames: int = 0):
             for index, frame in enumerate(container.decode(video=0)):
                 if index % step:
                     continue
-                frames.append((index, frame.to_ndarray(format="rgb24").astype(np.float32) / 255.0))
-                if max_frames and len(frames) == max_frames:
+                yield index, frame.to_ndarray(format="rgb24").astype(np.float32) / 255.0
+                count += 1
+                if max_frames and count == max_frames:
                     break
     except av.error.FFmpegError as e:
         raise ValueError(f"{path} is not a video FFmpeg can read ({e})") from None
-    if not frames:
-        raise ValueError(f"{path}: no frames decoded")
-    return frames

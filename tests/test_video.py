@@ -3,6 +3,7 @@
 The reference is the frames the test itself encodes: decoding must give them back (up to the
 codec's loss), in order, with the requested step and count."""
 
+import json
 import os
 
 import numpy as np
@@ -62,27 +63,32 @@ def test_not_a_video_is_a_clear_error(tmp_path):
         inputs.read_video_frames(bad, step=0)
 
 
-def test_fit_a_video_shares_shape_and_keeps_per_frame_pose(clip, sfm_dir, tmp_path, run_fit):
+def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path, run_fit):
+    """Keyframes 0, 2, 4 fitted jointly (Eq. 13), then --track fits frames 1, 3, 5 with that
+    shape and texture held, decoded as they go."""
     path, _ = clip
     out = tmp_path / "person"
     code, stdout, stderr = run_fit(
-        f"--frames={path}", "--frame_step=2", f"--output_dir={out}",
+        f"--frames={path}", "--frame_step=2", f"--output_dir={out}", "--track", "--batch_size=3",
         f"--model={sfm_dir / 'sfm_shape_3448.bin'}", "--identity=tiny", "--texture=direct",
         "--stage1_iterations=6", "--iterations=2", "--chunk=2", "--image_size=64")
     assert code == 0, stderr[-2000:]
-    assert "3 frame(s)" in stdout
+    assert "3 frame(s)" in stdout and "batch 1: 3 frame(s)" in stdout
     names = sorted(os.listdir(out))
-    assert names == ["frame_000000", "frame_000002", "frame_000004"]
+    assert names == [f"frame_{i:06d}" for i in range(6)]
     params = [np.load(out / n / "params.npz") for n in names]
-    for p in params[1:]:
-        np.testing.assert_array_equal(p["shape"], params[0]["shape"])  # Eq. 13: one identity
-    # the face moved right by 2 * SHIFT pixels between fitted frames (256-px frames): the fitted
-    # nose tip, in photo pixels, follows it
+    for p in params[1:]:  # Eq. 13: one identity, kept by the tracked frames
+        np.testing.assert_array_equal(p["shape"], params[0]["shape"])
+        np.testing.assert_array_equal(p["texture"], params[0]["texture"])
+    # the face moved right by SHIFT pixels a frame (256-px frames): the fitted nose tip, in
+    # photo pixels, follows it through keyframes and tracked frames alike
     nose = [p["landmarks2d"][30, 0] for p in params]
     steps = np.diff(nose)
-    assert np.all(np.abs(steps - 2 * SHIFT) < 4), nose
+    assert np.all(np.abs(steps - SHIFT) < 4), nose
     for n in names:
         assert (out / n / "overlay.png").stat().st_size > 0
+    assert json.loads((out / "frame_000003" / "metrics.json").read_text())["source"] \
+        == f"{path} frame 3"
 
 
 def test_fit_an_unreadable_video_is_one_line(tmp_path, sfm_dir, run_fit):
