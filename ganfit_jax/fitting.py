@@ -430,7 +430,10 @@ def optimiser(learning_rate: float, params: FitParams, stage: int, texture_step=
     texture moves slowly, or the identity network's gradients paint adversarial noise into it)."""
     units = parameter_units(params, texture_step)
     held = set(frozen) | ({"texture", "light"} if stage == 1 else set())
-    units = units.replace(**{b: jnp.zeros_like(getattr(units, b)) for b in held})
+    # in the blocks' order, not the set's: the traced program (and so its key in the persistent
+    # compilation cache) must not depend on the process's string hashing
+    units = units.replace(**{f.name: jnp.zeros_like(getattr(units, f.name))
+                             for f in dataclasses.fields(FitParams) if f.name in held})
     return optax.chain(optax.adam(learning_rate),
                        optax.GradientTransformation(
                            lambda p: optax.EmptyState(),
