@@ -106,6 +106,9 @@ OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
                 "side_by_side.png", "views.png", "loss.png", "metrics.json")
 
 
+SHUTDOWN_WAIT_S = 48 * 3600  # --distributed: how long a finished process waits for the others
+
+
 class InputError(Exception):
     """A problem with what the user gave: reported in one line, exit code 1, nothing written."""
 
@@ -535,7 +538,9 @@ def start_processes(mode):
         raise InputError(f"--process_id={FLAGS.process_id} must be below "
                          f"--num_processes={FLAGS.num_processes}")
     try:
-        jax.distributed.initialize(**given)
+        # a process whose share is done waits at exit for the others (JAX's shutdown barrier),
+        # not 5 minutes (JAX's default) and then an error: shares take hours and finish apart
+        jax.distributed.initialize(**given, shutdown_timeout_seconds=SHUTDOWN_WAIT_S)
     except (ValueError, RuntimeError) as e:
         raise InputError(f"--distributed: jax.distributed.initialize failed ({e}); give "
                          f"--coordinator_address, --num_processes and --process_id outside a "
