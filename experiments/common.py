@@ -18,6 +18,16 @@ def find_images(spec, recursive=False):
     return sorted(p for p in candidates if p.lower().endswith(IMAGE_EXTENSIONS))
 
 
+def video_frame_jobs(path, output_dir, keyframes):
+    """((name, frame), output folder) of every frame of a video but the `keyframes` (indices),
+    decoded as they are asked for (`fit --frames --track`); ValueError for a bad video."""
+    from ganfit_jax import inputs
+
+    for i, frame in inputs.iter_video_frames(path):
+        if i not in keyframes:
+            yield (f"{path} frame {i}", frame), os.path.join(output_dir, f"frame_{i:06d}")
+
+
 def default_model_path():
     """checkpoints/sfm.npz if converted, else the SFM among the shared assets, else None."""
     assets = os.environ.get("GANFIT_ASSETS", os.path.join("..", "shared", "assets"))

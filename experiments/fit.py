@@ -479,12 +479,18 @@ def run():
         print("shared shape and texture: identical in every frame's params.npz")
     if FLAGS.track:
         joint = results[0][0]  # shape and texture: the same in every keyframe's params
-        keyframes = {index for index, _ in video or ()}
-        jobs = (((f"{FLAGS.frames} frame {i}", frame),
-                 os.path.join(FLAGS.output_dir, f"frame_{i:06d}"))
-                for i, frame in inputs.iter_video_frames(FLAGS.frames)
-                if i not in keyframes) if video is not None else tracked
+        jobs = tracked if video is None else other_video_frames(
+            FLAGS.frames, FLAGS.output_dir, {i for i, _ in video})
         track(joint, jobs, pipeline, config, start, k_fit)
+
+
+def other_video_frames(path, output_dir, keyframes):
+    """`common.video_frame_jobs`, a frame FFmpeg cannot decode part-way through reported as
+    bad input."""
+    try:
+        yield from common.video_frame_jobs(path, output_dir, keyframes)
+    except ValueError as e:
+        raise InputError(f"--frames={e}") from None
 
 
 def stem_folders(paths):

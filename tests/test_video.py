@@ -100,3 +100,18 @@ def test_fit_an_unreadable_video_is_one_line(tmp_path, sfm_dir, run_fit):
     lines = [l for l in stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "broken.mp4 is not a video" in lines[0], stderr[-1000:]
     assert not (tmp_path / "o").exists()
+
+
+def test_tracked_frames_are_the_others_and_a_bad_video_is_a_value_error(clip, tmp_path):
+    from experiments import common  # no absl flags: safe to import in the test process
+
+    path, written = clip
+    jobs = list(common.video_frame_jobs(str(path), "out", {0, 2, 4}))
+    assert [folder for _, folder in jobs] == [os.path.join("out", f"frame_{i:06d}")
+                                              for i in (1, 3, 5)]
+    (name, frame), _ = jobs[1]
+    assert name == f"{path} frame 3" and np.abs(frame * 255 - written[3]).mean() < 8
+    bad = tmp_path / "broken.mp4"
+    bad.write_text("not a video")
+    with pytest.raises(ValueError, match="broken.mp4 is not a video"):
+        list(common.video_frame_jobs(str(bad), "out", set()))
