@@ -372,7 +372,8 @@ def run():
     if FLAGS.track and video is None:  # keyframes picked as from a video
         named = dict(zip(paths, stem_folders(paths)))
         keys = paths[::FLAGS.frame_step][:FLAGS.max_frames or None]
-        tracked = [((p, p), named[p]) for p in paths if p not in keys]
+        key_set = set(keys)  # a folder may hold thousands of frames
+        tracked = [((p, p), named[p]) for p in paths if p not in key_set]
         paths = keys
     if FLAGS.landmarks and not os.path.exists(FLAGS.landmarks):
         raise InputError(f"--landmarks={FLAGS.landmarks}: no such file")
