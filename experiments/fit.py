@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+import typing
 
 from absl import app, flags
 
@@ -70,10 +71,13 @@ flags.DEFINE_bool("track", False, "--frames: after the joint fit of the keyframe
                   "joint shape and texture held (its expression, pose and light its own), in "
                   "batches of --batch_size decoded as they go: a long video in the memory of "
                   "one batch.")
-flags.DEFINE_bool("resume", False, "--images: go on with an interrupted run into the same "
-                  "--output_dir: photos whose folder holds a finished fit (its metrics.json, "
-                  "written last) are skipped, the others fitted, replacing what the "
-                  "interrupted run left in their folders.")
+flags.DEFINE_bool("resume", False, "--images or --frames --track: go on with an interrupted run "
+                  "into the same --output_dir: photos or frames whose folder holds a finished "
+                  "fit (its metrics.json, written last) are skipped, the others fitted, "
+                  "replacing what the interrupted run left in their folders. With --track, "
+                  "finished keyframes give the joint shape and texture (read from their "
+                  "params.npz); if any keyframe is unfinished, the keyframes are fitted again "
+                  "and every other frame tracked again.")
 flags.DEFINE_bool("remat", False, "Recompute activations in the backward pass (jax.checkpoint): "
                   "less device memory per photo, for large --batch_size.")
 flags.DEFINE_bool("two_threads", True, "One photo on the CPU: run Eq. 12's two views (the photo's "
@@ -344,8 +348,9 @@ def run():
         raise InputError("give exactly one of --image, --images, --frames")
     if FLAGS.resume and FLAGS.overwrite:
         raise InputError("give --resume (keep finished fits) or --overwrite (refit all), not both")
-    if FLAGS.resume and modes[0] != "images":
-        raise InputError("--resume goes with --images (a folder of photos, one fit each)")
+    if FLAGS.resume and modes[0] != "images" and not (modes[0] == "frames" and FLAGS.track):
+        raise InputError("--resume goes with --images (a folder of photos, one fit each) or "
+                         "with --frames --track (one person's frames, tracked)")
     if FLAGS.track and modes[0] != "frames":
         raise InputError("--track goes with --frames (a video or a folder of one person's frames)")
     start_processes(modes[0])
@@ -401,7 +406,7 @@ def run():
             return
     if not FLAGS.resume:
         check_outputs_free(folders)
-    if FLAGS.track:
+    if FLAGS.track and not FLAGS.resume:
         # a video's frame count is known only once decoded: every frame folder already there
         existing = glob.glob(os.path.join(FLAGS.output_dir, "frame_*")) if video is not None \
             else [folder for _, folder in tracked]
@@ -447,7 +452,31 @@ def run():
     if mode == "images":
         fit_folder(paths, folders, pipeline, config, start, photo_texture, k_fit)
         return
-    # a single photo or one person's frames: every input is checked before anything is written
+    joint = None  # --track --resume: the finished keyframes' shape and texture
+    if FLAGS.track and FLAGS.resume:
+        joint = finished_keyframes(folders, model.num_shape, texture_init.shape)
+    if joint is None:
+        joint = fit_together(mode, video, paths, folders, pipeline, config, start,
+                             photo_texture, k_fit)
+    if FLAGS.track:
+        jobs = tracked if video is None else other_video_frames(
+            FLAGS.frames, FLAGS.output_dir, {i for i, _ in video})
+        if FLAGS.resume and joint.finished:  # the keyframes were not fitted again
+            # a video's frame count is known only once decoded: every frame folder there
+            keyframe_folders = set(folders)
+            candidates = [f for _, f in tracked] if video is None else [
+                f for f in glob.glob(os.path.join(FLAGS.output_dir, "frame_*"))
+                if f not in keyframe_folders]
+            finished = finished_tracked_frames(candidates, joint)
+            jobs = (job for job in jobs if job[1] not in finished)
+        track(joint, jobs, pipeline, config, start, k_fit)
+
+
+def fit_together(mode, video, paths, folders, pipeline, config, start, photo_texture, key):
+    """--image, or --frames jointly (Eq. 13): every input is checked before anything is
+    written. Returns the (first) fit's parameters."""
+    from ganfit_jax import fitting
+
     t0 = time.time()
     lm_path = FLAGS.landmarks if mode == "image" else None
     if video is not None:
@@ -457,14 +486,14 @@ def run():
         prepared = [prepare(p, lm_path, FLAGS.image_size, FLAGS.detector) for p in paths]
     if mode == "image":
         params, target = start(prepared[0])
-        params, history = fitting.fit(pipeline, params, target, config, k_fit,
+        params, history = fitting.fit(pipeline, params, target, config, key,
                                       between_stages=photo_texture([prepared[0][1]]))
         results = [(params, history)]
     else:
         # frames share one texture, which starts from the prior's own start, not one frame
         starts = [start(item) for item in prepared]
         params, history = fitting.fit(pipeline, fitting.stack([s[0] for s in starts]),
-                                      fitting.stack([s[1] for s in starts]), config, k_fit,
+                                      fitting.stack([s[1] for s in starts]), config, key,
                                       frames=True)
         results = [(p, history_slice(history, i))
                    for i, p in enumerate(fitting.unstack(params, len(paths)))]
@@ -478,11 +507,80 @@ def run():
         print(_summary(metrics), flush=True)
     if mode == "frames":
         print("shared shape and texture: identical in every frame's params.npz")
-    if FLAGS.track:
-        joint = results[0][0]  # shape and texture: the same in every keyframe's params
-        jobs = tracked if video is None else other_video_frames(
-            FLAGS.frames, FLAGS.output_dir, {i for i, _ in video})
-        track(joint, jobs, pipeline, config, start, k_fit)
+    return SharedBlocks(results[0][0].shape, results[0][0].texture, finished=False)
+
+
+class SharedBlocks(typing.NamedTuple):
+    """What --track holds for every frame: Eq. 13's shared shape and texture; `finished` when
+    read from an interrupted run's keyframes rather than fitted by this one."""
+
+    shape: object
+    texture: object
+    finished: bool
+    source: str = ""
+
+
+def read_shared_blocks(folder):
+    """The shape and texture in `folder`/params.npz (a finished fit's)."""
+    from ganfit_jax import io
+
+    path = os.path.join(folder, "params.npz")
+    try:
+        tree = io.load_params(path)
+    except (ValueError, OSError) as e:
+        raise InputError(f"--resume: {e}") from None
+    if "shape" not in tree or "texture" not in tree:
+        raise InputError(f"--resume: {path} holds no shape or texture (not fit's params.npz)")
+    return SharedBlocks(tree["shape"], tree["texture"], finished=True, source=path)
+
+
+def same_blocks(a, b):
+    import numpy as np
+
+    return (a.shape.shape == b.shape.shape and a.texture.shape == b.texture.shape
+            and np.array_equal(a.shape, b.shape) and np.array_equal(a.texture, b.texture))
+
+
+def finished_keyframes(folders, num_shape, texture_shape):
+    """--track --resume: the keyframes' joint shape and texture when every keyframe's fit is
+    finished (its metrics.json, written last), else None: Eq. 13 fits them all together, so
+    one unfinished keyframe means fitting them again, and tracking every other frame again."""
+    done = [os.path.exists(os.path.join(f, "metrics.json")) for f in folders]
+    if not all(done):
+        print(f"--resume: {sum(done)} of {len(folders)} keyframe(s) finished: the keyframes are "
+              f"fitted again, every other frame tracked again", flush=True)
+        return None
+    joint = read_shared_blocks(folders[0])
+    for folder in folders[1:]:
+        if not same_blocks(read_shared_blocks(folder), joint):
+            raise InputError(
+                f"--resume: {folder}/params.npz and {joint.source} hold different shapes or "
+                f"textures, so they are not the keyframes of one joint fit (another run's, or "
+                f"another --frame_step or --max_frames); pass --overwrite or choose another "
+                f"--output_dir")
+    if joint.shape.shape != (num_shape,) or joint.texture.shape != tuple(texture_shape):
+        raise InputError(
+            f"--resume: {joint.source} has shape {joint.shape.shape} and texture "
+            f"{joint.texture.shape}, but this --model and --texture take ({num_shape},) and "
+            f"{tuple(texture_shape)}: give the interrupted run's flags, or --overwrite")
+    print(f"--resume: the {len(folders)} keyframes are finished; their shape and texture come "
+          f"from {joint.source}", flush=True)
+    return joint
+
+
+def finished_tracked_frames(folders, joint):
+    """--track --resume: which of the frames' `folders` hold a finished fit; each must hold the
+    keyframes' shape and texture, else it is another run's and mixing them is refused (checked
+    before anything is fitted)."""
+    finished = {f for f in folders if os.path.exists(os.path.join(f, "metrics.json"))}
+    for folder in sorted(finished):
+        if not same_blocks(read_shared_blocks(folder), joint):
+            raise InputError(
+                f"--resume: {folder}/params.npz was fitted with another shape and texture than "
+                f"the keyframes' ({joint.source}): another run's; pass --overwrite or choose "
+                f"another --output_dir")
+    print(f"--resume: {len(finished)} tracked frame(s) already finished", flush=True)
+    return finished
 
 
 def other_video_frames(path, output_dir, keyframes):
@@ -507,11 +605,15 @@ def track(joint, jobs, pipeline, config, start, key):
     held (`FitConfig.frozen`), in batches as they are decoded and landmarked."""
     import dataclasses
 
+    import jax.numpy as jnp
+
     config = dataclasses.replace(config, frozen=("shape", "texture"))
 
     def start_from_joint(item):
         params, target = start(item)
-        return params.replace(shape=joint.shape, texture=joint.texture), target
+        # exactly the joint blocks, whether fitted now or read back (--resume) from float32
+        return params.replace(shape=jnp.asarray(joint.shape, params.shape.dtype),
+                              texture=jnp.asarray(joint.texture, params.texture.dtype)), target
 
     def load(job):
         name, frame = job

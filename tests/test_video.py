@@ -5,6 +5,7 @@ codec's loss), in order, with the requested step and count."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -89,6 +90,85 @@ def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path
         assert (out / n / "overlay.png").stat().st_size > 0
     assert json.loads((out / "frame_000003" / "metrics.json").read_text())["source"] \
         == f"{path} frame 3"
+
+    # interrupted while tracking: frame 3 stopped while writing (no metrics.json, written
+    # last), frame 5 never started. --resume reads the keyframes' shape and texture back, fits
+    # only frames 3 and 5, and leaves the finished frames' files as they were
+    (out / "frame_000003" / "metrics.json").unlink()
+    (out / "frame_000003" / "overlay.png").write_bytes(b"half written")
+    shutil.rmtree(out / "frame_000005")
+    kept = {(n, f.name): f.read_bytes() for n in ("frame_000000", "frame_000001", "frame_000004")
+            for f in (out / n).iterdir()}
+    resume = [f"--frames={path}", "--frame_step=2", f"--output_dir={out}", "--track",
+              "--batch_size=3", f"--model={sfm_dir / 'sfm_shape_3448.bin'}", "--identity=tiny",
+              "--texture=direct", "--stage1_iterations=6", "--iterations=2", "--chunk=2",
+              "--image_size=64", "--resume"]
+    code, stdout, stderr = run_fit(*resume)
+    assert code == 0, stderr[-2000:]
+    assert "the 3 keyframes are finished" in stdout and "fitted 3 frame(s)" not in stdout, stdout
+    assert "--resume: 1 tracked frame(s) already finished" in stdout, stdout
+    assert "batch 1: 2 frame(s)" in stdout and f"{path} frame 1:" not in stdout, stdout
+    assert {(n, f.name): f.read_bytes() for n in ("frame_000000", "frame_000001", "frame_000004")
+            for f in (out / n).iterdir()} == kept
+    assert sorted(os.listdir(out)) == names
+    for i in (3, 5):
+        again = np.load(out / f"frame_{i:06d}" / "params.npz")
+        np.testing.assert_array_equal(again["shape"], params[0]["shape"])
+        np.testing.assert_array_equal(again["texture"], params[0]["texture"])
+        # the same tracking as the first run's (another batch composition, so not bit for bit)
+        assert abs(again["landmarks2d"][30, 0] - nose[i]) < 1.5, (i, nose)
+        assert (out / f"frame_{i:06d}" / "overlay.png").read_bytes()[:4] == b"\x89PNG"
+
+    # a finished frame from another run (another shape) is refused before anything is fitted
+    other = dict(np.load(out / "frame_000003" / "params.npz"))
+    other["shape"] = other["shape"] + 0.5
+    np.savez(out / "frame_000003" / "params.npz", **other)
+    (out / "frame_000005" / "metrics.json").unlink()
+    code, stdout, stderr = run_fit(*resume)
+    assert code == 1 and "Traceback" not in stderr, stderr[-2000:]
+    lines = [l for l in stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "frame_000003" in lines[0] and "another run" in lines[0], stderr
+    assert "batch 1" not in stdout and not (out / "frame_000005" / "metrics.json").exists()
+
+
+def test_track_a_folder_of_frames_and_resume_with_a_keyframe_unfinished(clip, sfm_dir, tmp_path,
+                                                                       run_fit):
+    """--frames=DIR --track: the keyframes picked from the sorted folder as from a video. A run
+    interrupted before every keyframe was written fits the keyframes again (Eq. 13 fits them
+    together) and tracks every other frame again, with the new shape and texture."""
+    from PIL import Image
+
+    _, written = clip
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, frame in enumerate(written):
+        Image.fromarray(frame).save(frames / f"f{i:02d}.png")
+    out = tmp_path / "person"
+    args = [f"--frames={frames}", "--frame_step=2", f"--output_dir={out}", "--track",
+            "--batch_size=3", f"--model={sfm_dir / 'sfm_shape_3448.bin'}", "--identity=tiny",
+            "--texture=direct", "--stage1_iterations=6", "--iterations=2", "--chunk=2",
+            "--image_size=64"]
+    code, stdout, stderr = run_fit(*args)
+    assert code == 0, stderr[-2000:]
+    assert "fitted 3 frame(s)" in stdout and "batch 1: 3 frame(s)" in stdout, stdout
+    names = [f"f{i:02d}" for i in range(6)]
+    assert sorted(os.listdir(out)) == names
+    first = {n: dict(np.load(out / n / "params.npz")) for n in names}
+    for n in names[1:]:
+        np.testing.assert_array_equal(first[n]["shape"], first["f00"]["shape"])
+    nose = [first[n]["landmarks2d"][30, 0] for n in names]
+    assert np.all(np.abs(np.diff(nose) - SHIFT) < 4), nose
+
+    (out / "f02" / "metrics.json").unlink()  # interrupted while writing the keyframes
+    code, stdout, stderr = run_fit(*args, "--resume")
+    assert code == 0, stderr[-2000:]
+    assert "--resume: 2 of 3 keyframe(s) finished" in stdout, stdout
+    assert "fitted 3 frame(s)" in stdout and "batch 1: 3 frame(s)" in stdout, stdout
+    for n in names:  # every frame written again, the same fit as the first run's
+        assert (out / n / "metrics.json").exists()
+        again = np.load(out / n / "params.npz")
+        np.testing.assert_array_equal(again["shape"], np.load(out / "f00" / "params.npz")["shape"])
+        np.testing.assert_allclose(again["camera"], first[n]["camera"], rtol=1e-4, atol=1e-3)
 
 
 def test_fit_an_unreadable_video_is_one_line(tmp_path, sfm_dir, run_fit):
