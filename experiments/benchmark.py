@@ -202,6 +202,9 @@ flags.DEFINE_enum("loop", "step", ["step", "scan", "host"],
 flags.DEFINE_integer("chunk", 10, "fit: steps per timed chunk with --loop=scan|host", lower_bound=1)
 flags.DEFINE_enum("batch_steps", "auto", ["auto", "vmap", "per_photo"],
                   "fit: how batches > 1 step (fitting.FitConfig.batch_steps)")
+flags.DEFINE_list("frozen", [], "fit: parameter blocks held, e.g. shape,texture as `fit "
+                  "--track` holds them (fitting.FitConfig.frozen; a held texture is generated "
+                  "once, not every step)")
 flags.DEFINE_bool("count_flops", True, "fit: count each step's FLOPs (XLA's CPU cost analysis; "
                   "off the CPU one extra CPU compilation per batch size); --nocount_flops "
                   "leaves flops and the rates from it null")
@@ -215,7 +218,7 @@ def run_fit(argv):
                                        FLAGS.model or _DEFAULT_MODEL, FLAGS.iterations,
                                        FLAGS.repeats, FLAGS.remat, FLAGS.compute_dtype,
                                        FLAGS.loop, FLAGS.chunk, FLAGS.count_flops,
-                                       FLAGS.batch_steps):
+                                       FLAGS.batch_steps, FLAGS.frozen):
         rows.append(row)
         _emit([row], header=len(rows) == 1)
     return rows

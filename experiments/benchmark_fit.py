@@ -257,28 +257,33 @@ def chunk_step_ms(config, loop, chunk, pipeline, args, repeats):
 
 def bench_fit(config_name, batch_sizes, model_path, iterations, repeats, remat=False,
               compute_dtype="float32", loop="step", chunk=10, count_flops=True,
-              batch_steps="auto"):
+              batch_steps="auto", frozen=()):
     """Rows for each batch size. loop='step' times one step (`fitting.bound_step`); 'scan' or
     'host' time `chunk` steps as `fitting.fit` runs them (see `chunk_step_ms`).
     count_flops=False leaves `flops` and the rates derived from it None: off the CPU the count
     is one extra CPU compilation per batch size (~30 s for `paper`), device time a short lease
-    is better spent on; the count does not depend on the device, so any CPU can supply it."""
+    is better spent on; the count does not depend on the device, so any CPU can supply it.
+    `frozen`: blocks held (`FitConfig.frozen`; `fit --track` holds shape and texture), a held
+    texture generated once before the steps, as `fitting.run_stage` does."""
     import jax
 
     from ganfit_jax import fitting
 
     if loop not in LOOPS:
         raise ValueError(f"--loop must be one of {LOOPS}, got {loop!r}")
+    # a bad value is refused before minutes of building and compiling
+    config = fitting.FitConfig(remat=remat, batch_steps=batch_steps, frozen=tuple(frozen))
     key = jax.random.PRNGKey(0)
     pipeline, params, target = build(config_name, model_path, key, compute_dtype)
-    config = fitting.FitConfig()
     matmul_rate, conv_rate = machine_rates()
-    config = dataclasses.replace(config, remat=remat, batch_steps=batch_steps)
+    if "texture" in config.frozen:
+        pipeline, params = fitting.hold_texture(pipeline, params)
     rows = []
     for b in batch_sizes:
         step, args = step_arguments(config, pipeline, params, target, b, key)
         common = dict(config=config_name, batch_size=b, loop=loop, iterations=iterations,
                       remat=remat, compute_dtype=compute_dtype, devices=jax.device_count(),
+                      frozen=",".join(config.frozen),
                       machine_matmul_gflops=round(matmul_rate / 1e9, 1),
                       machine_conv_gflops=round(conv_rate / 1e9, 1))
         if loop != "step":

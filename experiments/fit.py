@@ -70,7 +70,7 @@ flags.DEFINE_bool("track", False, "--frames: after the joint fit of the keyframe
                   "--frame_step-th frame, at most --max_frames), fit every other frame with the "
                   "joint shape and texture held (its expression, pose and light its own), in "
                   "batches of --batch_size decoded as they go: a long video in the memory of "
-                  "one batch.")
+                  "one batch. The held texture is generated once, so these steps skip G.")
 flags.DEFINE_bool("resume", False, "--images or --frames --track: go on with an interrupted run "
                   "into the same --output_dir: photos or frames whose folder holds a finished "
                   "fit (its metrics.json, written last) are skipped, the others fitted, "

@@ -126,7 +126,9 @@ class FitConfig:
     # parameter blocks held at their starting values in both stages (names of FitParams fields),
     # e.g. ('shape', 'texture') to fit expression, pose and light to a known identity: their
     # Adam steps are zeroed (`optimiser`), so every step (fused, two-view, per-photo, vmapped)
-    # keeps them exactly; their gradients are still computed
+    # keeps them exactly; the loss takes them as constants (`without_gradient`), and a held
+    # texture is generated once for stage 2, not every step (`hold_texture`: the cpu-small step
+    # 1.7x faster, BENCHMARKS.md)
     frozen: tuple = ()
 
     def __post_init__(self):
@@ -444,8 +446,18 @@ def stage_learning_rate(config: FitConfig, stage: int) -> float:
     return config.stage1_learning_rate if stage == 1 else config.learning_rate
 
 
+def without_gradient(params: FitParams, blocks) -> FitParams:
+    """`blocks` (`FitConfig.frozen`) as constants of the loss: Adam's step for them is zeroed
+    anyway (`optimiser`), and this way autodiff does not compute their gradient at all (for the
+    texture, the renderer's scatter into the UV map and G's backward pass)."""
+    if not blocks:
+        return params
+    return params.replace(**{b: jax.lax.stop_gradient(getattr(params, b)) for b in blocks})
+
+
 def _stage_loss(stage, config: FitConfig, pixel_budget, pipeline, params, target, key,
                 light_init):
+    params = without_gradient(params, config.frozen)
     if stage == 1:
         return landmark_stage_loss(params, target, pipeline, config.weights)
     return loss(params, target, pipeline, key, config.weights, config.random_render, light_init,
@@ -671,7 +683,8 @@ class TwoViewStep:
 
         def view(w):
             def view_loss(params, texture, target, key, light_init):
-                return loss(params.replace(texture=texture), target, given_texture, key, w,
+                params = without_gradient(params.replace(texture=texture), config.frozen)
+                return loss(params, target, given_texture, key, w,
                             config.random_render, light_init, config.pixel_budget)
 
             return jax.jit(jax.value_and_grad(view_loss, argnums=(0, 1), has_aux=True),
@@ -735,6 +748,25 @@ _VIEW_DISPATCHER = concurrent.futures.ThreadPoolExecutor(max_workers=1,
 
 def _given_texture(_, texture):
     return texture
+
+
+def hold_texture(pipeline: Pipeline, params: FitParams, vectorised: bool = False):
+    """A frozen texture (`FitConfig.frozen`, e.g. `fit --track`): G(p_t) is the same at every
+    step, so it is generated once, here, and the steps run on a pipeline whose texture is that
+    UV map (or per-vertex colours), neither running G forward nor back-propagating through it.
+    Returns (that pipeline, `params` with G(p_t) in place of p_t); `run_stage` does this itself
+    and puts p_t back after the stage."""
+    textures = _generated(pipeline.texture_fn, pipeline.texture_params, params.texture,
+                          vectorised)
+    return (pipeline.replace(texture_fn=_given_texture, texture_params=None),
+            params.replace(texture=textures))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _generated(texture_fn, texture_params, p_t, vectorised):
+    if vectorised:
+        return jax.vmap(texture_fn, in_axes=(None, 0))(texture_params, p_t)
+    return texture_fn(texture_params, p_t)
 
 
 def two_view_step_applies(config: FitConfig, stage: int, mode: str, pipeline: Pipeline) -> bool:
@@ -900,6 +932,13 @@ def run_stage(pipeline: Pipeline, params: FitParams, target: Target, config: Fit
     frames: like batched, but the batch is frames of one person sharing shape and texture.
     """
     vectorised = batched or frames
+    if stage == 2 and "texture" in config.frozen and pipeline.texture_fn not in (
+            None, _given_texture):
+        latent = params.texture
+        pipeline, params = hold_texture(pipeline, params, vectorised)
+        params, history = run_stage(pipeline, params, target, config, stage, iterations, key,
+                                    batched, frames, log)
+        return params.replace(texture=latent), history
     run = compiled_chunk(config, stage, "frames" if frames else "batch" if batched else "single")
     tx = optimiser(stage_learning_rate(config, stage), params, stage, texture_step_scale(pipeline),
                    config.frozen)

@@ -123,3 +123,23 @@ def test_rates_from_a_count_and_null_without_one():
     counted = benchmark_fit._rates(4e9, 0.1, 2e11, 1e11, floors=True)
     assert counted == dict(achieved_gflops=40.0, floor_ms=20.0, ratio_to_floor=5.0,
                            ratio_to_conv_floor=2.5)
+
+
+def test_a_held_shape_and_texture_step_skips_the_generator(sfm_dir):
+    """--frozen=shape,texture (what `fit --track` runs): G(p_t) generated once before the steps,
+    so the step counts fewer FLOPs than the full step by at least G's forward pass, which XLA
+    counts on its own here."""
+    path = str(sfm_dir / "sfm_shape_3448.bin")
+    full, held = (next(benchmark_fit.bench_fit("tiny", [1], path, 10, 1, frozen=frozen))
+                  for frozen in ((), ("shape", "texture")))
+    assert (full["frozen"], held["frozen"]) == ("", "shape,texture")
+    pipe, params, _ = benchmark_fit.build("tiny", path, jax.random.PRNGKey(0))
+    generator = benchmark_fit.step_flops(
+        jax.jit(lambda t: pipe.texture_fn(pipe.texture_params, t)), (params.texture,))
+    assert generator > 0 and held["flops"] < full["flops"] - generator, (full, held, generator)
+    assert held["step_ms"] > 0
+    # a block that is not one of FitParams' is refused as the config refuses it, before building
+    import pytest
+
+    with pytest.raises(ValueError, match="frozen"):
+        next(benchmark_fit.bench_fit("tiny", [1], "unused", 10, 1, frozen=("albedo",)))

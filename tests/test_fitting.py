@@ -277,6 +277,47 @@ def test_frozen_blocks_keep_their_start_in_both_stages(sfm_model):
     assert np.abs(np.asarray(free.shape - p0.shape)).max() > 1e-4  # it is the freezing
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_frozen_texture_is_generated_once_and_fits_as_when_generated_every_step(sfm_model,
+                                                                                  batched):
+    """With the texture frozen, stage 2 runs on G(p_t) generated once (`hold_texture`), not G
+    every step; the reference is the same fit with G run every step and its Adam step zeroed
+    another way (the texture model's step_scale 0), so only the texture's route differs."""
+    from ganfit_jax.texture.direct import DirectUVTexture
+
+    size = (64, 64)
+    tex = DirectUVTexture(coarse=4, resolution=16)
+    pipe = fitting.make_pipeline(sfm_model, tex, None, size)
+    inits, targets = [], []
+    for seed in (5, 6):
+        truth = random_truth(sfm_model, seed).replace(texture=tex.init_latent() + 0.1 * seed)
+        photo, _ = fitting.render_face(pipe, truth)
+        lm = synthetic_landmarks(sfm_model, truth)
+        targets.append(fitting.Target(image=photo, landmarks=jnp.asarray(lm)))
+        inits.append(fitting.init_params(sfm_model, lm, size, tex.latent_dim,
+                                         texture_init=tex.init_latent() + 0.3)
+                     .replace(shape=truth.shape))
+    p0, target = (fitting.stack(inits), fitting.stack(targets)) if batched else (inits[0],
+                                                                                 targets[0])
+    cfg = fitting.FitConfig(stage1_iterations=0, stage2_iterations=6, chunk=3,
+                            frozen=("shape", "texture"))
+    held, hist = fitting.fit(pipe, p0, target, cfg, batched=batched, log=None)
+    still = pipe.replace(texture_params=tex.replace(step_scale=0.0))
+    every, hist_every = fitting.fit(still, p0, target, dataclasses.replace(cfg, frozen=("shape",)),
+                                    batched=batched, log=None)
+    np.testing.assert_array_equal(held.texture, p0.texture)  # p_t is back, not G(p_t)
+    for block in ("expression", "camera", "light"):
+        np.testing.assert_allclose(getattr(held, block), getattr(every, block), rtol=1e-4,
+                                   atol=1e-4, err_msg=block)
+        assert np.abs(np.asarray(getattr(held, block) - getattr(p0, block))).max() > 1e-4, block
+    np.testing.assert_allclose(hist[2]["total"], hist_every[2]["total"], rtol=1e-4)
+    # what the held stage rendered: the texture model's own map of p_t
+    pipe_held, params_held = fitting.hold_texture(pipe, inits[0])
+    np.testing.assert_allclose(params_held.texture, fitting.generate_texture(tex, inits[0].texture),
+                               rtol=1e-6, atol=1e-6)
+    assert pipe_held.texture_params is None
+
+
 @pytest.mark.parametrize("mode", ["single", "batch", "frames"])
 def test_host_loop_equals_scan(sfm_model, mode):
     """The CPU's host loop of jitted steps and the accelerators' lax.scan are one algorithm:
