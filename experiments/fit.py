@@ -8,7 +8,10 @@
 Per result it writes: mesh.obj + mesh.mtl + mesh.png (UV texture), params.npz (every parameter
 block, vertices (N,3) mm in model coordinates, landmarks3d (68,3), landmarks2d in the photo),
 overlay.png (render on the photo), side_by_side.png (photo | render | overlay), views.png (three
-other viewpoints) and loss.png. Existing outputs are never replaced unless --overwrite.
+other viewpoints) and loss.png. With --frames, the output folder also gets sequence.npz (every
+fitted frame's expression, camera, head-pose angles, light and landmarks in frame order, the
+shared shape and texture once) and sequence.png (pose and expression over the frames). Existing
+outputs are never replaced unless --overwrite.
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ flags.DEFINE_integer("process_id", None, "--distributed: this process's id, 0 ..
                      lower_bound=0)
 common.require_positive("stage1_learning_rate")
 
+SEQUENCE_FILES = ("sequence.npz", "sequence.png")  # --frames: in the output folder itself
 OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
                 "side_by_side.png", "views.png", "loss.png", "metrics.json")
 
@@ -210,11 +214,11 @@ def read_video(path):
     return frames
 
 
-def check_outputs_free(folders):
+def check_outputs_free(folders, files=OUTPUT_FILES):
     if FLAGS.overwrite:
         return
     for folder in folders:
-        existing = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(folder, f))]
+        existing = [f for f in files if os.path.exists(os.path.join(folder, f))]
         if existing:
             raise InputError(f"{folder} already holds {', '.join(existing)}; pass --overwrite "
                              "to replace them or choose another --output_dir")
@@ -374,8 +378,9 @@ def run():
     else:
         paths = list_images(getattr(FLAGS, mode), mode)
     tracked = []  # --track, a folder of frames: ((path, path), output folder), non-keyframes
+    frame_folders = stem_folders(paths) if mode == "frames" and video is None else []
     if FLAGS.track and video is None:  # keyframes picked as from a video
-        named = dict(zip(paths, stem_folders(paths)))
+        named = dict(zip(paths, frame_folders))
         keys = paths[::FLAGS.frame_step][:FLAGS.max_frames or None]
         key_set = set(keys)  # a folder may hold thousands of frames
         tracked = [((p, p), named[p]) for p in paths if p not in key_set]
@@ -406,6 +411,8 @@ def run():
             return
     if not FLAGS.resume:
         check_outputs_free(folders)
+    if mode == "frames" and not FLAGS.resume:
+        check_outputs_free([FLAGS.output_dir], SEQUENCE_FILES)
     if FLAGS.track and not FLAGS.resume:
         # a video's frame count is known only once decoded: every frame folder already there
         existing = glob.glob(os.path.join(FLAGS.output_dir, "frame_*")) if video is not None \
@@ -470,6 +477,58 @@ def run():
             finished = finished_tracked_frames(candidates, joint)
             jobs = (job for job in jobs if job[1] not in finished)
         track(joint, jobs, pipeline, config, start, k_fit)
+    if mode == "frames":
+        write_sequence(FLAGS.output_dir, sequence_folders(video, frame_folders))
+
+
+def sequence_folders(video, frame_folders):
+    """(frame number, output folder) of every frame in order: a video's decoded index, a
+    folder's position among its sorted images (`frame_folders`, in that order)."""
+    if video is None:
+        return list(enumerate(frame_folders))
+    found = glob.glob(os.path.join(FLAGS.output_dir, "frame_*"))
+    return sorted((int(os.path.basename(f)[len("frame_"):]), f) for f in found
+                  if os.path.basename(f)[len("frame_"):].isdigit())
+
+
+def write_sequence(output_dir, numbered_folders):
+    """sequence.npz and sequence.png: the fitted frames' per-frame parameters as time series (a
+    tracked video's expression and head pose), from their params.npz in frame order."""
+    import numpy as np
+
+    from ganfit_jax import camera, io
+
+    frames, rows = [], []
+    for number, folder in numbered_folders:
+        path = os.path.join(folder, "params.npz")
+        if os.path.exists(os.path.join(folder, "metrics.json")):
+            frames.append(number)
+            rows.append(io.load_params(path))
+    if not rows:
+        return
+    cameras = np.stack([r["camera"] for r in rows])
+    yaw, pitch, roll = (np.degrees(np.asarray(a)) for a in camera.orbit_angles(cameras))
+    stacked = {k: np.stack([r[k] for r in rows])
+               for k in ("expression", "camera", "light", "landmarks2d")}
+    over = FLAGS.overwrite or FLAGS.resume
+    io.save_params(os.path.join(output_dir, "sequence.npz"),
+                   dict(stacked, frame=np.asarray(frames), camera_yaw_deg=yaw,
+                        camera_pitch_deg=pitch, camera_roll_deg=roll,
+                        source=np.asarray([str(r["__meta__"]["source"]) for r in rows]),
+                        shape=rows[0]["shape"], texture=rows[0]["texture"]),
+                   overwrite=over)
+    expression = stacked["expression"]
+    pose = io.render_curves({"camera yaw": yaw, "camera pitch": pitch, "camera roll": roll},
+                            steps=frames, title="camera around the face (degrees)",
+                            x_label="frame")
+    shown = min(expression.shape[1], 6)
+    faces = io.render_curves({f"expression {i}": expression[:, i] for i in range(shown)},
+                             steps=frames, title=f"expression (first {shown}, std. devs)",
+                             x_label="frame")
+    io.save_image(os.path.join(output_dir, "sequence.png"), np.concatenate([pose, faces], 0),
+                  overwrite=over)
+    print(f"wrote {output_dir}/: " + " ".join(SEQUENCE_FILES) + f" ({len(frames)} frames)",
+          flush=True)
 
 
 def fit_together(mode, video, paths, folders, pipeline, config, start, photo_texture, key):

@@ -98,6 +98,21 @@ def default_focal(image_size, fov_degrees=12.0):
     return 0.5 * max(height, width) / np.tan(np.deg2rad(fov_degrees) / 2)
 
 
+def orbit_angles(camera):
+    """Where the camera sits around the face, (..., 7|8) cameras → (yaw, pitch, roll) in
+    radians, each (...,): yaw about the model's up axis (+y) from its +z axis (0: a frontal
+    view, positive towards +x), pitch above the model's horizontal plane, roll about the viewing
+    axis. The head's pose in the image is the inverse rotation. A video's tracked frames are a
+    time series of these (`fit --frames --track` writes sequence.npz)."""
+    camera = jnp.asarray(camera)
+    _check_camera(camera)
+    offset = camera[..., 0:3] - camera[..., 3:6]
+    yaw = jnp.arctan2(offset[..., 0], offset[..., 2])
+    pitch = jnp.arctan2(offset[..., 1], jnp.hypot(offset[..., 0], offset[..., 2]))
+    roll = camera[..., 7] if camera.shape[-1] == 8 else jnp.zeros_like(yaw)
+    return yaw, pitch, roll
+
+
 def affine_camera_from_landmarks(points3d, points2d):
     """Least-squares affine camera x = A X + b (the 'gold standard' of Hartley & Zisserman 7.3).
 

@@ -117,3 +117,22 @@ def test_bad_camera_shape():
 def test_too_few_landmarks():
     with pytest.raises(ValueError, match="at least 4 corresponding"):
         cam.camera_from_landmarks(np.zeros((3, 3)), np.zeros((3, 2)), 64)
+
+
+def test_orbit_angles_give_back_the_angles_a_camera_was_placed_at():
+    rng = np.random.default_rng(3)
+    yaw, pitch, roll = rng.uniform(-1.2, 1.2, 16), rng.uniform(-0.6, 0.6, 16), rng.normal(size=16)
+    target = rng.normal(size=(16, 3)) * 20
+    distance = rng.uniform(300, 1500, (16, 1))
+    direction = np.stack([np.cos(pitch) * np.sin(yaw), np.sin(pitch),
+                          np.cos(pitch) * np.cos(yaw)], 1)
+    cameras = np.concatenate([target + distance * direction, target, np.full((16, 1), 1000.0),
+                              roll[:, None]], 1)
+    got = [np.asarray(a) for a in cam.orbit_angles(cameras)]
+    for g, want in zip(got, (yaw, pitch, roll)):
+        np.testing.assert_allclose(g, want, atol=1e-5)
+    # one camera, a 7-vector (no roll), on the +x side of a frontal view
+    y, p, r = cam.orbit_angles(jnp.asarray([200.0, 0, 500, 0, 0, 0, 1000]))
+    assert float(y) > 0 and float(p) == 0 and float(r) == 0
+    with pytest.raises(ValueError, match="camera"):
+        cam.orbit_angles(np.zeros((2, 6)))

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from ganfit_jax import inputs
+from ganfit_jax import camera, inputs
 
 av = pytest.importorskip("av", reason="PyAV (requirements.txt) reads video files")
 
@@ -75,7 +75,7 @@ def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path
         "--stage1_iterations=6", "--iterations=2", "--chunk=2", "--image_size=64")
     assert code == 0, stderr[-2000:]
     assert "3 frame(s)" in stdout and "batch 1: 3 frame(s)" in stdout
-    names = sorted(os.listdir(out))
+    names = sorted(d.name for d in out.iterdir() if d.is_dir())
     assert names == [f"frame_{i:06d}" for i in range(6)]
     params = [np.load(out / n / "params.npz") for n in names]
     for p in params[1:]:  # Eq. 13: one identity, kept by the tracked frames
@@ -90,6 +90,18 @@ def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path
         assert (out / n / "overlay.png").stat().st_size > 0
     assert json.loads((out / "frame_000003" / "metrics.json").read_text())["source"] \
         == f"{path} frame 3"
+    # the frames as one time series, in frame order
+    sequence = np.load(out / "sequence.npz")
+    np.testing.assert_array_equal(sequence["frame"], np.arange(6))
+    assert list(sequence["source"]) == [f"{path} frame {i}" for i in range(6)]
+    for i, p in enumerate(params):
+        np.testing.assert_array_equal(sequence["expression"][i], p["expression"])
+        np.testing.assert_array_equal(sequence["landmarks2d"][i], p["landmarks2d"])
+    yaw, pitch, roll = (np.degrees(np.asarray(a)) for a in
+                        camera.orbit_angles(np.stack([p["camera"] for p in params])))
+    np.testing.assert_allclose(sequence["camera_yaw_deg"], yaw, rtol=1e-6)
+    np.testing.assert_array_equal(sequence["shape"], params[0]["shape"])
+    assert (out / "sequence.png").read_bytes()[:4] == b"\x89PNG"
 
     # interrupted while tracking: frame 3 stopped while writing (no metrics.json, written
     # last), frame 5 never started. --resume reads the keyframes' shape and texture back, fits
@@ -110,7 +122,7 @@ def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path
     assert "batch 1: 2 frame(s)" in stdout and f"{path} frame 1:" not in stdout, stdout
     assert {(n, f.name): f.read_bytes() for n in ("frame_000000", "frame_000001", "frame_000004")
             for f in (out / n).iterdir()} == kept
-    assert sorted(os.listdir(out)) == names
+    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == names
     for i in (3, 5):
         again = np.load(out / f"frame_{i:06d}" / "params.npz")
         np.testing.assert_array_equal(again["shape"], params[0]["shape"])
@@ -118,6 +130,10 @@ def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path
         # the same tracking as the first run's (another batch composition, so not bit for bit)
         assert abs(again["landmarks2d"][30, 0] - nose[i]) < 1.5, (i, nose)
         assert (out / f"frame_{i:06d}" / "overlay.png").read_bytes()[:4] == b"\x89PNG"
+    sequence = np.load(out / "sequence.npz")  # written again, with the refitted frames
+    np.testing.assert_array_equal(sequence["frame"], np.arange(6))
+    np.testing.assert_array_equal(sequence["expression"][3],
+                                  np.load(out / "frame_000003" / "params.npz")["expression"])
 
     # a finished frame from another run (another shape) is refused before anything is fitted
     other = dict(np.load(out / "frame_000003" / "params.npz"))
@@ -152,12 +168,16 @@ def test_track_a_folder_of_frames_and_resume_with_a_keyframe_unfinished(clip, sf
     assert code == 0, stderr[-2000:]
     assert "fitted 3 frame(s)" in stdout and "batch 1: 3 frame(s)" in stdout, stdout
     names = [f"f{i:02d}" for i in range(6)]
-    assert sorted(os.listdir(out)) == names
+    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == names
     first = {n: dict(np.load(out / n / "params.npz")) for n in names}
     for n in names[1:]:
         np.testing.assert_array_equal(first[n]["shape"], first["f00"]["shape"])
     nose = [first[n]["landmarks2d"][30, 0] for n in names]
     assert np.all(np.abs(np.diff(nose) - SHIFT) < 4), nose
+    sequence = np.load(out / "sequence.npz")  # keyframes and tracked frames in folder order
+    assert [os.path.basename(str(s)) for s in sequence["source"]] == [f"{n}.png" for n in names]
+    np.testing.assert_array_equal(sequence["camera"], np.stack([first[n]["camera"]
+                                                                for n in names]))
 
     (out / "f02" / "metrics.json").unlink()  # interrupted while writing the keyframes
     code, stdout, stderr = run_fit(*args, "--resume")
