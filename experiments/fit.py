@@ -357,6 +357,11 @@ def run():
                          "with --frames --track (one person's frames, tracked)")
     if FLAGS.track and modes[0] != "frames":
         raise InputError("--track goes with --frames (a video or a folder of one person's frames)")
+    if FLAGS.track and FLAGS.frame_step == 1 and not FLAGS.max_frames:
+        # every frame a keyframe: one joint fit of a whole video (its memory) and nothing tracked
+        raise InputError("--track: with --frame_step=1 and no --max_frames every frame is a "
+                         "keyframe and none is left to track; pick keyframes with --frame_step "
+                         "(e.g. 10) or --max_frames")
     start_processes(modes[0])
     if not FLAGS.output_dir:
         raise InputError("--output_dir is required")
