@@ -74,6 +74,11 @@ flags.DEFINE_bool("track", False, "--frames: after the joint fit of the keyframe
                   "joint shape and texture held (its expression, pose and light its own), in "
                   "batches of --batch_size decoded as they go: a long video in the memory of "
                   "one batch. The held texture is generated once, so these steps skip G.")
+flags.DEFINE_integer("track_iterations", None, "--track: stage-2 iterations of a tracked frame "
+                     "(default: --iterations); its shape and texture are known, only "
+                     "expression, pose and light are fitted", lower_bound=0)
+flags.DEFINE_integer("track_stage1_iterations", None, "--track: stage-1 iterations of a tracked "
+                     "frame (default: --stage1_iterations)", lower_bound=0)
 flags.DEFINE_bool("resume", False, "--images or --frames --track: go on with an interrupted run "
                   "into the same --output_dir: photos or frames whose folder holds a finished "
                   "fit (its metrics.json, written last) are skipped, the others fitted, "
@@ -357,6 +362,9 @@ def run():
                          "with --frames --track (one person's frames, tracked)")
     if FLAGS.track and modes[0] != "frames":
         raise InputError("--track goes with --frames (a video or a folder of one person's frames)")
+    if not FLAGS.track and (FLAGS.track_iterations is not None
+                            or FLAGS.track_stage1_iterations is not None):
+        raise InputError("--track_iterations and --track_stage1_iterations go with --track")
     if FLAGS.track and FLAGS.frame_step == 1 and not FLAGS.max_frames:
         # every frame a keyframe: one joint fit of a whole video (its memory) and nothing tracked
         raise InputError("--track: with --frame_step=1 and no --max_frames every frame is a "
@@ -672,6 +680,10 @@ def track(joint, jobs, pipeline, config, start, key):
     import jax.numpy as jnp
 
     config = dataclasses.replace(config, frozen=("shape", "texture"))
+    if FLAGS.track_iterations is not None:
+        config = dataclasses.replace(config, stage2_iterations=FLAGS.track_iterations)
+    if FLAGS.track_stage1_iterations is not None:
+        config = dataclasses.replace(config, stage1_iterations=FLAGS.track_stage1_iterations)
 
     def start_from_joint(item):
         params, target = start(item)

@@ -44,7 +44,8 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
 
 @pytest.mark.parametrize("case", ["missing_image", "not_an_image", "no_face", "bad_landmarks",
                                   "unknown_model", "resume_one_photo", "resume_and_overwrite",
-                                  "track_one_photo", "track_every_frame"])
+                                  "track_one_photo", "track_every_frame",
+                                  "track_iterations_alone"])
 def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fit):
     out = tmp_path / "out"
     image, extra, expect = ffhq_photo, [], None
@@ -73,6 +74,8 @@ def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fi
         extra, expect = ["--resume", "--overwrite"], "not both"
     elif case == "track_one_photo":
         extra, expect = ["--track"], "--track goes with --frames"
+    elif case == "track_iterations_alone":
+        extra, expect = ["--track_iterations=5"], "go with --track"
     source = f"--image={image}"
     if case == "track_every_frame":  # frame_step 1, no max_frames: nothing left to track
         source, extra, expect = f"--frames={tmp_path}", ["--track"], "none is left to track"

@@ -163,10 +163,15 @@ def test_track_a_folder_of_frames_and_resume_with_a_keyframe_unfinished(clip, sf
     args = [f"--frames={frames}", "--frame_step=2", f"--output_dir={out}", "--track",
             "--batch_size=3", f"--model={sfm_dir / 'sfm_shape_3448.bin'}", "--identity=tiny",
             "--texture=direct", "--stage1_iterations=6", "--iterations=2", "--chunk=2",
-            "--image_size=64"]
+            "--image_size=64", "--track_stage1_iterations=4", "--track_iterations=4"]
     code, stdout, stderr = run_fit(*args)
     assert code == 0, stderr[-2000:]
     assert "fitted 3 frame(s)" in stdout and "batch 1: 3 frame(s)" in stdout, stdout
+    # the keyframes' schedule, then the tracked frames' own
+    keyed, tracked = stdout.split("batch 1: 3 frame(s)")
+    assert "stage 1 iter 6/6" in keyed and "stage 2 iter 2/2" in keyed, keyed
+    assert "stage 1 iter 4/4" in tracked and "stage 2 iter 4/4" in tracked, tracked
+    assert "iter 6/6" not in tracked and "iter 2/2" not in tracked, tracked
     names = [f"f{i:02d}" for i in range(6)]
     assert sorted(d.name for d in out.iterdir() if d.is_dir()) == names
     first = {n: dict(np.load(out / n / "params.npz")) for n in names}
