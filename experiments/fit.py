@@ -25,7 +25,7 @@ import typing
 
 from absl import app, flags
 
-from experiments import common
+from experiments import common, processes
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("image", None, "One photo.")
@@ -106,8 +106,11 @@ flags.DEFINE_string("compilation_cache",
                     "photo on a 2-core CPU).")
 flags.DEFINE_bool("distributed", False, "--images over several processes (hosts): call "
                   "jax.distributed.initialize() first; process i of n fits photos i, i+n, ... "
-                  "of the folder on its own devices (no host waits for another). The address, "
-                  "count and id come from the flags below, else from the cluster (SLURM, ...).")
+                  "of the folder on its own devices (no host waits for another). With --frames "
+                  "--track, process 0 fits the keyframes and hands their shape and texture to "
+                  "the others, process i tracks other frames i, i+n, ..., and process 0 writes "
+                  "the sequence once all are done. The address, count and id come from the "
+                  "flags below, else from the cluster (SLURM, ...).")
 flags.DEFINE_string("coordinator_address", None, "--distributed: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "--distributed: how many processes.", lower_bound=1)
 flags.DEFINE_integer("process_id", None, "--distributed: this process's id, 0 .. n-1.",
@@ -472,15 +475,35 @@ def run():
     if mode == "images":
         fit_folder(paths, folders, pipeline, config, start, photo_texture, k_fit)
         return
-    joint = None  # --track --resume: the finished keyframes' shape and texture
-    if FLAGS.track and FLAGS.resume:
-        joint = finished_keyframes(folders, model.num_shape, texture_init.shape)
-    if joint is None:
-        joint = fit_together(mode, video, paths, folders, pipeline, config, start,
-                             photo_texture, k_fit)
+    index, count = jax.process_index(), jax.process_count()  # --track --distributed
+
+    def keyframes():
+        joint = None  # --track --resume: the finished keyframes' shape and texture
+        if FLAGS.track and FLAGS.resume:
+            joint = finished_keyframes(folders, model.num_shape, texture_init.shape)
+        if joint is None:
+            joint = fit_together(mode, video, paths, folders, pipeline, config, start,
+                                 photo_texture, k_fit)
+        return joint
+
+    # process 0 fits the keyframes (Eq. 13: together) and hands their shape and texture on
+    if count == 1:
+        joint = keyframes()
+    else:
+        try:
+            shared = processes.from_process_zero(lambda: keyframes()._asdict(), index,
+                                                 "keyframes' shape and texture")
+        except processes.ProcessFailed as e:
+            raise InputError(str(e)) from None
+        joint = SharedBlocks(shared["shape"], shared["texture"], bool(shared["finished"]),
+                             str(shared["source"]))
     if FLAGS.track:
         jobs = tracked if video is None else other_video_frames(
             FLAGS.frames, FLAGS.output_dir, {i for i, _ in video})
+        if count > 1:  # tracked frames k, k + n, ... of the others on process k
+            jobs = (job for k, job in enumerate(jobs) if k % count == index)
+            print(f"process {index} of {count}: tracking every {count}th other frame from "
+                  f"the {index + 1}th", flush=True)
         if FLAGS.resume and joint.finished:  # the keyframes were not fitted again
             # a video's frame count is known only once decoded: every frame folder there
             keyframe_folders = set(folders)
@@ -489,8 +512,11 @@ def run():
                 if f not in keyframe_folders]
             finished = finished_tracked_frames(candidates, joint)
             jobs = (job for job in jobs if job[1] not in finished)
-        track(joint, jobs, pipeline, config, start, k_fit)
-    if mode == "frames":
+        with processes.reporting_done(index, count):
+            track(joint, jobs, pipeline, config, start, k_fit)
+    if count > 1:
+        processes.wait_for_others(index, count)  # their frames belong in the sequence
+    if mode == "frames" and index == 0:
         write_sequence(FLAGS.output_dir, sequence_folders(video, frame_folders))
 
 
@@ -715,9 +741,10 @@ def start_processes(mode):
         if given:
             raise InputError(f"--{next(iter(given))} goes with --distributed")
         return
-    if mode != "images":
-        raise InputError("--distributed splits an --images folder between processes; --image "
-                         "and --frames fit on one process")
+    if mode != "images" and not (mode == "frames" and FLAGS.track):
+        raise InputError("--distributed splits an --images folder, or the frames --track fits, "
+                         "between processes; --image and --frames without --track fit on one "
+                         "process")
     if FLAGS.num_processes is not None and FLAGS.process_id is not None \
             and FLAGS.process_id >= FLAGS.num_processes:
         raise InputError(f"--process_id={FLAGS.process_id} must be below "
