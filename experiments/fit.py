@@ -502,8 +502,8 @@ def run():
             FLAGS.frames, FLAGS.output_dir, {i for i, _ in video})
         if count > 1:  # tracked frames k, k + n, ... of the others on process k
             jobs = (job for k, job in enumerate(jobs) if k % count == index)
-            print(f"process {index} of {count}: tracking every {count}th other frame from "
-                  f"the {index + 1}th", flush=True)
+            print(f"process {index} of {count}: tracking the other frames numbered {index}, "
+                  f"{index + count}, {index + 2 * count}, ... among them", flush=True)
         if FLAGS.resume and joint.finished:  # the keyframes were not fitted again
             # a video's frame count is known only once decoded: every frame folder there
             keyframe_folders = set(folders)
@@ -572,7 +572,7 @@ def write_sequence(output_dir, numbered_folders):
 
 def fit_together(mode, video, paths, folders, pipeline, config, start, photo_texture, key):
     """--image, or --frames jointly (Eq. 13): every input is checked before anything is
-    written. Returns the (first) fit's parameters."""
+    written. Returns the (first) fit's shape and texture, what --track holds."""
     from ganfit_jax import fitting
 
     t0 = time.time()
