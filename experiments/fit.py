@@ -418,7 +418,7 @@ def run():
         if count > 1:
             print(f"process {index} of {count}: {len(paths)} photo(s)", flush=True)
         if FLAGS.resume:  # after the split: each host looks at its own photos' folders
-            done = [os.path.exists(os.path.join(f, "metrics.json")) for f in folders]
+            done = [finished(f) for f in folders]
             print(f"--resume: {sum(done)} of {len(paths)} photo(s) already fitted, "
                   f"{len(paths) - sum(done)} to go", flush=True)
             paths = [p for p, d in zip(paths, done) if not d]
@@ -510,8 +510,8 @@ def run():
             candidates = [f for _, f in tracked] if video is None else [
                 f for f in glob.glob(os.path.join(FLAGS.output_dir, "frame_*"))
                 if f not in keyframe_folders]
-            finished = finished_tracked_frames(candidates, joint)
-            jobs = (job for job in jobs if job[1] not in finished)
+            done_tracked = finished_tracked_frames(candidates, joint)
+            jobs = (job for job in jobs if job[1] not in done_tracked)
         with processes.reporting_done(index, count):
             track(joint, jobs, pipeline, config, start, k_fit)
     if count > 1:
@@ -539,10 +539,9 @@ def write_sequence(output_dir, numbered_folders):
 
     frames, rows = [], []
     for number, folder in numbered_folders:
-        path = os.path.join(folder, "params.npz")
-        if os.path.exists(os.path.join(folder, "metrics.json")):
+        if finished(folder):
             frames.append(number)
-            rows.append(io.load_params(path))
+            rows.append(io.load_params(os.path.join(folder, "params.npz")))
     if not rows:
         return
     cameras = np.stack([r["camera"] for r in rows])
@@ -635,15 +634,19 @@ def read_shared_blocks(folder):
 def same_blocks(a, b):
     import numpy as np
 
-    return (a.shape.shape == b.shape.shape and a.texture.shape == b.texture.shape
-            and np.array_equal(a.shape, b.shape) and np.array_equal(a.texture, b.texture))
+    return np.array_equal(a.shape, b.shape) and np.array_equal(a.texture, b.texture)
+
+
+def finished(folder):
+    """A fit in `folder` is finished once its metrics.json, written last, is there."""
+    return os.path.exists(os.path.join(folder, "metrics.json"))
 
 
 def finished_keyframes(folders, num_shape, texture_shape):
     """--track --resume: the keyframes' joint shape and texture when every keyframe's fit is
     finished (its metrics.json, written last), else None: Eq. 13 fits them all together, so
     one unfinished keyframe means fitting them again, and tracking every other frame again."""
-    done = [os.path.exists(os.path.join(f, "metrics.json")) for f in folders]
+    done = [finished(f) for f in folders]
     if not all(done):
         print(f"--resume: {sum(done)} of {len(folders)} keyframe(s) finished: the keyframes are "
               f"fitted again, every other frame tracked again", flush=True)
@@ -670,15 +673,15 @@ def finished_tracked_frames(folders, joint):
     """--track --resume: which of the frames' `folders` hold a finished fit; each must hold the
     keyframes' shape and texture, else it is another run's and mixing them is refused (checked
     before anything is fitted)."""
-    finished = {f for f in folders if os.path.exists(os.path.join(f, "metrics.json"))}
-    for folder in sorted(finished):
+    done = {f for f in folders if finished(f)}
+    for folder in sorted(done):
         if not same_blocks(read_shared_blocks(folder), joint):
             raise InputError(
                 f"--resume: {folder}/params.npz was fitted with another shape and texture than "
                 f"the keyframes' ({joint.source}): another run's; pass --overwrite or choose "
                 f"another --output_dir")
-    print(f"--resume: {len(finished)} tracked frame(s) already finished", flush=True)
-    return finished
+    print(f"--resume: {len(done)} tracked frame(s) already finished", flush=True)
+    return done
 
 
 def other_video_frames(path, output_dir, keyframes):
