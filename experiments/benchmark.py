@@ -2,6 +2,7 @@
 
   python -m experiments.benchmark render [--json] [--cases sfm-224,dense-512] [--repeats 10]
   python -m experiments.benchmark fit --config=cpu-small|paper [--batch_sizes=1,2,4] [--json]
+  python -m experiments.benchmark quality|tracking [--json]  (ground truth: benchmark_*.py)
 
 Each subcommand prints a table (or, with --json, one JSON object per line). To add one, write
 `def run_NAME(argv) -> list[dict]` and register it in SUBCOMMANDS.
@@ -224,13 +225,15 @@ def run_fit(argv):
     return rows
 
 
-# quality: experiments/benchmark_quality.py (its flags are added when this binary runs)
-from experiments import benchmark_quality, common  # noqa: E402
+# quality, tracking: experiments/benchmark_quality.py, benchmark_tracking.py (their flags are
+# added when this binary runs)
+from experiments import benchmark_quality, benchmark_tracking, common  # noqa: E402
 
 SUBCOMMANDS = {
     "render": run_render,
     "fit": run_fit,
     "quality": lambda argv: benchmark_quality.main_quality(),
+    "tracking": lambda argv: benchmark_tracking.main_tracking(),
 }
 
 
@@ -242,5 +245,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    benchmark_quality.define_flags()  # skips --json/--model/--iterations, defined above
+    benchmark_tracking.define_flags()  # and the quality benchmark's; skips those defined above
     app.run(common.input_errors_as_one_line(main))

@@ -189,20 +189,74 @@ def truth_landmarks(model, vertices, camera, image_size):
     return lm
 
 
-def _orbit_camera(rng, image_size):
+def orbit_camera(yaw, pitch, roll, distance, target, image_size):
+    """The project's camera (eye, look-at, focal, roll) on a sphere around `target` (mm): yaw
+    and pitch (radians) as `camera.orbit_angles` measures them, the default 12° lens."""
     import numpy as np
 
     from ganfit_jax import camera as camera_lib
+
+    direction = np.array([np.sin(yaw) * np.cos(pitch), np.sin(pitch), np.cos(yaw) * np.cos(pitch)])
+    eye = np.asarray(target) + distance * direction
+    focal = camera_lib.default_focal((image_size, image_size))
+    return np.concatenate([eye, target, [focal, roll]]).astype(np.float32)
+
+
+def _orbit_camera(rng, image_size):
+    import numpy as np
 
     yaw = np.deg2rad(rng.uniform(-30, 30))
     pitch = np.deg2rad(rng.uniform(-15, 15))
     roll = np.deg2rad(rng.normal(0, 3))
     distance = 1050 + rng.uniform(-50, 50)
     target = np.array([0.0, 10.0, 0.0]) + rng.normal(0, 8, 3)
-    direction = np.array([np.sin(yaw) * np.cos(pitch), np.sin(pitch), np.cos(yaw) * np.cos(pitch)])
-    eye = target + distance * direction
-    focal = camera_lib.default_focal((image_size, image_size))
-    return np.concatenate([eye, target, [focal, roll]]).astype(np.float32)
+    return orbit_camera(yaw, pitch, roll, distance, target, image_size)
+
+
+def key_light(rng, camera):
+    """A key light 300 mm above the camera, jittered by N(0, 150 mm) per axis; colour 0.6 and
+    ambient 0.5 per channel, each + N(0, 0.05)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ganfit_jax import camera as camera_lib
+
+    _, up, _ = (np.asarray(a) for a in camera_lib.axes(jnp.asarray(camera)))
+    return np.concatenate([camera[:3] + 300.0 * up + rng.normal(0, 150, 3),
+                           0.6 + rng.normal(0, 0.05, 3),
+                           0.5 + rng.normal(0, 0.05, 3)]).astype(np.float32)
+
+
+def render_truth(model, render_fn, rng, shape, expression, camera, light, texture, background,
+                 landmark_noise_px):
+    """One ground-truth photo: a dict with image, landmarks (noisy), landmarks_true, vertices
+    and the parameters that made it."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ganfit_jax import morphable
+
+    size = background.shape[:2]
+    verts = np.asarray(morphable.vertices(model, jnp.asarray(shape), jnp.asarray(expression)))
+    image, _ = render_fn(jnp.asarray(verts), model.triangles, model.uv, jnp.asarray(texture),
+                         jnp.asarray(camera), jnp.asarray(light), image_size=size,
+                         background=jnp.asarray(background))
+    lm_true = truth_landmarks(model, verts, camera, size)
+    lm = (lm_true + rng.normal(0, landmark_noise_px, lm_true.shape)).astype(np.float32)
+    return dict(image=np.clip(np.asarray(image), 0, 1).astype(np.float32), landmarks=lm,
+                landmarks_true=lm_true.astype(np.float32), vertices=verts, shape=shape,
+                expression=expression, camera=camera, light=light, texture=texture)
+
+
+def ground_truth_textures(rng, num, uv_dir=None, texture_model=None):
+    """(num true UV maps, where they come from): --uv_dir's real maps, samples of a texture
+    model, else random smooth skin."""
+    if uv_dir:
+        pool = _uv_textures(uv_dir)
+        return [pool[i % len(pool)] for i in range(num)], f"uv_dir {uv_dir}"
+    if texture_model:
+        return _model_textures(texture_model, num, rng), f"sampled {texture_model}"
+    return [random_skin_texture(rng) for _ in range(num)], "random smooth skin"
 
 
 def make_faces(model, num_faces, seed=0, image_size=224, uv_dir=None, texture_model=None,
@@ -211,45 +265,25 @@ def make_faces(model, num_faces, seed=0, image_size=224, uv_dir=None, texture_mo
     (H,W,3), landmarks (68,2) noisy, landmarks_true (68,2), vertices (N,3) mm, shape, expression,
     camera, light, texture (UV map), texture_source."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from ganfit_jax import camera as camera_lib
-    from ganfit_jax import morphable, render
+    from ganfit_jax import render
 
     if num_faces < 1:
         raise ValueError(f"num_faces: expected at least 1, got {num_faces}")
     rng = np.random.default_rng(seed)
-    if uv_dir:
-        pool, source = _uv_textures(uv_dir), f"uv_dir {uv_dir}"
-        textures = [pool[i % len(pool)] for i in range(num_faces)]
-    elif texture_model:
-        textures, source = _model_textures(texture_model, num_faces, rng), f"sampled {texture_model}"
-    else:
-        textures = [random_skin_texture(rng) for _ in range(num_faces)]
-        source = "random smooth skin"
-    size = (image_size, image_size)
+    textures, source = ground_truth_textures(rng, num_faces, uv_dir, texture_model)
     render_fn = jax.jit(render.render, static_argnames=("image_size",))
     faces = []
     for i in range(num_faces):
         shape = (rng.normal(size=model.num_shape) * shape_std).astype(np.float32)
         expression = (rng.normal(size=model.num_expression) * 0.5).astype(np.float32)
         cam = _orbit_camera(rng, image_size)
-        _, up, _ = (np.asarray(a) for a in camera_lib.axes(jnp.asarray(cam)))
-        light = np.concatenate([cam[:3] + 300.0 * up + rng.normal(0, 150, 3),
-                                0.6 + rng.normal(0, 0.05, 3),
-                                0.5 + rng.normal(0, 0.05, 3)]).astype(np.float32)
-        verts = np.asarray(morphable.vertices(model, jnp.asarray(shape), jnp.asarray(expression)))
+        light = key_light(rng, cam)
         background = random_background(rng, image_size)
-        image, _ = render_fn(jnp.asarray(verts), model.triangles, model.uv,
-                             jnp.asarray(textures[i]), jnp.asarray(cam), jnp.asarray(light),
-                             image_size=size, background=jnp.asarray(background))
-        lm_true = truth_landmarks(model, verts, cam, size)
-        lm = (lm_true + rng.normal(0, landmark_noise_px, lm_true.shape)).astype(np.float32)
-        faces.append(dict(image=np.clip(np.asarray(image), 0, 1).astype(np.float32),
-                          landmarks=lm, landmarks_true=lm_true.astype(np.float32),
-                          vertices=verts, shape=shape, expression=expression, camera=cam,
-                          light=light, texture=textures[i], texture_source=source))
+        faces.append(render_truth(model, render_fn, rng, shape, expression, cam, light,
+                                  textures[i], background, landmark_noise_px))
+        faces[-1]["texture_source"] = source
     return faces
 
 
