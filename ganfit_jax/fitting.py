@@ -117,11 +117,12 @@ class FitConfig:
     # program's many small ops one after another, two programs overlap (~10% off the cpu-small
     # step; BENCHMARKS.md). Same gradient as the fused step. False: one fused program
     two_threads: bool = True
-    # how a batch of independent photos (fit --images) steps in the host loop: 'vmap', one
-    # vmapped program; 'per_photo', photo after photo with the single-photo step (its compacted
-    # shading and two threads; on the 2-core CPU 52-64 ms a photo against 76-94 ms a photo
-    # vmapped at batch 2 and 8, cpu-small, BENCHMARKS.md); 'auto', per_photo for stage 2 on a
-    # single CPU device, vmap otherwise (stage 1 is a few tiny ops: vmap amortises dispatch)
+    # how a batch of photos (fit --images) or of one person's frames (fit --frames, Eq. 13)
+    # steps in the host loop: 'vmap', one vmapped program; 'per_photo', photo after photo with
+    # the single-photo step (its compacted shading and two threads; on the 2-core CPU 52-64 ms
+    # a photo against 76-94 ms a photo vmapped at batch 2 and 8, cpu-small, BENCHMARKS.md),
+    # frames then sharing the mean of their shape and texture; 'auto', per_photo for stage 2
+    # on a single CPU device, vmap otherwise (stage 1 is a few tiny ops: vmap amortises dispatch)
     batch_steps: str = "auto"
     # parameter blocks held at their starting values in both stages (names of FitParams fields),
     # e.g. ('shape', 'texture') to fit expression, pose and light to a known identity: their
@@ -779,12 +780,13 @@ def two_view_step_applies(config: FitConfig, stage: int, mode: str, pipeline: Pi
 
 def per_photo_batch_applies(config: FitConfig, stage: int, mode: str) -> bool:
     """Whether `bound_step` steps a batch photo after photo (`PerPhotoStep`;
-    `FitConfig.batch_steps`): only independent photos ('batch', not frames, whose shared shape
-    and texture need the vmapped mean) in the host loop."""
+    `FitConfig.batch_steps`) in the host loop: independent photos ('batch') or one person's
+    frames ('frames', their shape and texture then averaged after the step, as the vmapped
+    step's mean over its axis does)."""
     if config.batch_steps not in ("auto", "vmap", "per_photo"):
         raise ValueError("FitConfig.batch_steps must be 'auto', 'vmap' or 'per_photo', got "
                          f"{config.batch_steps!r}")
-    if mode != "batch" or uses_scan(config) or config.batch_steps == "vmap":
+    if mode == "single" or uses_scan(config) or config.batch_steps == "vmap":
         return False
     return config.batch_steps == "per_photo" or (
         stage == 2 and jax.default_backend() == "cpu" and jax.local_device_count() == 1)
@@ -796,12 +798,17 @@ class PerPhotoStep:
     (params, opt_state, target, keys, light_init), each with a leading batch axis, and giving
     its outputs stacked the same way. Photo i gets keys[i], as under vmap, so the results are
     the vmapped step's (tested). On the CPU the single step's compacted shading and two threads
-    beat vmap, whose batched renders shade every pixel in one program."""
+    beat vmap, whose batched renders shade every pixel in one program.
+
+    shared: the batch is one person's frames (Eq. 13): each frame's own Adam step, then shape
+    and texture set to their mean over the frames, which is what the vmapped step's mean over
+    its 'frames' axis (`make_step`'s share_axis) computes."""
 
     pipeline_args = ()
 
-    def __init__(self, single):
+    def __init__(self, single, shared=False):
         self.single = single
+        self.shared = shared
         self._target = None  # (the batch's target, its photos): the same for a whole stage
 
     def __call__(self, params, opt_state, target, keys, light_init):
@@ -809,8 +816,9 @@ class PerPhotoStep:
         if self._target is None or self._target[0] is not target:
             self._target = (target, _unstack_tree(target, n))
         photos = _unstack_tree((params, opt_state, keys, light_init), n)
-        return _stack_trees([self.single(p, s, t, k, light)
-                             for (p, s, k, light), t in zip(photos, self._target[1])])
+        stepped = [self.single(p, s, t, k, light)
+                   for (p, s, k, light), t in zip(photos, self._target[1])]
+        return _stack_shared(stepped) if self.shared else _stack_trees(stepped)
 
 
 # one dispatch each way per step, instead of one per array and photo
@@ -822,6 +830,15 @@ def _unstack_tree(tree, n):
 @jax.jit
 def _stack_trees(trees):
     return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+
+
+@jax.jit
+def _stack_shared(steps):
+    """Stacked (params, opt_state, terms) of one person's frames, with every frame's shape and
+    texture their mean (Eq. 13's shared blocks)."""
+    params, opt_state, terms = jax.tree.map(lambda *x: jnp.stack(x), *steps)
+    mean = lambda x: jnp.broadcast_to(jnp.mean(x, axis=0), x.shape)  # noqa: E731
+    return params.replace(shape=mean(params.shape), texture=mean(params.texture)), opt_state, terms
 
 
 _CONSTANT_STEPS = {}  # (config, stage, mode, backend) → the latest pipeline's (treedef, leaves, step)
@@ -847,10 +864,10 @@ def bound_step(config: FitConfig, stage: int, mode: str, pipeline: Pipeline):
     `BoundStep`."""
     if per_photo_batch_applies(config, stage, mode):
         single = bound_step(config, stage, "single", pipeline)
-        key = ("per_photo", config, stage)
+        key = ("per_photo", config, stage, mode)
         held = _CONSTANT_STEPS.get(key)
         if held is None or held.single is not single:
-            held = _CONSTANT_STEPS[key] = PerPhotoStep(single)
+            held = _CONSTANT_STEPS[key] = PerPhotoStep(single, shared=mode == "frames")
         return held
     backend = jax.default_backend()
     if not pipeline_as_constants(config, pipeline):

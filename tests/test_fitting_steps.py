@@ -167,11 +167,39 @@ def test_two_view_step_dispatch_paths_agree_and_reraise_the_random_views_error(t
         broken_step(*args)
 
 
+def test_frames_per_photo_equal_the_vmapped_frames(tiny):
+    """One person's frames (Eq. 13) stepped frame after frame, shape and texture then averaged,
+    give what the vmapped step with its mean over the 'frames' axis gives: the same shared shape
+    and texture (the same in every frame), expressions, cameras and per-step terms."""
+    pipe, params, target = tiny
+    ps = fitting.stack([params, params.replace(camera=params.camera.at[0].add(20.0)),
+                        params.replace(expression=params.expression + 0.1)])
+    ts = fitting.stack([target, target.replace(landmarks=target.landmarks + 1.5),
+                        target.replace(landmarks=target.landmarks - 1.0)])
+    results = {}
+    for mode in ("vmap", "per_photo"):
+        cfg = fitting.FitConfig(stage1_iterations=2, stage2_iterations=4, chunk=2,
+                                batch_steps=mode)
+        results[mode] = fitting.fit(pipe, ps, ts, cfg, jax.random.PRNGKey(5), frames=True,
+                                    log=None)
+        step = fitting.bound_step(cfg, 2, "frames", pipe)
+        assert isinstance(step, fitting.PerPhotoStep) == (mode == "per_photo")
+    (got, got_hist), (want, want_hist) = results["per_photo"], results["vmap"]
+    for stage in (1, 2):
+        for name, v in want_hist[stage].items():
+            np.testing.assert_allclose(got_hist[stage][name], v, rtol=1e-4, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                   atol=1e-5 * float(np.abs(np.asarray(b)).max()))
+    for block in (got.shape, got.texture):  # shared: one value in every frame
+        np.testing.assert_array_equal(np.asarray(block), np.asarray(block[:1]).repeat(3, 0))
+    assert np.abs(np.asarray(got.expression[0] - got.expression[2])).max() > 1e-3
+
+
 def test_batch_per_photo_equals_the_vmapped_batch(tiny):
     """FitConfig.batch_steps='per_photo' (on one CPU device the default for stage 2 of `fit
     --images`): photo after photo with the single-photo step, each photo with its own key as
-    under vmap, gives the vmapped batch's parameters and per-step terms, random view included;
-    never for frames (their shared shape and texture need the vmapped mean)."""
+    under vmap, gives the vmapped batch's parameters and per-step terms, random view included."""
     pipe, params, target = tiny
     ps = fitting.stack([params, params.replace(shape=params.shape + 0.2)])
     ts = fitting.stack([target, target.replace(landmarks=target.landmarks + 1.5)])
@@ -195,8 +223,9 @@ def test_batch_per_photo_equals_the_vmapped_batch(tiny):
     on_one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
     assert fitting.per_photo_batch_applies(auto, 2, "batch") == on_one_cpu
     assert not fitting.per_photo_batch_applies(auto, 1, "batch")
+    assert fitting.per_photo_batch_applies(auto, 2, "frames") == on_one_cpu
     assert not fitting.per_photo_batch_applies(
-        dataclasses.replace(auto, batch_steps="per_photo"), 2, "frames")
+        dataclasses.replace(auto, batch_steps="per_photo"), 2, "single")
     assert not fitting.per_photo_batch_applies(dataclasses.replace(auto, loop="scan"), 2, "batch")
     with pytest.raises(ValueError, match="batch_steps"):
         fitting.per_photo_batch_applies(dataclasses.replace(auto, batch_steps="loop"), 2, "batch")
