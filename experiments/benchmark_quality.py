@@ -559,13 +559,14 @@ def to_json(row):
     return json.dumps(clean(row), allow_nan=False)
 
 
-def markdown_table(rows):
-    """The configurations side by side (one Markdown row each; NaN shown as '–')."""
-    lines = ["| " + " | ".join(c[1] for c in COLUMNS) + " |",
-             "|" + "|".join("---" for _ in COLUMNS) + "|"]
+def markdown_table(rows, columns=COLUMNS):
+    """The configurations side by side (one Markdown row each; NaN shown as '–'); columns:
+    (key, header, format) triples."""
+    lines = ["| " + " | ".join(c[1] for c in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
         cells = []
-        for key, _, fmt in COLUMNS:
+        for key, _, fmt in columns:
             v = row.get(key, "")
             cells.append("–" if isinstance(v, float) and math.isnan(v) else fmt.format(v))
         lines.append("| " + " | ".join(cells) + " |")
@@ -581,10 +582,22 @@ def default_model_path():
     return path
 
 
-def main_quality(argv=None):
-    """Runs from the parsed flags (also the `quality` subcommand of experiments/benchmark.py)."""
+def check_output_free():
+    """--output is never overwritten: refused before anything runs."""
     if FLAGS.output and os.path.exists(FLAGS.output):
         raise ValueError(f"--output={FLAGS.output} exists; choose another file")
+
+
+def write_output(rows):
+    """The rows as JSON lines to --output, if given."""
+    if FLAGS.output:
+        with open(FLAGS.output, "w") as f:
+            f.write("".join(to_json(r) + "\n" for r in rows))
+
+
+def main_quality(argv=None):
+    """Runs from the parsed flags (also the `quality` subcommand of experiments/benchmark.py)."""
+    check_output_free()
     rows = run_quality(FLAGS.num_faces, FLAGS.seed, FLAGS.iterations, FLAGS.stage1_iterations,
                        FLAGS.image_size, FLAGS.identity, FLAGS.texture, list(FLAGS.ablate),
                        FLAGS.json, batch_size=FLAGS.batch_size, chunk=FLAGS.chunk,
@@ -593,9 +606,7 @@ def main_quality(argv=None):
                        identity_weights=FLAGS.identity_weights,
                        landmark_noise_px=FLAGS.landmark_noise_px, shape_std=FLAGS.shape_std,
                        model=FLAGS.model)
-    if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-            f.write("".join(to_json(r) + "\n" for r in rows))
+    write_output(rows)
     return rows
 
 

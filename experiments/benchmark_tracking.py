@@ -36,8 +36,6 @@ Each row (one per way of fitting) reports means over the frames of:
 
 from __future__ import annotations
 
-import math
-import os
 import time
 
 from absl import app, flags
@@ -260,6 +258,9 @@ def run_tracking(num_frames=12, keyframe_step=4, seed=0, iterations=150, stage1_
     unknown = [f for f in fits if f not in FITS]
     if unknown or not fits:
         raise ValueError(f"fits: expected some of {','.join(FITS)}, got {','.join(fits)}")
+    if num_frames < 3:
+        raise ValueError(f"num_frames: expected at least 3 (two keyframes and a tracked frame), "
+                         f"got {num_frames}")
     if keyframe_step < 2 or keyframe_step >= num_frames:
         raise ValueError(f"keyframe_step: expected 2 ≤ keyframe_step < num_frames "
                          f"({num_frames}) so that some frames are tracked, got {keyframe_step}")
@@ -338,7 +339,7 @@ def run_tracking(num_frames=12, keyframe_step=4, seed=0, iterations=150, stage1_
                 f"({row['speedup']:.2f}×)")
     if not json_out and log is not None:
         log("")
-        log(markdown_table(rows))
+        log(bq.markdown_table(rows, COLUMNS))
     return rows
 
 
@@ -350,22 +351,9 @@ COLUMNS = (("method", "fit", "{}"), ("error_mm", "mesh mm", "{:.3f}"),
            ("speedup", "speed-up", "{:.2f}×"), ("note", "note", "{}"))
 
 
-def markdown_table(rows):
-    lines = ["| " + " | ".join(c[1] for c in COLUMNS) + " |",
-             "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    for row in rows:
-        cells = []
-        for key, _, fmt in COLUMNS:
-            v = row.get(key, "")
-            cells.append("–" if isinstance(v, float) and math.isnan(v) else fmt.format(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main_tracking(argv=None):
     """Runs from the parsed flags (also the `tracking` subcommand of experiments/benchmark.py)."""
-    if FLAGS.output and os.path.exists(FLAGS.output):
-        raise ValueError(f"--output={FLAGS.output} exists; choose another file")
+    bq.check_output_free()
     rows = run_tracking(FLAGS.num_frames, FLAGS.keyframe_step, FLAGS.seed, FLAGS.iterations,
                         FLAGS.stage1_iterations, FLAGS.track_iterations,
                         FLAGS.track_stage1_iterations, FLAGS.image_size, FLAGS.identity,
@@ -375,9 +363,7 @@ def main_tracking(argv=None):
                         texture_model=FLAGS.texture_model,
                         identity_weights=FLAGS.identity_weights, model=FLAGS.model,
                         json_out=FLAGS.json, fits=tuple(FLAGS.fits))
-    if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-            f.write("".join(bq.to_json(r) + "\n" for r in rows))
+    bq.write_output(rows)
     return rows
 
 

@@ -1,5 +1,9 @@
 """Tracking benchmark: the ground-truth clip, its metrics, and a tiny run of every way of fitting."""
 
+import os
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -95,3 +99,20 @@ def test_the_clip_needs_tracked_frames_and_known_fits(sfm_model):
         bt.run_tracking(num_frames=4, keyframe_step=4, model=sfm_model, log=None)
     with pytest.raises(ValueError, match="num_frames"):
         bt.make_sequence(sfm_model, 1, image_size=SIZE)
+
+
+def test_the_binary_refuses_bad_flags_in_one_line_and_keeps_an_existing_output(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    existing = tmp_path / "rows.jsonl"
+    existing.write_text("earlier rows\n")
+    cases = [(["--num_frames=2"], "num_frames: expected at least 3"),
+             (["--num_frames=8", "--keyframe_step=8"], "keyframe_step: expected 2"),
+             (["--fits=per_frame,kalman"], "fits: expected some of"),
+             ([f"--output={existing}"], f"--output={existing} exists")]
+    for args, expect in cases:
+        proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", "tracking", *args],
+                              cwd=root, capture_output=True, text=True, timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 1 and len(errors) == 1 and expect in errors[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert existing.read_text() == "earlier rows\n"

@@ -167,6 +167,30 @@ def test_two_view_step_dispatch_paths_agree_and_reraise_the_random_views_error(t
         broken_step(*args)
 
 
+def fit_vmapped_and_per_photo(pipe, params, target, key, mode):
+    """(per-photo fit, vmapped fit), each (params, history), of a batch (`mode` 'batch') or of
+    one person's frames ('frames'); checks which step `bound_step` gave each."""
+    results = {}
+    for steps in ("vmap", "per_photo"):
+        cfg = fitting.FitConfig(stage1_iterations=2, stage2_iterations=4, chunk=2,
+                                batch_steps=steps)
+        results[steps] = fitting.fit(pipe, params, target, cfg, key, batched=mode == "batch",
+                                     frames=mode == "frames", log=None)
+        assert isinstance(fitting.bound_step(cfg, 2, mode, pipe),
+                          fitting.PerPhotoStep) == (steps == "per_photo")
+    return results["per_photo"], results["vmap"]
+
+
+def assert_same_fit(got, want):
+    (got, got_hist), (want, want_hist) = got, want
+    for stage in (1, 2):
+        for name, v in want_hist[stage].items():
+            np.testing.assert_allclose(got_hist[stage][name], v, rtol=1e-4, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                   atol=1e-5 * float(np.abs(np.asarray(b)).max()))
+
+
 def test_frames_per_photo_equal_the_vmapped_frames(tiny):
     """One person's frames (Eq. 13) stepped frame after frame, shape and texture then averaged,
     give what the vmapped step with its mean over the 'frames' axis gives: the same shared shape
@@ -176,24 +200,12 @@ def test_frames_per_photo_equal_the_vmapped_frames(tiny):
                         params.replace(expression=params.expression + 0.1)])
     ts = fitting.stack([target, target.replace(landmarks=target.landmarks + 1.5),
                         target.replace(landmarks=target.landmarks - 1.0)])
-    results = {}
-    for mode in ("vmap", "per_photo"):
-        cfg = fitting.FitConfig(stage1_iterations=2, stage2_iterations=4, chunk=2,
-                                batch_steps=mode)
-        results[mode] = fitting.fit(pipe, ps, ts, cfg, jax.random.PRNGKey(5), frames=True,
-                                    log=None)
-        step = fitting.bound_step(cfg, 2, "frames", pipe)
-        assert isinstance(step, fitting.PerPhotoStep) == (mode == "per_photo")
-    (got, got_hist), (want, want_hist) = results["per_photo"], results["vmap"]
-    for stage in (1, 2):
-        for name, v in want_hist[stage].items():
-            np.testing.assert_allclose(got_hist[stage][name], v, rtol=1e-4, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
-                                   atol=1e-5 * float(np.abs(np.asarray(b)).max()))
-    for block in (got.shape, got.texture):  # shared: one value in every frame
+    got, want = fit_vmapped_and_per_photo(pipe, ps, ts, jax.random.PRNGKey(5), "frames")
+    assert_same_fit(got, want)
+    fitted = got[0]
+    for block in (fitted.shape, fitted.texture):  # shared: one value in every frame
         np.testing.assert_array_equal(np.asarray(block), np.asarray(block[:1]).repeat(3, 0))
-    assert np.abs(np.asarray(got.expression[0] - got.expression[2])).max() > 1e-3
+    assert np.abs(np.asarray(fitted.expression[0] - fitted.expression[2])).max() > 1e-3
 
 
 def test_batch_per_photo_equals_the_vmapped_batch(tiny):
@@ -203,22 +215,9 @@ def test_batch_per_photo_equals_the_vmapped_batch(tiny):
     pipe, params, target = tiny
     ps = fitting.stack([params, params.replace(shape=params.shape + 0.2)])
     ts = fitting.stack([target, target.replace(landmarks=target.landmarks + 1.5)])
-    results = {}
-    for mode in ("vmap", "per_photo"):
-        cfg = fitting.FitConfig(stage1_iterations=2, stage2_iterations=4, chunk=2,
-                                batch_steps=mode)
-        results[mode] = fitting.fit(pipe, ps, ts, cfg, jax.random.PRNGKey(3), batched=True,
-                                    log=None)
-        assert isinstance(fitting.bound_step(cfg, 2, "batch", pipe),
-                          fitting.PerPhotoStep) == (mode == "per_photo")
-    (got, got_hist), (want, want_hist) = results["per_photo"], results["vmap"]
-    assert got_hist[2]["identity_random"].shape == (4, 2)
-    for stage in (1, 2):
-        for name, v in want_hist[stage].items():
-            np.testing.assert_allclose(got_hist[stage][name], v, rtol=1e-4, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
-                                   atol=1e-5 * float(np.abs(np.asarray(b)).max()))
+    got, want = fit_vmapped_and_per_photo(pipe, ps, ts, jax.random.PRNGKey(3), "batch")
+    assert got[1][2]["identity_random"].shape == (4, 2)
+    assert_same_fit(got, want)
     auto = fitting.FitConfig()
     on_one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
     assert fitting.per_photo_batch_applies(auto, 2, "batch") == on_one_cpu
