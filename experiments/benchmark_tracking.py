@@ -4,7 +4,7 @@
 
 Needs no download. One SFM face (one shape, one texture: the person) is rendered over one
 background in --num_frames frames whose pose and expression move smoothly (`make_sequence`), and
-the frames are fitted as `experiments/fit.py` would fit them:
+the frames are fitted as `experiments/fit.py` would fit them (`--fits` picks some):
 
   * 'per frame' (`fit --images`): every frame its own fit, shape and texture included;
   * 'joint (Eq. 13)' (`fit --frames`): all frames together, one shape and texture for all;
@@ -14,9 +14,9 @@ the frames are fitted as `experiments/fit.py` would fit them:
 
 The ground truth (fixed seeds): shape p_s ~ N(0, 1)·--shape_std; expression moving smoothly
 between N(0, 0.5²) draws, one every 6 frames (smoothstep between them); the camera sweeping the
-yaw from -- to +--max_yaw degrees across the clip, the pitch ±8° and the roll ±3° in one sine
-period, at 1050 mm; a key light fixed in the world (the head turns under it); textures, background
-and landmark noise as `benchmark_quality` draws them.
+yaw from −max_yaw to +max_yaw degrees (--max_yaw) across the clip, the pitch ±8° and the roll
+±3° in one sine period, at 1050 mm; a key light fixed in the world (the head turns under it);
+textures, background and landmark noise as `benchmark_quality` draws them.
 
 Each row (one per way of fitting) reports means over the frames of:
   * error_mm: the MICC distance (`benchmark_quality.mesh_error`) of the fitted mesh S(p_s, p_e) to
@@ -27,7 +27,7 @@ Each row (one per way of fitting) reports means over the frames of:
   * jitter_mm: over consecutive frames, the mean per-vertex length of (fitted motion − true
     motion) of the model-space mesh (pose removed): how much the fit flickers that the face does
     not;
-  * fit_s: wall time of the fit (stage 1, the photo texture and stage 2, every frame), the
+  * fit_s: wall time of the fit (stage 1, per frame the photo texture, stage 2; all frames), the
     compilation of its programs included (JAX's caches are cleared before each way, as in a
     fresh `fit` run without a persistent cache); steady_s: the same fit run again, compiled (what
     each further frame of a long video costs, per frame, is steady_s / frames); speedup: the
@@ -314,8 +314,8 @@ def run_tracking(num_frames=12, keyframe_step=4, seed=0, iterations=150, stage1_
     for name, way in ways.items():
         if name not in [FITS[f] for f in fits]:
             continue
-        # each way compiles its own programs, as a fresh `fit` run would (no way inherits
-        # another's: the per-frame and tracked fits share stage 1's); run again, compiled, for
+        # each way compiles its own programs, as a fresh `fit` run would (else a later way would
+        # reuse programs an earlier one compiled, e.g. stage 1's); then it runs again, compiled:
         # the time a long video's frames take once compilation is paid
         jax.clear_caches()
         t1 = time.time()
@@ -324,8 +324,8 @@ def run_tracking(num_frames=12, keyframe_step=4, seed=0, iterations=150, stage1_
         jax.block_until_ready(way())
         row = score(model, pipeline, params, frames, name, t2 - t1)
         row["steady_s"] = time.time() - t2
-        row["note"] = (f"{len(keys)} keyframes, {len(others)} tracked" if name.startswith("keyframes")
-                       else "")
+        row["note"] = (f"{len(keys)} keyframes, {len(others)} tracked"
+                       if name.startswith("keyframes") else "")
         base = [r["steady_s"] for r in rows if r["method"] == "per frame"]
         row["speedup"] = (base[0] if base else row["steady_s"] if name == "per frame"
                           else float("nan")) / row["steady_s"]

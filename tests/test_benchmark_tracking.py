@@ -1,4 +1,4 @@
-"""Tracking benchmark: the ground-truth clip, its metrics, and a tiny run of every way of fitting."""
+"""Tracking benchmark: the ground-truth clip, its metrics, a tiny run of every way of fitting."""
 
 import os
 import subprocess
