@@ -1,6 +1,7 @@
 """Video tracking against ground truth: one person's frames fitted three ways, side by side.
 
     python -m experiments.benchmark tracking --num_frames=12 --keyframe_step=4 [--json]
+        [--output=ROWS.jsonl] [--plot=ERRORS.png]
 
 Needs no download. One SFM face (one shape, one texture: the person) is rendered over one
 background in --num_frames frames whose pose and expression move smoothly (`make_sequence`), and
@@ -36,6 +37,7 @@ Each row (one per way of fitting) reports means over the frames of:
 
 from __future__ import annotations
 
+import os
 import time
 
 from absl import app, flags
@@ -64,6 +66,8 @@ def define_flags(flag_values=FLAGS):
          "default --stage1_iterations."),
         ("float", "max_yaw", 30.0, "The head turns from -max_yaw to +max_yaw degrees."),
         ("list", "fits", list(FITS), f"Ways of fitting the clip to run: {','.join(FITS)}."),
+        ("string", "plot", None, "Also draw the per-frame mesh, identity and yaw errors of "
+         "every way to this PNG."),
     ]
     for kind, name, default, help_ in specs:
         if name not in flag_values:
@@ -173,6 +177,22 @@ def score(model, pipeline, params_list, frames, name, fit_s):
     for key in ("error_mm", "identity_mm", "landmark_px", "yaw_deg", "pitch_deg"):
         row[key] = float(np.mean([r[key] for r in per_frame]))
     return row
+
+
+def plot_rows(rows):
+    """The per-frame errors of every way, one line each: mesh, identity, |yaw| (uint8 image)."""
+    import numpy as np
+
+    from ganfit_jax import io
+
+    charts = []
+    for key, title in (("error_mm", "mesh error (mm, MICC)"),
+                       ("identity_mm", "identity error: neutral mesh (mm)"),
+                       ("yaw_deg", "|yaw error| (degrees)")):
+        curves = {r["method"]: [f[key] for f in r["per_frame"]] for r in rows}
+        frames = [f["frame"] for f in rows[0]["per_frame"]]
+        charts.append(io.render_curves(curves, steps=frames, title=title, x_label="frame"))
+    return np.concatenate(charts, 0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -354,6 +374,8 @@ COLUMNS = (("method", "fit", "{}"), ("error_mm", "mesh mm", "{:.3f}"),
 def main_tracking(argv=None):
     """Runs from the parsed flags (also the `tracking` subcommand of experiments/benchmark.py)."""
     bq.check_output_free()
+    if FLAGS.plot and os.path.exists(FLAGS.plot):
+        raise ValueError(f"--plot={FLAGS.plot} exists; choose another file")
     rows = run_tracking(FLAGS.num_frames, FLAGS.keyframe_step, FLAGS.seed, FLAGS.iterations,
                         FLAGS.stage1_iterations, FLAGS.track_iterations,
                         FLAGS.track_stage1_iterations, FLAGS.image_size, FLAGS.identity,
@@ -364,6 +386,10 @@ def main_tracking(argv=None):
                         identity_weights=FLAGS.identity_weights, model=FLAGS.model,
                         json_out=FLAGS.json, fits=tuple(FLAGS.fits))
     bq.write_output(rows)
+    if FLAGS.plot:
+        from ganfit_jax import io
+
+        io.save_image(FLAGS.plot, plot_rows(rows))
     return rows
 
 

@@ -90,6 +90,9 @@ def test_every_way_of_fitting_a_tiny_clip(sfm_model):
     alone = [r["identity_mm"] for r in by_name["per frame"]["per_frame"]]
     assert np.ptp(alone) > 1e-4, alone
     assert "2 keyframes, 2 tracked" in by_name["keyframes + track"]["note"]
+    image = bt.plot_rows(rows)  # three charts of the per-frame errors, one line per way
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[0] > image.shape[1]
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 4  # lines in several colours
 
 
 def test_the_clip_needs_tracked_frames_and_known_fits(sfm_model):
@@ -108,7 +111,8 @@ def test_the_binary_refuses_bad_flags_in_one_line_and_keeps_an_existing_output(t
     cases = [(["--num_frames=2"], "num_frames: expected at least 3"),
              (["--num_frames=8", "--keyframe_step=8"], "keyframe_step: expected 2"),
              (["--fits=per_frame,kalman"], "fits: expected some of"),
-             ([f"--output={existing}"], f"--output={existing} exists")]
+             ([f"--output={existing}"], f"--output={existing} exists"),
+             ([f"--plot={existing}"], f"--plot={existing} exists")]
     for args, expect in cases:
         proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", "tracking", *args],
                               cwd=root, capture_output=True, text=True, timeout=300)
