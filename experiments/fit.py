@@ -92,11 +92,11 @@ flags.DEFINE_bool("two_threads", True, "One photo on the CPU: run Eq. 12's two v
                   "and the random one) as programs on two threads (20-25% faster steps, ~6 s "
                   "more compilation; BENCHMARKS.md). --notwo_threads: one fused program.")
 flags.DEFINE_enum("batch_steps", "auto", ["auto", "vmap", "per_photo"],
-                  "--images and --frames: how a batch steps. 'auto': for --images on one CPU "
-                  "device stage 2 goes photo after photo with the single-photo step (1.3-1.7x "
-                  "the vmapped throughput on a 2-core CPU; BENCHMARKS.md), elsewhere one "
-                  "vmapped program. 'per_photo' also steps --frames frame after frame, "
-                  "averaging the shared shape and texture (1.86x for 12 frames; opt-in).")
+                  "--images and --frames: how a batch steps. 'auto': on one CPU device stage 2 "
+                  "goes photo (frame) after photo with the single-photo step (1.3-1.7x the "
+                  "vmapped throughput on a 2-core CPU; BENCHMARKS.md; --frames then averages "
+                  "the shared shape and texture after each step), elsewhere one vmapped "
+                  "program.")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                   "Width of the texture GAN and identity network; bfloat16 is ~1.5x faster on "
                   "GPUs (BENCHMARKS.md), geometry and losses stay float32.")

@@ -122,8 +122,7 @@ class FitConfig:
     # the single-photo step (its compacted shading and two threads; on the 2-core CPU 52-64 ms
     # a photo against 76-94 ms a photo vmapped at batch 2 and 8, cpu-small, BENCHMARKS.md),
     # frames then sharing the mean of their shape and texture; 'auto', per_photo for stage 2
-    # of photos on a single CPU device, vmap otherwise (stage 1 is a few tiny ops: vmap
-    # amortises dispatch; frames: per_photo only when asked, see `per_photo_batch_applies`)
+    # on a single CPU device, vmap otherwise (stage 1 is a few tiny ops: vmap amortises dispatch)
     batch_steps: str = "auto"
     # parameter blocks held at their starting values in both stages (names of FitParams fields),
     # e.g. ('shape', 'texture') to fit expression, pose and light to a known identity: their
@@ -789,11 +788,6 @@ def per_photo_batch_applies(config: FitConfig, stage: int, mode: str) -> bool:
                          f"{config.batch_steps!r}")
     if mode == "single" or uses_scan(config) or config.batch_steps == "vmap":
         return False
-    if mode == "frames":
-        # opt-in for now: in one CI run a resumed `fit --frames --track` refitted its keyframes
-        # differently from the first run (cause not found; in-process and cross-process repeats
-        # of the tiny pipeline are bit-identical)
-        return config.batch_steps == "per_photo"
     return config.batch_steps == "per_photo" or (
         stage == 2 and jax.default_backend() == "cpu" and jax.local_device_count() == 1)
 

@@ -222,7 +222,7 @@ def test_batch_per_photo_equals_the_vmapped_batch(tiny):
     on_one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
     assert fitting.per_photo_batch_applies(auto, 2, "batch") == on_one_cpu
     assert not fitting.per_photo_batch_applies(auto, 1, "batch")
-    assert not fitting.per_photo_batch_applies(auto, 2, "frames")  # opt-in for frames
+    assert fitting.per_photo_batch_applies(auto, 2, "frames") == on_one_cpu
     assert not fitting.per_photo_batch_applies(
         dataclasses.replace(auto, batch_steps="per_photo"), 2, "single")
     assert not fitting.per_photo_batch_applies(dataclasses.replace(auto, loop="scan"), 2, "batch")

@@ -189,15 +189,15 @@ def test_track_a_folder_of_frames_and_resume_with_a_keyframe_unfinished(clip, sf
     assert code == 0, stderr[-2000:]
     assert "--resume: 2 of 3 keyframe(s) finished" in stdout, stdout
     assert "fitted 3 frame(s)" in stdout and "batch 1: 3 frame(s)" in stdout, stdout
-    # every frame written again with the refitted keyframes' shape, following the face. Not
-    # compared with the first run's cameras to the bit: in 2 of 4 clean-clone CI runs of session
-    # 17 the refit's stage 2 (2 Adam steps) ended up to 20 mm away (cause open, WORKSPACE.md)
-    again = {n: np.load(out / n / "params.npz") for n in names}
+    # every frame written again, the same fit as the first run's. (This failed in 2 of 4 CI runs
+    # while the loader's two threads shared one dlib detector: a tracked frame got other
+    # landmarks; test_landmarks checks threaded detection.)
     for n in names:
         assert (out / n / "metrics.json").exists()
-        np.testing.assert_array_equal(again[n]["shape"], again["f00"]["shape"])
-    nose = [again[n]["landmarks2d"][30, 0] for n in names]
-    assert np.all(np.abs(np.diff(nose) - SHIFT) < 4), nose
+        again = np.load(out / n / "params.npz")
+        np.testing.assert_array_equal(again["shape"], first["f00"]["shape"])
+        np.testing.assert_allclose(again["camera"], first[n]["camera"], rtol=1e-4, atol=1e-3,
+                                   err_msg=n)
 
 
 def test_fit_an_unreadable_video_is_one_line(tmp_path, sfm_dir, run_fit):
