@@ -374,12 +374,13 @@ def _load_texture(spec):
     return texture_model.load_texture_model(spec)
 
 
-def _batches(items, batch_size):
-    """Consecutive batches, the last padded by repeating its last item: one compiled shape."""
+def _batches(items, batch_size, pad=True):
+    """Consecutive batches and their real sizes, the last padded by repeating its last item
+    (one compiled shape) unless `pad` is False."""
     out = []
     for b in range(0, len(items), batch_size):
         chunk = items[b:b + batch_size]
-        out.append((chunk + [chunk[-1]] * (batch_size - len(chunk)), len(chunk)))
+        out.append((chunk + [chunk[-1]] * (batch_size - len(chunk)) * pad, len(chunk)))
     return out
 
 

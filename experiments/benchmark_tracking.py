@@ -72,6 +72,10 @@ def define_flags(flag_values=FLAGS):
     for kind, name, default, help_ in specs:
         if name not in flag_values:
             getattr(flags, f"DEFINE_{kind}")(name, default, help_, flag_values=flag_values)
+    if "batch_steps" not in flag_values:  # experiments/benchmark.py defines it for `fit` too
+        flags.DEFINE_enum("batch_steps", "auto", ["auto", "vmap", "per_photo"],
+                          "How batches step (fitting.FitConfig.batch_steps; fit --batch_steps).",
+                          flag_values=flag_values)
 
 
 # ------------------------------------------------------------------------------------------
@@ -205,10 +209,8 @@ def batches(count, batch_size, config):
     item (one compiled shape) unless stage 2 steps photo after photo: as `fit` batches them."""
     from ganfit_jax import fitting
 
-    if not fitting.per_photo_batch_applies(config, 2, "batch"):
-        return bq._batches(list(range(count)), batch_size)
-    return [(list(range(b, min(b + batch_size, count))), min(batch_size, count - b))
-            for b in range(0, count, batch_size)]
+    return bq._batches(list(range(count)), batch_size,
+                       pad=not fitting.per_photo_batch_applies(config, 2, "batch"))
 
 
 def fit_per_frame(pipeline, frames, starts, config, key, batch_size):
@@ -264,10 +266,11 @@ def run_tracking(num_frames=12, keyframe_step=4, seed=0, iterations=150, stage1_
                  track_iterations=None, track_stage1_iterations=None, image_size=224,
                  identity="dlib", texture="direct", *, batch_size=4, chunk=25, max_yaw=30.0,
                  shape_std=0.8, landmark_noise_px=1.0, uv_dir=None, texture_model=None,
-                 identity_weights=None, model=None, json_out=False, log=print, fits=tuple(FITS)):
+                 identity_weights=None, model=None, json_out=False, log=print, fits=tuple(FITS),
+                 batch_steps="auto"):
     """Runs the benchmark; returns one dict per way of fitting (module docstring), printed as a
     table (or JSON lines) as it goes. model: a MorphableModel or a path (default: the SFM);
-    fits: names of FITS (the speed-up needs 'per_frame')."""
+    fits: names of FITS (the speed-up needs 'per_frame'); batch_steps: FitConfig.batch_steps."""
     import dataclasses
 
     import jax
@@ -306,7 +309,7 @@ def run_tracking(num_frames=12, keyframe_step=4, seed=0, iterations=150, stage1_
                                    texture_init=texture_init),
                fitting.target_from_image(pipeline, f["image"], f["landmarks"])) for f in frames]
     config = fitting.FitConfig(stage1_iterations=stage1_iterations, stage2_iterations=iterations,
-                               chunk=chunk)
+                               chunk=chunk, batch_steps=batch_steps)
     track_config = dataclasses.replace(
         config, stage1_iterations=(stage1_iterations if track_stage1_iterations is None
                                    else track_stage1_iterations),
@@ -384,7 +387,8 @@ def main_tracking(argv=None):
                         landmark_noise_px=FLAGS.landmark_noise_px, uv_dir=FLAGS.uv_dir,
                         texture_model=FLAGS.texture_model,
                         identity_weights=FLAGS.identity_weights, model=FLAGS.model,
-                        json_out=FLAGS.json, fits=tuple(FLAGS.fits))
+                        json_out=FLAGS.json, fits=tuple(FLAGS.fits),
+                        batch_steps=FLAGS.batch_steps)
     bq.write_output(rows)
     if FLAGS.plot:
         from ganfit_jax import io

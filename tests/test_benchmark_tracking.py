@@ -104,6 +104,20 @@ def test_the_clip_needs_tracked_frames_and_known_fits(sfm_model):
         bt.make_sequence(sfm_model, 1, image_size=SIZE)
 
 
+def test_batches_are_padded_only_for_a_vmapped_step(sfm_model):
+    """`fit`'s batching: a vmapped batch repeats its last frame (one compiled shape); photo
+    after photo (FitConfig.batch_steps, `--batch_steps`) a padded frame would cost a whole fit."""
+    from ganfit_jax import fitting
+
+    vmapped = fitting.FitConfig(batch_steps="vmap")
+    assert bt.batches(5, 2, vmapped) == [([0, 1], 2), ([2, 3], 2), ([4, 4], 1)]
+    per_photo = fitting.FitConfig(batch_steps="per_photo")
+    assert bt.batches(5, 2, per_photo) == [([0, 1], 2), ([2, 3], 2), ([4], 1)]
+    with pytest.raises(ValueError, match="batch_steps must be"):
+        bt.run_tracking(num_frames=4, keyframe_step=2, image_size=SIZE, identity="none",
+                        model=sfm_model, log=None, fits=("per_frame",), batch_steps="loop")
+
+
 def test_the_binary_refuses_bad_flags_in_one_line_and_keeps_an_existing_output(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     existing = tmp_path / "rows.jsonl"
