@@ -33,7 +33,8 @@ flags.DEFINE_string("images", None, "A folder or glob of photos, fitted independ
                     "batches of --batch_size (vmapped; see --batch_steps).")
 flags.DEFINE_string("frames", None, "A folder of frames, or a video file (.mp4, .mov, .avi, "
                     ".mkv, .webm, ...), of one person: per-frame expression, pose and light, one "
-                    "shared shape and texture (Eq. 13).")
+                    "shared shape and texture (Eq. 13); a frame without a face is reported and "
+                    "left out.")
 flags.DEFINE_integer("frame_step", 1, "--frames video: fit every N-th frame.", lower_bound=1)
 flags.DEFINE_integer("max_frames", 0, "--frames video: at most this many frames (0: all); all "
                      "frames are fitted jointly, so memory grows with their number.", lower_bound=0)
@@ -480,12 +481,13 @@ def run():
     index, count = jax.process_index(), jax.process_count()  # --track --distributed
 
     def keyframes():
+        kept = prepare_together(mode, video, paths, folders)
         joint = None  # --track --resume: the finished keyframes' shape and texture
         if FLAGS.track and FLAGS.resume:
-            joint = finished_keyframes(folders, model.num_shape, texture_init.shape)
+            joint = finished_keyframes([folder for _, folder, _ in kept], model.num_shape,
+                                       texture_init.shape)
         if joint is None:
-            joint = fit_together(mode, video, paths, folders, pipeline, config, start,
-                                 photo_texture, k_fit)
+            joint = fit_together(mode, kept, pipeline, config, start, photo_texture, k_fit)
         return joint
 
     # process 0 fits the keyframes (Eq. 13: together) and hands their shape and texture on
@@ -571,18 +573,38 @@ def write_sequence(output_dir, numbered_folders):
           flush=True)
 
 
-def fit_together(mode, video, paths, folders, pipeline, config, start, photo_texture, key):
-    """--image, or --frames jointly (Eq. 13): every input is checked before anything is
-    written. Returns the (first) fit's shape and texture, what --track holds."""
+def prepare_together(mode, video, paths, folders):
+    """--image, or the frames fitted jointly (--frames, a --track run's keyframes): [(path,
+    output folder, what `prepare` returns)], every input read before anything is written. A
+    frame without a face is reported and left out (a keyframe where the head turned away should
+    not end a video's run); --image's photo without one is an error, as is a clip with none."""
+    lm_path = FLAGS.landmarks if mode == "image" else None
+    frames = [frame for _, frame in video] if video is not None else [None] * len(paths)
+    kept, first_error = [], None
+    for path, folder, frame in zip(paths, folders, frames):
+        try:
+            item = (prepare(path, lm_path, FLAGS.image_size, FLAGS.detector) if frame is None
+                    else prepare_frame(frame, path, FLAGS.image_size, FLAGS.detector))
+        except InputError as e:
+            if mode == "image":
+                raise
+            print(f"skipped {path}: {e}", flush=True)
+            first_error = first_error or e
+            continue
+        kept.append((path, folder, item))
+    if not kept:
+        raise InputError(f"--frames={FLAGS.frames}: none of the {len(paths)} frame(s) to fit "
+                         f"together could be fitted; the first: {first_error}")
+    return kept
+
+
+def fit_together(mode, kept, pipeline, config, start, photo_texture, key):
+    """--image, or --frames jointly (Eq. 13), on `prepare_together`'s inputs. Returns the
+    (first) fit's shape and texture, what --track holds."""
     from ganfit_jax import fitting
 
     t0 = time.time()
-    lm_path = FLAGS.landmarks if mode == "image" else None
-    if video is not None:
-        prepared = [prepare_frame(frame, name, FLAGS.image_size, FLAGS.detector)
-                    for (_, frame), name in zip(video, paths)]
-    else:
-        prepared = [prepare(p, lm_path, FLAGS.image_size, FLAGS.detector) for p in paths]
+    paths, folders, prepared = ([k[i] for k in kept] for i in range(3))
     if mode == "image":
         params, target = start(prepared[0])
         params, history = fitting.fit(pipeline, params, target, config, key,

@@ -149,9 +149,10 @@ def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path
 
 def test_track_a_folder_of_frames_and_resume_with_a_keyframe_unfinished(clip, sfm_dir, tmp_path,
                                                                        run_fit):
-    """--frames=DIR --track: the keyframes picked from the sorted folder as from a video. A run
-    interrupted before every keyframe was written fits the keyframes again (Eq. 13 fits them
-    together) and tracks every other frame again, with the new shape and texture."""
+    """--frames=DIR --track: the keyframes picked from the sorted folder as from a video; one
+    without a face is reported and left out. A run interrupted before every keyframe was written
+    fits the keyframes again (Eq. 13 fits them together) and tracks every other frame again,
+    with the new shape and texture."""
     from PIL import Image
 
     _, written = clip
@@ -159,6 +160,8 @@ def test_track_a_folder_of_frames_and_resume_with_a_keyframe_unfinished(clip, sf
     frames.mkdir()
     for i, frame in enumerate(written):
         Image.fromarray(frame).save(frames / f"f{i:02d}.png")
+    # the 4th keyframe (--frame_step=2): the head turned away, say
+    Image.fromarray(np.full_like(written[0], 128)).save(frames / "f06.png")
     out = tmp_path / "person"
     args = [f"--frames={frames}", "--frame_step=2", f"--output_dir={out}", "--track",
             "--batch_size=3", f"--model={sfm_dir / 'sfm_shape_3448.bin'}", "--identity=tiny",
@@ -167,6 +170,7 @@ def test_track_a_folder_of_frames_and_resume_with_a_keyframe_unfinished(clip, sf
     code, stdout, stderr = run_fit(*args)
     assert code == 0, stderr[-2000:]
     assert "fitted 3 frame(s)" in stdout and "batch 1: 3 frame(s)" in stdout, stdout
+    assert "skipped " in stdout and "f06.png: no face found" in stdout, stdout
     # the keyframes' schedule, then the tracked frames' own
     keyed, tracked = stdout.split("batch 1: 3 frame(s)")
     assert "stage 1 iter 6/6" in keyed and "stage 2 iter 2/2" in keyed, keyed
@@ -187,7 +191,7 @@ def test_track_a_folder_of_frames_and_resume_with_a_keyframe_unfinished(clip, sf
     (out / "f02" / "metrics.json").unlink()  # interrupted while writing the keyframes
     code, stdout, stderr = run_fit(*args, "--resume")
     assert code == 0, stderr[-2000:]
-    assert "--resume: 2 of 3 keyframe(s) finished" in stdout, stdout
+    assert "--resume: 2 of 3 keyframe(s) finished" in stdout, stdout  # the 3 with a face
     assert "fitted 3 frame(s)" in stdout and "batch 1: 3 frame(s)" in stdout, stdout
     # every frame written again, the same fit as the first run's. (This failed in 2 of 4 CI runs
     # while the loader's two threads shared one dlib detector: a tracked frame got other
@@ -198,6 +202,22 @@ def test_track_a_folder_of_frames_and_resume_with_a_keyframe_unfinished(clip, sf
         np.testing.assert_array_equal(again["shape"], first["f00"]["shape"])
         np.testing.assert_allclose(again["camera"], first[n]["camera"], rtol=1e-4, atol=1e-3,
                                    err_msg=n)
+
+
+def test_frames_without_any_face_are_one_line(tmp_path, sfm_dir, run_fit):
+    from PIL import Image
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((96, 96, 3), 100 + 50 * i, np.uint8)).save(frames / f"{i}.png")
+    code, stdout, stderr = run_fit(f"--frames={frames}", f"--output_dir={tmp_path / 'o'}",
+                                   f"--model={sfm_dir / 'sfm_shape_3448.bin'}", "--identity=none")
+    assert code == 1 and "Traceback" not in stderr
+    assert stdout.count("skipped ") == 2 and "1.png: no face found" in stdout, stdout
+    lines = [l for l in stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "none of the 2 frame(s)" in lines[0], stderr[-1000:]
+    assert not (tmp_path / "o").exists()
 
 
 def test_fit_an_unreadable_video_is_one_line(tmp_path, sfm_dir, run_fit):
