@@ -502,10 +502,15 @@ def run():
         joint = SharedBlocks(shared["shape"], shared["texture"], bool(shared["finished"]),
                              str(shared["source"]))
     if FLAGS.track:
-        jobs = tracked if video is None else other_video_frames(
-            FLAGS.frames, FLAGS.output_dir, {i for i, _ in video})
+        if video is None:
+            jobs, total = tracked, len(tracked)
+        else:  # decoded as they go; the container's frame count (if it gives one) for the ETA
+            jobs = other_video_frames(FLAGS.frames, FLAGS.output_dir, {i for i, _ in video})
+            in_video = inputs.video_frame_count(FLAGS.frames)
+            total = None if in_video is None else max(in_video - len(video), 0)
         if count > 1:  # tracked frames k, k + n, ... of the others on process k
             jobs = (job for k, job in enumerate(jobs) if k % count == index)
+            total = None if total is None else len(range(index, total, count))
             print(f"process {index} of {count}: tracking the other frames numbered {index}, "
                   f"{index + count}, {index + 2 * count}, ... among them", flush=True)
         if FLAGS.resume and joint.finished:  # the keyframes were not fitted again
@@ -515,9 +520,13 @@ def run():
                 f for f in glob.glob(os.path.join(FLAGS.output_dir, "frame_*"))
                 if f not in keyframe_folders]
             done_tracked = finished_tracked_frames(candidates, joint)
-            jobs = (job for job in jobs if job[1] not in done_tracked)
+            jobs = [job for job in jobs if job[1] not in done_tracked] if video is None else (
+                job for job in jobs if job[1] not in done_tracked)
+            # a video's finished frames are spread over the processes' shares: no ETA there
+            total = len(jobs) if video is None else (
+                None if total is None or count > 1 else max(total - len(done_tracked), 0))
         with processes.reporting_done(index, count):
-            track(joint, jobs, pipeline, config, start, k_fit)
+            track(joint, jobs, total, pipeline, config, start, k_fit)
     if count > 1:
         processes.wait_for_others(index, count)  # their frames belong in the sequence
     if mode == "frames" and index == 0:
@@ -725,9 +734,10 @@ def stem_folders(paths):
     return [os.path.join(FLAGS.output_dir, stem) for stem in stems]
 
 
-def track(joint, jobs, pipeline, config, start, key):
+def track(joint, jobs, total, pipeline, config, start, key):
     """--track: every frame that was not a keyframe, fitted with the joint shape and texture
-    held (`FitConfig.frozen`), in batches as they are decoded and landmarked."""
+    held (`FitConfig.frozen`), in batches as they are decoded and landmarked; `total` (None if
+    not known) of them, for the ETA."""
     import dataclasses
 
     import jax.numpy as jnp
@@ -751,7 +761,7 @@ def track(joint, jobs, pipeline, config, start, key):
         return prepare_frame(frame, name, FLAGS.image_size, FLAGS.detector)
 
     print("tracking the other frames with the joint shape and texture held", flush=True)
-    done, skipped = fit_in_batches(jobs, load, None, pipeline, config, start_from_joint, None,
+    done, skipped = fit_in_batches(jobs, load, total, pipeline, config, start_from_joint, None,
                                    key, "frame")
     if skipped and not done:
         raise InputError(f"--track: none of the {skipped} other frames could be fitted")
@@ -847,8 +857,9 @@ def fit_in_batches(jobs, load, total, pipeline, config, start, photo_texture, ke
             print(f"{os.path.basename(what)}: {_summary(metrics)}", flush=True)
         done += real
         elapsed = time.time() - t0
+        # a video's total is its header's frame count, which may be off by a few
         left = "" if total is None else \
-            f", eta {elapsed / done * (total - done - skipped):.0f}s"
+            f", eta {elapsed / done * max(total - done - skipped, 0):.0f}s"
         print(f"wrote {done}{'' if total is None else f'/{total}'} ({skipped} skipped) in "
               f"{elapsed:.0f}s, {done / elapsed:.2f} {noun}s/s{left}", flush=True)
     return done, skipped

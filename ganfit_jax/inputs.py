@@ -139,6 +139,20 @@ def read_video_frames(path, step: int = 1, max_frames: int = 0):
     return frames
 
 
+def video_frame_count(path):
+    """How many frames the container says its video stream holds, or None where it does not
+    say (some containers and codecs leave it 0) or the file cannot be opened. The header's
+    word, not a decode: for progress and ETA, never to decide which frames exist."""
+    try:
+        import av
+
+        with av.open(str(path)) as container:
+            streams = container.streams.video
+            return (streams[0].frames or None) if streams else None
+    except (ImportError, av.error.FFmpegError):
+        return None
+
+
 def iter_video_frames(path, step: int = 1, max_frames: int = 0):
     """`read_video_frames` one frame at a time, decoded as they are asked for: a long video is
     never held in memory whole."""

@@ -116,6 +116,7 @@ def test_processes_track_a_video_with_process_zeros_keyframes(faces_dir, sfm_dir
         mine = (1, 5) if i == 0 else (3,)
         for frame in (1, 3, 5):
             assert (f"clip.mp4 frame {frame}: landmark" in log) == (frame in mine), (i, frame, log)
+        assert f"wrote {len(mine)}/{len(mine)} (0 skipped)" in log, (i, log[-2000:])  # its share
     params = [np.load(out / f"frame_{i:06d}" / "params.npz") for i in range(6)]
     for p in params[1:]:
         np.testing.assert_array_equal(p["shape"], params[0]["shape"])

@@ -5,6 +5,7 @@ codec's loss), in order, with the requested step and count."""
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -52,6 +53,7 @@ def test_frames_come_back_in_order_with_step_and_count(clip):
         assert int(np.argmin(errors)) == k and errors[k] < 8, errors
     assert [i for i, _ in inputs.read_video_frames(path, step=2)] == [0, 2, 4]
     assert [i for i, _ in inputs.read_video_frames(path, step=2, max_frames=2)] == [0, 2]
+    assert inputs.video_frame_count(path) == 6  # the header's count, for --track's ETA
 
 
 def test_not_a_video_is_a_clear_error(tmp_path):
@@ -62,6 +64,7 @@ def test_not_a_video_is_a_clear_error(tmp_path):
         inputs.read_video_frames(bad)
     with pytest.raises(ValueError, match="step"):
         inputs.read_video_frames(bad, step=0)
+    assert inputs.video_frame_count(bad) is None
 
 
 def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path, run_fit):
@@ -75,6 +78,8 @@ def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path
         "--stage1_iterations=6", "--iterations=2", "--chunk=2", "--image_size=64")
     assert code == 0, stderr[-2000:]
     assert "3 frame(s)" in stdout and "batch 1: 3 frame(s)" in stdout
+    # the tracked frames' progress: of the video header's 6 frames, 3 are not keyframes
+    assert re.search(r"wrote 3/3 \(0 skipped\) in \d+s, [\d.]+ frames/s, eta 0s", stdout), stdout
     names = sorted(d.name for d in out.iterdir() if d.is_dir())
     assert names == [f"frame_{i:06d}" for i in range(6)]
     params = [np.load(out / n / "params.npz") for n in names]
@@ -171,6 +176,7 @@ def test_track_a_folder_of_frames_and_resume_with_a_keyframe_unfinished(clip, sf
     assert code == 0, stderr[-2000:]
     assert "fitted 3 frame(s)" in stdout and "batch 1: 3 frame(s)" in stdout, stdout
     assert "skipped " in stdout and "f06.png: no face found" in stdout, stdout
+    assert "wrote 3/3 (0 skipped)" in stdout, stdout  # the 3 tracked frames of the folder
     # the keyframes' schedule, then the tracked frames' own
     keyed, tracked = stdout.split("batch 1: 3 frame(s)")
     assert "stage 1 iter 6/6" in keyed and "stage 2 iter 2/2" in keyed, keyed
