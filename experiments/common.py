@@ -25,7 +25,27 @@ def video_frame_jobs(path, output_dir, keyframes):
 
     for i, frame in inputs.iter_video_frames(path):
         if i not in keyframes:
-            yield (f"{path} frame {i}", frame), os.path.join(output_dir, f"frame_{i:06d}")
+            yield (video_frame_name(path, i), frame), os.path.join(output_dir, f"frame_{i:06d}")
+
+
+def video_frame_name(path, index):
+    """How fit names a video's frame (in its output, metrics.json's source, errors)."""
+    return f"{path} frame {index}"
+
+
+def video_frame_number(name):
+    """The frame index in a `video_frame_name`."""
+    return int(name.rsplit(" frame ", 1)[1])
+
+
+def nearest_keyframe_face(faces, number):
+    """(x, y) of the person's face in the keyframe nearest in time to frame `number` (the
+    earlier one on a tie); faces: (keyframes, 3) rows of frame number, x, y."""
+    import numpy as np
+
+    faces = np.asarray(faces, np.float64)
+    row = faces[np.argmin(np.abs(faces[:, 0] - number) + 1e-9 * faces[:, 0])]
+    return float(row[1]), float(row[2])
 
 
 def default_model_path():

@@ -34,7 +34,9 @@ flags.DEFINE_string("images", None, "A folder or glob of photos, fitted independ
 flags.DEFINE_string("frames", None, "A folder of frames, or a video file (.mp4, .mov, .avi, "
                     ".mkv, .webm, ...), of one person: per-frame expression, pose and light, one "
                     "shared shape and texture (Eq. 13); a frame without a face is reported and "
-                    "left out.")
+                    "left out. The first frame's largest face is the person, then the face "
+                    "nearest where they were (the frame before; a tracked frame's nearest "
+                    "keyframe).")
 flags.DEFINE_integer("frame_step", 1, "--frames video: fit every N-th frame.", lower_bound=1)
 flags.DEFINE_integer("max_frames", 0, "--frames video: at most this many frames (0: all); all "
                      "frames are fitted jointly, so memory grows with their number.", lower_bound=0)
@@ -188,26 +190,27 @@ def load_identity_net(name, weights, key):
         raise InputError(f"--identity={name}: {e}") from None
 
 
-def prepare(path, landmarks_path, size, detector):
-    """Photo → (original image, working crop, crop landmarks, CropTransform)."""
+def prepare(path, landmarks_path, size, detector, near=None):
+    """Photo → (original image, working crop, crop landmarks, CropTransform). Detected
+    landmarks are the largest face's, or the one nearest the point `near`."""
     from ganfit_jax import inputs, landmarks
 
     try:
         image = landmarks.load_image(path)
-        lm = landmarks.load_or_detect(path, landmarks_path, detector=detector)
+        lm = landmarks.load_or_detect(path, landmarks_path, detector=detector, near=near)
     except (ValueError, FileNotFoundError) as e:
         raise InputError(str(e)) from None
     crop, lm_crop, transform = inputs.crop_face(image, lm, size)
     return image, crop, lm_crop, transform
 
 
-def prepare_frame(frame, name, size, detector):
+def prepare_frame(frame, name, size, detector, near=None):
     """A decoded video frame → what `prepare` returns for a photo (landmarks detected by dlib)."""
     from ganfit_jax import inputs, landmarks
 
     try:
         image = landmarks.load_image(frame)
-        lm = landmarks.detect_landmarks(image, detector=detector, name=name)
+        lm = landmarks.detect_landmarks(image, detector=detector, name=name, near=near)
     except ValueError as e:
         raise InputError(str(e)) from None
     crop, lm_crop, transform = inputs.crop_face(image, lm, size)
@@ -393,11 +396,15 @@ def run():
             raise InputError(f"--frame_step must be ≥ 1 and --max_frames ≥ 0, got "
                              f"{FLAGS.frame_step} and {FLAGS.max_frames}")
         video = read_video(FLAGS.frames)
-        paths = [f"{FLAGS.frames} frame {index}" for index, _ in video]
+        paths = [common.video_frame_name(FLAGS.frames, index) for index, _ in video]
     else:
         paths = list_images(getattr(FLAGS, mode), mode)
     tracked = []  # --track, a folder of frames: ((path, path), output folder), non-keyframes
     frame_folders = stem_folders(paths) if mode == "frames" and video is None else []
+    # each frame's number: a video's decoded index, a folder's position among its sorted frames
+    number = {name: i for i, name in enumerate(paths)}
+    if video is not None:
+        number = {name: i for name, (i, _) in zip(paths, video)}
     if FLAGS.track and video is None:  # keyframes picked as from a video
         named = dict(zip(paths, frame_folders))
         keys = paths[::FLAGS.frame_step][:FLAGS.max_frames or None]
@@ -488,7 +495,9 @@ def run():
                                        texture_init.shape)
         if joint is None:
             joint = fit_together(mode, kept, pipeline, config, start, photo_texture, k_fit)
-        return joint
+        # where the person is in each keyframe: tracked frames pick the face nearest it
+        return joint._replace(faces=np.array(
+            [(number[path], *face_centre(item)) for path, _, item in kept], np.float64))
 
     # process 0 fits the keyframes (Eq. 13: together) and hands their shape and texture on
     if count == 1:
@@ -500,7 +509,7 @@ def run():
         except processes.ProcessFailed as e:
             raise InputError(str(e)) from None
         joint = SharedBlocks(shared["shape"], shared["texture"], bool(shared["finished"]),
-                             str(shared["source"]))
+                             str(shared["source"]), shared["faces"])
     if FLAGS.track:
         if video is None:
             jobs, total = tracked, len(tracked)
@@ -526,7 +535,9 @@ def run():
             total = len(jobs) if video is None else (
                 None if total is None or count > 1 else max(total - len(done_tracked), 0))
         with processes.reporting_done(index, count):
-            track(joint, jobs, total, pipeline, config, start, k_fit)
+            track(joint, jobs, total, pipeline, config, start, k_fit,
+                  lambda what: number[what[0]] if video is None
+                  else common.video_frame_number(what[0]))
     if count > 1:
         processes.wait_for_others(index, count)  # their frames belong in the sequence
     if mode == "frames" and index == 0:
@@ -586,14 +597,18 @@ def prepare_together(mode, video, paths, folders):
     """--image, or the frames fitted jointly (--frames, a --track run's keyframes): [(path,
     output folder, what `prepare` returns)], every input read before anything is written. A
     frame without a face is reported and left out (a keyframe where the head turned away should
-    not end a video's run); --image's photo without one is an error, as is a clip with none."""
+    not end a video's run); --image's photo without one is an error, as is a clip with none.
+    The first frame's largest face is the person; in each later frame, the face nearest where
+    they were in the frame before (another, larger face walking in is not them)."""
     lm_path = FLAGS.landmarks if mode == "image" else None
     frames = [frame for _, frame in video] if video is not None else [None] * len(paths)
     kept, first_error = [], None
     for path, folder, frame in zip(paths, folders, frames):
+        near = face_centre(kept[-1][2]) if kept else None
         try:
-            item = (prepare(path, lm_path, FLAGS.image_size, FLAGS.detector) if frame is None
-                    else prepare_frame(frame, path, FLAGS.image_size, FLAGS.detector))
+            item = (prepare(path, lm_path, FLAGS.image_size, FLAGS.detector, near)
+                    if frame is None
+                    else prepare_frame(frame, path, FLAGS.image_size, FLAGS.detector, near))
         except InputError as e:
             if mode == "image":
                 raise
@@ -605,6 +620,12 @@ def prepare_together(mode, video, paths, folders):
         raise InputError(f"--frames={FLAGS.frames}: none of the {len(paths)} frame(s) to fit "
                          f"together could be fitted; the first: {first_error}")
     return kept
+
+
+def face_centre(item):
+    """Where the face of a `prepare`d photo is in it: the mean of its landmarks, (x, y)."""
+    _, _, lm_crop, transform = item
+    return tuple(transform.to_original(lm_crop).mean(0))
 
 
 def fit_together(mode, kept, pipeline, config, start, photo_texture, key):
@@ -648,6 +669,7 @@ class SharedBlocks(typing.NamedTuple):
     texture: object
     finished: bool
     source: str = ""
+    faces: object = None  # (keyframes, 3): frame number, x, y of the person's face in each
 
 
 def read_shared_blocks(folder):
@@ -734,10 +756,11 @@ def stem_folders(paths):
     return [os.path.join(FLAGS.output_dir, stem) for stem in stems]
 
 
-def track(joint, jobs, total, pipeline, config, start, key):
+def track(joint, jobs, total, pipeline, config, start, key, frame_number):
     """--track: every frame that was not a keyframe, fitted with the joint shape and texture
     held (`FitConfig.frozen`), in batches as they are decoded and landmarked; `total` (None if
-    not known) of them, for the ETA."""
+    not known) of them, for the ETA. In each, the face nearest where the person was in the
+    keyframe nearest in time (`frame_number` of a job's (name, frame))."""
     import dataclasses
 
     import jax.numpy as jnp
@@ -756,9 +779,10 @@ def track(joint, jobs, total, pipeline, config, start, key):
 
     def load(job):
         name, frame = job
+        near = common.nearest_keyframe_face(joint.faces, frame_number(job))
         if isinstance(frame, str):  # a frame's image file (landmarks beside it or detected)
-            return prepare(frame, None, FLAGS.image_size, FLAGS.detector)
-        return prepare_frame(frame, name, FLAGS.image_size, FLAGS.detector)
+            return prepare(frame, None, FLAGS.image_size, FLAGS.detector, near)
+        return prepare_frame(frame, name, FLAGS.image_size, FLAGS.detector, near)
 
     print("tracking the other frames with the joint shape and texture held", flush=True)
     done, skipped = fit_in_batches(jobs, load, total, pipeline, config, start_from_joint, None,

@@ -229,15 +229,19 @@ def detect_faces(image, detector="hog", upsample=1):
         return _boxes(det, detector, to_uint8(load_image(image)), upsample)
 
 
-def detect_landmarks(image, detector="hog", face=None, upsample=1, name=None):
+def detect_landmarks(image, detector="hog", face=None, upsample=1, name=None, near=None):
     """68 iBUG landmarks of one face by dlib (detector + shape_predictor_68_face_landmarks).
 
     face: None picks the largest box; an int picks the face at that index in order of decreasing box
-    area. `name` (default: the path, if `image` is one) appears in the error raised when no face is
-    found. Returns float32 (68, 2) in the project's convention.
+    area. near: an (x, y) point (the project's convention) instead picks the face whose box centre
+    is nearest it, e.g. where the same person was in a neighbouring video frame. `name` (default:
+    the path, if `image` is one) appears in the error raised when no face is found. Returns float32
+    (68, 2) in the project's convention.
     """
     import dlib
 
+    if face is not None and near is not None:
+        raise ValueError("give face (an index by size) or near (a point), not both")
     if name is None:
         name = str(image) if isinstance(image, (str, os.PathLike)) else "the given image"
     img = to_uint8(load_image(image))
@@ -247,6 +251,10 @@ def detect_landmarks(image, detector="hog", face=None, upsample=1, name=None):
                          f"(upsample={upsample}); pass landmarks explicitly or try detector='cnn'")
     areas = [(right - left) * (bottom - top) for left, top, right, bottom in boxes]
     order = sorted(range(len(boxes)), key=lambda i: -areas[i])
+    if near is not None:  # dlib's boxes are pixel indices: their centres sit at +0.5
+        centres = np.array([((l + r) / 2 + 0.5, (t + b) / 2 + 0.5) for l, t, r, b in boxes])
+        nearest = int(np.argmin(np.linalg.norm(centres - np.asarray(near, np.float64), axis=1)))
+        order = [nearest]
     index = 0 if face is None else int(face)
     if not 0 <= index < len(boxes):
         raise ValueError(f"face index {index} out of range: {len(boxes)} face(s) found in {name}")
@@ -256,8 +264,9 @@ def detect_landmarks(image, detector="hog", face=None, upsample=1, name=None):
     return (points + (0.5 - PIXEL_CENTRE["dlib"])).astype(np.float32)
 
 
-def load_or_detect(image_path, landmarks_path=None, detector="hog"):
-    """Landmarks from `landmarks_path`, else a sibling .pts/.npy/.json, else detected by dlib."""
+def load_or_detect(image_path, landmarks_path=None, detector="hog", near=None):
+    """Landmarks from `landmarks_path`, else a sibling .pts/.npy/.json, else detected by dlib
+    (the face nearest `near`, if given, else the largest)."""
     image_path = pathlib.Path(image_path)
     if landmarks_path is not None:
         return load_landmarks(landmarks_path)
@@ -265,4 +274,4 @@ def load_or_detect(image_path, landmarks_path=None, detector="hog"):
         candidate = image_path.with_suffix(suffix)
         if candidate.exists():
             return load_landmarks(candidate)
-    return detect_landmarks(image_path, detector=detector)
+    return detect_landmarks(image_path, detector=detector, near=near)

@@ -140,6 +140,26 @@ def test_detection_in_two_threads_at_once_is_the_one_by_one_detection(faces_dir,
         assert again in (first, second)
 
 
+def test_near_picks_the_face_nearest_a_point_not_the_largest(faces_dir, dlib_available):
+    """A video's person is followed by where they were (`fit --frames`), so a larger face that
+    walks into the frame is not taken for them."""
+    ffhq = faces_dir / "ffhq" / "FFHQ"
+    canvas = np.full((340, 600, 3), 90, np.uint8)
+    canvas[70:270, 20:220] = np.asarray(Image.open(ffhq / "00000.png").convert("RGB")
+                                        .resize((200, 200)))
+    canvas[5:335, 260:590] = np.asarray(Image.open(ffhq / "00003.png").convert("RGB")
+                                        .resize((330, 330)))
+    image = canvas.astype(np.float32) / 255
+    largest = landmarks.detect_landmarks(image)
+    assert largest[:, 0].min() > 260  # the larger face, on the right
+    person = landmarks.detect_landmarks(image, near=(110, 160))
+    assert person[:, 0].max() < 220 and person[:, 1].min() > 70  # the small face on the left
+    np.testing.assert_array_equal(landmarks.detect_landmarks(image, near=(500, 100)), largest)
+    np.testing.assert_array_equal(person, landmarks.detect_landmarks(image, face=1))
+    with pytest.raises(ValueError, match="not both"):
+        landmarks.detect_landmarks(image, face=0, near=(110, 160))
+
+
 def test_no_face_names_the_image(tmp_path, dlib_available):
     path = tmp_path / "blank_wall.png"
     Image.fromarray(np.full((120, 160, 3), 128, np.uint8)).save(path)

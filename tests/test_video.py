@@ -153,18 +153,25 @@ def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path
 
 
 def test_track_a_folder_of_frames_and_resume_with_a_keyframe_unfinished(clip, sfm_dir, tmp_path,
-                                                                       run_fit):
+                                                                       run_fit, faces_dir):
     """--frames=DIR --track: the keyframes picked from the sorted folder as from a video; one
-    without a face is reported and left out. A run interrupted before every keyframe was written
-    fits the keyframes again (Eq. 13 fits them together) and tracks every other frame again,
-    with the new shape and texture."""
+    without a face is reported and left out, and a larger face beside the person's is not
+    taken for theirs. A run interrupted before every keyframe was written fits the keyframes
+    again (Eq. 13 fits them together) and tracks every other frame again, with the new shape
+    and texture."""
     from PIL import Image
 
     _, written = clip
     frames = tmp_path / "frames"
     frames.mkdir()
+    stranger = np.asarray(Image.open(faces_dir / "ffhq" / "FFHQ" / "00003.png").convert("RGB")
+                          .resize((360, 360)))  # dlib's box: 186 px against their 155
     for i, frame in enumerate(written):
-        Image.fromarray(frame).save(frames / f"f{i:02d}.png")
+        canvas = np.full((360, 616, 3), 90, np.uint8)
+        canvas[52:308, :256] = frame
+        if i in (3, 4):  # a larger face beside theirs, in a tracked frame and a keyframe
+            canvas[:, 256:] = stranger
+        Image.fromarray(canvas).save(frames / f"f{i:02d}.png")
     # the 4th keyframe (--frame_step=2): the head turned away, say
     Image.fromarray(np.full_like(written[0], 128)).save(frames / "f06.png")
     out = tmp_path / "person"
@@ -226,6 +233,17 @@ def test_frames_without_any_face_are_one_line(tmp_path, sfm_dir, run_fit):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_tracked_frame_looks_for_the_person_where_the_nearest_keyframe_saw_them():
+    from experiments import common
+
+    faces = np.array([[0, 100.0, 50.0], [10, 300.0, 60.0], [20, 500.0, 70.0]])
+    assert common.nearest_keyframe_face(faces, 3) == (100.0, 50.0)
+    assert common.nearest_keyframe_face(faces, 7) == (300.0, 60.0)
+    assert common.nearest_keyframe_face(faces, 5) == (100.0, 50.0)  # a tie: the earlier
+    assert common.nearest_keyframe_face(faces, 99) == (500.0, 70.0)
+    assert common.nearest_keyframe_face(faces[1:], 0) == (300.0, 60.0)
+
+
 def test_fit_an_unreadable_video_is_one_line(tmp_path, sfm_dir, run_fit):
     bad = tmp_path / "broken.mp4"
     bad.write_text("not a video")
@@ -246,6 +264,7 @@ def test_tracked_frames_are_the_others_and_a_bad_video_is_a_value_error(clip, tm
                                               for i in (1, 3, 5)]
     (name, frame), _ = jobs[1]
     assert name == f"{path} frame 3" and np.abs(frame * 255 - written[3]).mean() < 8
+    assert common.video_frame_number(name) == 3
     bad = tmp_path / "broken.mp4"
     bad.write_text("not a video")
     with pytest.raises(ValueError, match="broken.mp4 is not a video"):
