@@ -190,7 +190,6 @@ def _two_view_programs(step, args):
     import threading
 
     import jax
-    import jax.numpy as jnp
 
     params, opt = args[:2]
     texture, residuals = step._generate(params.texture)
