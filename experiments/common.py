@@ -40,11 +40,11 @@ def video_frame_number(name):
 
 def nearest_keyframe_face(faces, number):
     """(x, y) of the person's face in the keyframe nearest in time to frame `number` (the
-    earlier one on a tie); faces: (keyframes, 3) rows of frame number, x, y."""
+    earlier one on a tie); faces: (keyframes, 3) rows of frame number, x, y, in frame order."""
     import numpy as np
 
     faces = np.asarray(faces, np.float64)
-    row = faces[np.argmin(np.abs(faces[:, 0] - number) + 1e-9 * faces[:, 0])]
+    row = faces[np.argmin(np.abs(faces[:, 0] - number))]  # the first of equals: the earlier
     return float(row[1]), float(row[2])
 
 

@@ -145,11 +145,13 @@ def video_frame_count(path):
     word, not a decode: for progress and ETA, never to decide which frames exist."""
     try:
         import av
-
+    except ImportError:
+        return None
+    try:
         with av.open(str(path)) as container:
             streams = container.streams.video
             return (streams[0].frames or None) if streams else None
-    except (ImportError, av.error.FFmpegError):
+    except av.error.FFmpegError:
         return None
 
 
