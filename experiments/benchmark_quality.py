@@ -380,7 +380,8 @@ def _batches(items, batch_size, pad=True):
     out = []
     for b in range(0, len(items), batch_size):
         chunk = items[b:b + batch_size]
-        out.append((chunk + [chunk[-1]] * (batch_size - len(chunk)) * pad, len(chunk)))
+        padding = [chunk[-1]] * (batch_size - len(chunk)) if pad else []
+        out.append((chunk + padding, len(chunk)))
     return out
 
 
@@ -583,10 +584,11 @@ def default_model_path():
     return path
 
 
-def check_output_free():
-    """--output is never overwritten: refused before anything runs."""
-    if FLAGS.output and os.path.exists(FLAGS.output):
-        raise ValueError(f"--output={FLAGS.output} exists; choose another file")
+def check_output_free(flag="output"):
+    """A file flag (--output, --plot) is never overwritten: refused before anything runs."""
+    path = getattr(FLAGS, flag)
+    if path and os.path.exists(path):
+        raise ValueError(f"--{flag}={path} exists; choose another file")
 
 
 def write_output(rows):

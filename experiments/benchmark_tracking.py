@@ -37,7 +37,6 @@ Each row (one per way of fitting) reports means over the frames of:
 
 from __future__ import annotations
 
-import os
 import time
 
 from absl import app, flags
@@ -377,8 +376,7 @@ COLUMNS = (("method", "fit", "{}"), ("error_mm", "mesh mm", "{:.3f}"),
 def main_tracking(argv=None):
     """Runs from the parsed flags (also the `tracking` subcommand of experiments/benchmark.py)."""
     bq.check_output_free()
-    if FLAGS.plot and os.path.exists(FLAGS.plot):
-        raise ValueError(f"--plot={FLAGS.plot} exists; choose another file")
+    bq.check_output_free("plot")
     rows = run_tracking(FLAGS.num_frames, FLAGS.keyframe_step, FLAGS.seed, FLAGS.iterations,
                         FLAGS.stage1_iterations, FLAGS.track_iterations,
                         FLAGS.track_stage1_iterations, FLAGS.image_size, FLAGS.identity,

@@ -402,9 +402,8 @@ def run():
     tracked = []  # --track, a folder of frames: ((path, path), output folder), non-keyframes
     frame_folders = stem_folders(paths) if mode == "frames" and video is None else []
     # each frame's number: a video's decoded index, a folder's position among its sorted frames
-    number = {name: i for i, name in enumerate(paths)}
-    if video is not None:
-        number = {name: i for name, (i, _) in zip(paths, video)}
+    number = ({name: i for i, name in enumerate(paths)} if video is None
+              else {name: i for name, (i, _) in zip(paths, video)})
     if FLAGS.track and video is None:  # keyframes picked as from a video
         named = dict(zip(paths, frame_folders))
         keys = paths[::FLAGS.frame_step][:FLAGS.max_frames or None]

@@ -836,7 +836,7 @@ def _stack_trees(trees):
 def _stack_shared(steps):
     """Stacked (params, opt_state, terms) of one person's frames, with every frame's shape and
     texture their mean (Eq. 13's shared blocks)."""
-    params, opt_state, terms = jax.tree.map(lambda *x: jnp.stack(x), *steps)
+    params, opt_state, terms = _stack_trees(steps)
     mean = lambda x: jnp.broadcast_to(jnp.mean(x, axis=0), x.shape)  # noqa: E731
     return params.replace(shape=mean(params.shape), texture=mean(params.texture)), opt_state, terms
 
