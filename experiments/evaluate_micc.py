@@ -53,6 +53,7 @@ from absl import app, flags, logging
 
 from experiments import common
 from ganfit_jax import evaluation as ev
+from ganfit_jax import inputs
 
 SETTINGS = ("Indoor-Cooperative", "PTZ-Indoor", "PTZ-Outdoor")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff")
@@ -272,7 +273,7 @@ def sample_frames(source, k=5):
                          "extract its frames into a folder of the same name "
                          "(ffmpeg -i VIDEO DIR/%05d.png)") from None
     with av.open(source) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        frames = [inputs.upright_frame(f, source) for f in container.decode(video=0)]
     idx = uniform_indices(len(frames), k)
     return [_to_float_image(frames[i]) for i in idx], idx
 

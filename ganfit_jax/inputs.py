@@ -132,7 +132,8 @@ def is_video(path) -> bool:
 def read_video_frames(path, step: int = 1, max_frames: int = 0):
     """Frames of a video file as [(index, float32 H×W×3 RGB in [0, 1])]: every `step`-th frame
     (indices count decoded frames from 0), at most `max_frames` of them (0: all). Decoded with
-    PyAV (FFmpeg), so any container and codec FFmpeg reads."""
+    PyAV (FFmpeg), so any container and codec FFmpeg reads, and turned as a player shows them
+    (a phone's portrait clip is stored sideways with a rotation to apply: `upright_frame`)."""
     frames = list(iter_video_frames(path, step, max_frames))
     if not frames:
         raise ValueError(f"{path}: no frames decoded")
@@ -155,6 +156,50 @@ def video_frame_count(path):
         return None
 
 
+def display_matrix(frame):
+    """A decoded PyAV frame's display matrix (3×3, FFmpeg's layout: x' = a x + c y, y' = b x + d
+    y in pixel coordinates, with a, b = m[0, :2] and c, d = m[1, :2]), or None when it has none."""
+    import av
+
+    data = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+    if data is None:
+        return None
+    return np.frombuffer(bytes(data), dtype="<i4").reshape(3, 3) / 65536.0
+
+
+def apply_display_matrix(pixels, matrix, path="video"):
+    """Pixels (H×W×C) as a player shows them under `matrix` (`display_matrix`): phones record
+    portrait video as landscape frames plus a 90° rotation (and sometimes a mirror) to apply on
+    display. Only quarter turns and mirrors exist in the wild; any other matrix is refused
+    rather than shown skewed."""
+    if matrix is None:
+        return pixels
+    (a, b), (c, d) = matrix[0, :2], matrix[1, :2]
+    square = np.round([a, b, c, d])
+    if not (np.allclose([a, b, c, d], square, atol=1e-3)
+            and abs(square[0] * square[3] - square[1] * square[2]) == 1):
+        raise ValueError(f"{path}: its display matrix [[{a:.3f}, {b:.3f}], [{c:.3f}, {d:.3f}]] is "
+                         "not a quarter turn or mirror; re-encode it upright "
+                         "(ffmpeg -i IN -c:v libx264 OUT.mp4 applies it)")
+    a, b, c, d = square
+    if a == 0:   # a quarter turn: x' = c y, y' = b x
+        pixels = np.swapaxes(pixels, 0, 1)
+        flip_rows, flip_cols = b < 0, c < 0
+    else:        # x' = a x, y' = d y
+        flip_rows, flip_cols = d < 0, a < 0
+    if flip_rows:
+        pixels = pixels[::-1]
+    if flip_cols:
+        pixels = pixels[:, ::-1]
+    return np.ascontiguousarray(pixels)
+
+
+def upright_frame(frame, path="video"):
+    """A decoded PyAV video frame → uint8 H×W×3 RGB, turned as a player shows it (its display
+    matrix applied; PyAV decodes the stored, often sideways, pixels)."""
+    return apply_display_matrix(frame.to_ndarray(format="rgb24"), display_matrix(frame), path)
+
+
 def iter_video_frames(path, step: int = 1, max_frames: int = 0):
     """`read_video_frames` one frame at a time, decoded as they are asked for: a long video is
     never held in memory whole."""
@@ -173,7 +218,7 @@ def iter_video_frames(path, step: int = 1, max_frames: int = 0):
             for index, frame in enumerate(container.decode(video=0)):
                 if index % step:
                     continue
-                yield index, frame.to_ndarray(format="rgb24").astype(np.float32) / 255.0
+                yield index, upright_frame(frame, path).astype(np.float32) / 255.0
                 count += 1
                 if max_frames and count == max_frames:
                     break

