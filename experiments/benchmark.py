@@ -2,6 +2,7 @@
 
   python -m experiments.benchmark render [--json] [--cases sfm-224,dense-512] [--repeats 10]
   python -m experiments.benchmark fit --config=cpu-small|paper [--batch_sizes=1,2,4] [--json]
+  python -m experiments.benchmark load [--photos=DIR] [--threads=1,2] [--json]  (the loader)
   python -m experiments.benchmark quality|tracking [--json]  (ground truth: benchmark_*.py)
 
 Each subcommand prints a table (or, with --json, one JSON object per line). To add one, write
@@ -225,6 +226,32 @@ def run_fit(argv):
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# load (experiments/benchmark_load.py)
+# ---------------------------------------------------------------------------------------------
+
+flags.DEFINE_string("photos", None, "load: a folder (searched with its sub-folders) or glob of "
+                    "photos; default: the shared assets' faces")
+flags.DEFINE_list("threads", ["1", "2"], "load: loader thread counts to time")
+flags.DEFINE_list("detection", ["reduced", "full"], "load: 'reduced' searches faces at "
+                  "landmarks.DETECTION_MAX_SIDE pixels as fit does, 'full' at full size")
+
+
+def run_load(argv):
+    from experiments import benchmark_load
+
+    spec = FLAGS.photos or os.path.join(os.path.dirname(os.path.dirname(_DEFAULT_MODEL)), "faces")
+    paths = common.find_images(spec, recursive=os.path.isdir(spec))
+    if not paths:
+        raise FileNotFoundError(f"--photos={spec}: no images found")
+    threads = [int(t) for t in FLAGS.threads]
+    if any(t < 1 for t in threads):
+        raise ValueError(f"--threads: thread counts must be ≥ 1, got {FLAGS.threads}")
+    rows = benchmark_load.bench_load(paths, threads, FLAGS.detection)
+    _emit(rows, header=True)
+    return rows
+
+
 # quality, tracking: experiments/benchmark_quality.py, benchmark_tracking.py (their flags are
 # added when this binary runs)
 from experiments import benchmark_quality, benchmark_tracking, common  # noqa: E402
@@ -232,6 +259,7 @@ from experiments import benchmark_quality, benchmark_tracking, common  # noqa: E
 SUBCOMMANDS = {
     "render": run_render,
     "fit": run_fit,
+    "load": run_load,
     "quality": lambda argv: benchmark_quality.main_quality(),
     "tracking": lambda argv: benchmark_tracking.main_tracking(),
 }

@@ -67,11 +67,11 @@ def main(argv):
             continue
         try:
             image = landmarks.load_image(path)
-            lm = landmarks.load_or_detect(path, detector=FLAGS.detector)
+            lm = landmarks.load_or_detect(path, detector=FLAGS.detector, image=image)
+            crop, lm_crop, _ = inputs.crop_face(image, lm, FLAGS.crop_size)
         except (ValueError, FileNotFoundError) as e:
             print(f"[{k + 1}/{len(paths)}] {name}: skipped: {e}")
             continue
-        crop, lm_crop, _ = inputs.crop_face(image, lm, FLAGS.crop_size)
         params = fitting.init_params(model, lm_crop, size, 0)
         target = fitting.Target(image=jnp.asarray(crop), landmarks=jnp.asarray(lm_crop))
         params, _ = fitting.fit(pipeline, params, target, config, log=None)

@@ -58,6 +58,10 @@ flags.DEFINE_integer("chunk", 25, "Iterations per jitted chunk (one progress lin
                      lower_bound=1)
 flags.DEFINE_integer("image_size", 224, "Working (render) resolution.", lower_bound=32)
 flags.DEFINE_integer("batch_size", 8, "Photos per batch with --images.", lower_bound=1)
+flags.DEFINE_integer("loader_threads", 0, "--images/--track: threads that decode, landmark and "
+                     "crop the next photos while the device fits (0: 2 on the CPU, which they "
+                     "share with XLA; on an accelerator every CPU this process may use).",
+                     lower_bound=0)
 flags.DEFINE_string("detector", "hog", "dlib face detector when landmarks must be detected.")
 flags.DEFINE_integer("seed", 0, "PRNG seed (random second render, texture init).")
 flags.DEFINE_float("lambda_id", 2.0, "λ_id", lower_bound=0.0)
@@ -197,10 +201,14 @@ def prepare(path, landmarks_path, size, detector, near=None):
 
     try:
         image = landmarks.load_image(path)
-        lm = landmarks.load_or_detect(path, landmarks_path, detector=detector, near=near)
+        lm = landmarks.load_or_detect(path, landmarks_path, detector=detector, near=near,
+                                      image=image)
     except (ValueError, FileNotFoundError) as e:
         raise InputError(str(e)) from None
-    crop, lm_crop, transform = inputs.crop_face(image, lm, size)
+    try:
+        crop, lm_crop, transform = inputs.crop_face(image, lm, size)
+    except ValueError as e:
+        raise InputError(f"{landmarks_path or path}: {e}") from None
     return image, crop, lm_crop, transform
 
 
@@ -828,6 +836,22 @@ def fit_folder(paths, folders, pipeline, config, start, photo_texture, key):
         raise InputError(f"--images: none of the {len(paths)} photos could be fitted")
 
 
+def loader_threads():
+    """--loader_threads, or its default: a loader thread detects ~1-3 photos a second (BENCHMARKS
+    "The batch loader") while an H200 fits ~2 a second, so on an accelerator every CPU this
+    process may use (its affinity: a cluster's CPU share); on the CPU two, beside XLA's own."""
+    import jax
+
+    if FLAGS.loader_threads:
+        return FLAGS.loader_threads
+    if jax.default_backend() == "cpu":
+        return 2
+    try:
+        return max(2, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(2, os.cpu_count() or 2)
+
+
 def fit_in_batches(jobs, load, total, pipeline, config, start, photo_texture, key, noun):
     """Jobs (what `load` reads, output folder) loaded (decoded, landmarked, cropped) in
     background threads while the device fits the previous batch; batches of --batch_size under
@@ -843,8 +867,9 @@ def fit_in_batches(jobs, load, total, pipeline, config, start, photo_texture, ke
     if batch_size % devices:
         batch_size += devices - batch_size % devices  # every device gets the same share
         print(f"batch size rounded up to {batch_size} for {devices} devices")
-    stream = inputs.prefetch_map(lambda job: load(job[0]), jobs, workers=2,
-                                 ahead=2 * batch_size)
+    workers = loader_threads()
+    stream = inputs.prefetch_map(lambda job: load(job[0]), jobs, workers=workers,
+                                 ahead=max(2 * batch_size, 2 * workers))
     source = lambda what: what if isinstance(what, str) else what[0]  # a path or a frame's name
     t0, done, skipped, batch_index = time.time(), 0, 0, 0
     while True:

@@ -46,6 +46,40 @@ def test_paste_back_round_trip():
     assert (out[0, 0] == 0).all()  # outside the crop the photo is untouched
 
 
+def crop_of_the_padded_photo(image, landmarks, size, margin=1.6):
+    """The crop by its definition: the whole photo edge-padded by the square's side, then the
+    square resampled (bilinear, antialiased) out of it."""
+    from PIL import Image
+
+    x0, y0, side = inputs.face_box(landmarks, margin)
+    pad = int(np.ceil(side)) + 2
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    pil = Image.fromarray(np.clip(padded * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    box = (x0 + pad, y0 + pad, x0 + pad + side, y0 + pad + side)
+    return np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR, box=box))
+
+
+@pytest.mark.parametrize("size", [64, 224, 700])
+@pytest.mark.parametrize("centre", [(400, 300), (20, 580), (790, 10)])
+def test_the_crop_reads_a_window_yet_equals_the_crop_of_the_padded_photo(size, centre):
+    """Only the square and the filter's reach are read (a 12 MP photo is not padded whole),
+    at the photo's corners too; float rounding of the box may move a value by one level."""
+    image = np.random.default_rng(size).random((600, 800, 3)).astype(np.float32)
+    lm = np.random.default_rng(3).uniform(-100, 100, size=(68, 2)) + np.asarray(centre)
+    crop, _, _ = inputs.crop_face(image, lm, size)
+    levels = np.round(crop * 255).astype(int)
+    difference = np.abs(levels - crop_of_the_padded_photo(image, lm, size))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.005, (difference > 0).mean()
+
+
+def test_landmarks_outside_the_photo_are_refused():
+    image = gradient_image(100, 120)
+    lm = np.random.default_rng(4).uniform(500, 600, size=(68, 2))
+    with pytest.raises(ValueError, match="none of the points lies inside the 120×100 image"):
+        inputs.crop_face(image, lm)
+    inputs.crop_face(image, lm - 490)  # a face half outside the photo is still cropped
+
+
 def test_too_few_landmarks():
     with pytest.raises(ValueError, match="landmarks: need at least 3"):
         inputs.crop_face(np.zeros((10, 10, 3)), np.full((68, 2), np.nan))
