@@ -91,14 +91,25 @@ def paste_back(original, crop_image, crop_mask, transform: CropTransform):
     """Composites a crop-sized render (and its mask) onto the original photo."""
     original = np.asarray(original, np.float32)
     h, w = original.shape[:2]
-    ys, xs = np.mgrid[0:h, 0:w]
+    out = original.copy()
+    # Only pixels whose centre falls in the crop's square can change: a 12 MP photo sampled
+    # whole took ~13 s for a face of a few hundred pixels.
+    x0, y0 = transform.origin
+    side = transform.size / transform.scale
+    left, top = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
+    right, bottom = min(w, int(np.ceil(x0 + side)) + 1), min(h, int(np.ceil(y0 + side)) + 1)
+    if left >= right or top >= bottom:
+        return out
+    ys, xs = np.mgrid[top:bottom, left:right]
     pts = transform.to_crop(np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], 1))
     size = transform.size
     inside = ((pts[:, 0] >= 0) & (pts[:, 0] < size) & (pts[:, 1] >= 0) & (pts[:, 1] < size))
     colour = bilinear(np.asarray(crop_image, np.float32), pts)
     alpha = bilinear(np.asarray(crop_mask, np.float32)[..., None], pts) * inside[:, None]
-    out = original.reshape(-1, 3) * (1 - alpha) + colour * alpha
-    return out.reshape(h, w, 3)
+    window = original[top:bottom, left:right].reshape(-1, 3)
+    out[top:bottom, left:right] = (window * (1 - alpha) + colour * alpha).reshape(
+        bottom - top, right - left, 3)
+    return out
 
 
 def prefetch_map(fn, items, workers=2, ahead=8):

@@ -80,6 +80,32 @@ def test_landmarks_outside_the_photo_are_refused():
     inputs.crop_face(image, lm - 490)  # a face half outside the photo is still cropped
 
 
+def paste_back_everywhere(original, crop_image, crop_mask, transform):
+    """The composite by its definition: every pixel of the photo sampled from the crop."""
+    h, w = original.shape[:2]
+    ys, xs = np.mgrid[0:h, 0:w]
+    pts = transform.to_crop(np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], 1))
+    size = transform.size
+    inside = (pts[:, 0] >= 0) & (pts[:, 0] < size) & (pts[:, 1] >= 0) & (pts[:, 1] < size)
+    colour = inputs.bilinear(np.asarray(crop_image, np.float32), pts)
+    alpha = inputs.bilinear(np.asarray(crop_mask, np.float32)[..., None], pts) * inside[:, None]
+    return (original.reshape(-1, 3) * (1 - alpha) + colour * alpha).reshape(h, w, 3)
+
+
+@pytest.mark.parametrize("centre", [(120, 90), (5, 170), (235, 3), (-60, 90)])
+def test_paste_back_touches_only_the_square_and_equals_sampling_every_pixel(centre):
+    rng = np.random.default_rng(5)
+    photo = rng.random((180, 240, 3)).astype(np.float32)
+    lm = rng.uniform(-30, 30, size=(68, 2)) + np.asarray(centre)
+    lm[0] = (10, 10)  # one point inside the photo: the crop is allowed
+    _, _, tf = inputs.crop_face(photo, lm, size=48)
+    render, mask = rng.random((48, 48, 3)), rng.random((48, 48))
+    pasted = inputs.paste_back(photo, render, mask, tf)
+    assert pasted.dtype == np.float32
+    np.testing.assert_array_equal(pasted, paste_back_everywhere(photo, render, mask, tf)
+                                  .astype(np.float32))
+
+
 def test_too_few_landmarks():
     with pytest.raises(ValueError, match="landmarks: need at least 3"):
         inputs.crop_face(np.zeros((10, 10, 3)), np.full((68, 2), np.nan))
