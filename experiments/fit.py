@@ -34,7 +34,7 @@ flags.DEFINE_string("images", None, "A folder or glob of photos, fitted independ
 flags.DEFINE_string("frames", None, "A folder of frames, or a video file (.mp4, .mov, .avi, "
                     ".mkv, .webm, ...), of one person: per-frame expression, pose and light, one "
                     "shared shape and texture (Eq. 13); a frame without a face is reported and "
-                    "left out. The first frame's largest face is the person, then the face "
+                    "left out. The first frame's largest face (--face) is the person, then the face "
                     "nearest where they were (the frame before; a tracked frame's nearest "
                     "keyframe).")
 flags.DEFINE_integer("frame_step", 1, "--frames video: fit every N-th frame.", lower_bound=1)
@@ -63,6 +63,10 @@ flags.DEFINE_integer("loader_threads", 0, "--images/--track: threads that decode
                      "share with XLA; on an accelerator every CPU this process may use).",
                      lower_bound=0)
 flags.DEFINE_string("detector", "hog", "dlib face detector when landmarks must be detected.")
+flags.DEFINE_integer("face", 0, "Which detected face to fit, by size: 0 the largest, 1 the next, "
+                     "...; with --frames, the person followed from the first frame. A photo "
+                     "with fewer faces is reported (--images: skipped). Landmarks read from a "
+                     "file name their face themselves.", lower_bound=0)
 flags.DEFINE_integer("seed", 0, "PRNG seed (random second render, texture init).")
 flags.DEFINE_float("lambda_id", 2.0, "λ_id", lower_bound=0.0)
 flags.DEFINE_float("lambda_id_random", 2.0, "λ̂_id", lower_bound=0.0)
@@ -194,15 +198,16 @@ def load_identity_net(name, weights, key):
         raise InputError(f"--identity={name}: {e}") from None
 
 
-def prepare(path, landmarks_path, size, detector, near=None):
+def prepare(path, landmarks_path, size, detector, near=None, face=0):
     """Photo → (original image, working crop, crop landmarks, CropTransform). Detected
-    landmarks are the largest face's, or the one nearest the point `near`."""
+    landmarks are those of the face nearest the point `near`, if given, else of the `face`-th
+    largest."""
     from ganfit_jax import inputs, landmarks
 
     try:
         image = landmarks.load_image(path)
         lm = landmarks.load_or_detect(path, landmarks_path, detector=detector, near=near,
-                                      image=image)
+                                      image=image, face=None if near is not None else face)
     except (ValueError, FileNotFoundError) as e:
         raise InputError(str(e)) from None
     try:
@@ -212,13 +217,14 @@ def prepare(path, landmarks_path, size, detector, near=None):
     return image, crop, lm_crop, transform
 
 
-def prepare_frame(frame, name, size, detector, near=None):
+def prepare_frame(frame, name, size, detector, near=None, face=0):
     """A decoded video frame → what `prepare` returns for a photo (landmarks detected by dlib)."""
     from ganfit_jax import inputs, landmarks
 
     try:
         image = landmarks.load_image(frame)
-        lm = landmarks.detect_landmarks(image, detector=detector, name=name, near=near)
+        lm = landmarks.detect_landmarks(image, detector=detector, name=name, near=near,
+                                        face=None if near is not None else face)
     except ValueError as e:
         raise InputError(str(e)) from None
     crop, lm_crop, transform = inputs.crop_face(image, lm, size)
@@ -605,17 +611,18 @@ def prepare_together(mode, video, paths, folders):
     output folder, what `prepare` returns)], every input read before anything is written. A
     frame without a face is reported and left out (a keyframe where the head turned away should
     not end a video's run); --image's photo without one is an error, as is a clip with none.
-    The first frame's largest face is the person; in each later frame, the face nearest where
-    they were in the frame before (another, larger face walking in is not them)."""
+    The first frame's largest face (or --face-th) is the person; in each later frame, the face
+    nearest where they were in the frame before (another, larger face walking in is not them)."""
     lm_path = FLAGS.landmarks if mode == "image" else None
     frames = [frame for _, frame in video] if video is not None else [None] * len(paths)
     kept, first_error = [], None
     for path, folder, frame in zip(paths, folders, frames):
         near = face_centre(kept[-1][2]) if kept else None
         try:
-            item = (prepare(path, lm_path, FLAGS.image_size, FLAGS.detector, near)
+            item = (prepare(path, lm_path, FLAGS.image_size, FLAGS.detector, near, FLAGS.face)
                     if frame is None
-                    else prepare_frame(frame, path, FLAGS.image_size, FLAGS.detector, near))
+                    else prepare_frame(frame, path, FLAGS.image_size, FLAGS.detector, near,
+                                       FLAGS.face))
         except InputError as e:
             if mode == "image":
                 raise
@@ -829,7 +836,7 @@ def start_processes(mode):
 
 def fit_folder(paths, folders, pipeline, config, start, photo_texture, key):
     """--images: every photo its own fit, in batches (`fit_in_batches`)."""
-    load = lambda path: prepare(path, None, FLAGS.image_size, FLAGS.detector)
+    load = lambda path: prepare(path, None, FLAGS.image_size, FLAGS.detector, face=FLAGS.face)
     done, _ = fit_in_batches(list(zip(paths, folders)), load, len(paths), pipeline, config,
                              start, photo_texture, key, "photo")
     if done == 0:

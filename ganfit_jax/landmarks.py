@@ -317,10 +317,12 @@ def detect_landmarks(image, detector="hog", face=None, upsample=1, name=None, ne
     return (points + (0.5 - PIXEL_CENTRE["dlib"])).astype(np.float32)
 
 
-def load_or_detect(image_path, landmarks_path=None, detector="hog", near=None, image=None):
+def load_or_detect(image_path, landmarks_path=None, detector="hog", near=None, image=None,
+                   face=None):
     """Landmarks from `landmarks_path`, else a sibling .pts/.npy/.json, else detected by dlib
-    (the face nearest `near`, if given, else the largest) in `image`, the photo's pixels where
-    the caller has them already, else read from `image_path`."""
+    (the face nearest `near`, if given, else the `face`-th largest, default the largest) in
+    `image`, the photo's pixels where the caller has them already, else read from
+    `image_path`."""
     image_path = pathlib.Path(image_path)
     if landmarks_path is not None:
         return load_landmarks(landmarks_path)
@@ -329,4 +331,4 @@ def load_or_detect(image_path, landmarks_path=None, detector="hog", near=None, i
         if candidate.exists():
             return load_landmarks(candidate)
     return detect_landmarks(image_path if image is None else image, detector=detector, near=near,
-                            name=str(image_path))
+                            face=face, name=str(image_path))

@@ -178,3 +178,29 @@ def test_empty_compilation_cache_leaves_jax_alone(tmp_path):
     with pytest.raises(OSError):
         common.enable_compilation_cache(str(blocker / "xla"))
     assert jax.config.jax_compilation_cache_dir == before
+
+
+def test_face_picks_a_group_photos_other_face_and_too_few_faces_is_one_line(faces_dir, sfm_dir,
+                                                                            tmp_path, run_fit):
+    """dlib finds two faces in this PASCAL photo (boxes 89 and 62 px wide): --face=1 fits the
+    smaller one (its fitted landmarks lie in that box, not the larger's); --face=2 names the
+    photo and how many faces it has."""
+    from ganfit_jax import landmarks
+
+    photo = faces_dir / "dlib" / "faces" / "2008_001009.jpg"
+    boxes, _ = landmarks.detect_faces(photo)
+    boxes = sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+    assert len(boxes) == 2
+    model = f"--model={sfm_dir / 'sfm_shape_3448.bin'}"
+    code, _, stderr = run_fit(f"--image={photo}", f"--output_dir={tmp_path / 'one'}", model,
+                              *TINY, "--face=1")
+    assert code == 0, stderr[-2000:]
+    # the SFM has no vertex for some iBUG points: their projections are NaN
+    x, y = np.nanmean(np.load(tmp_path / "one" / "params.npz")["landmarks2d"], axis=0)
+    inside = lambda b: b[0] <= x <= b[2] + 1 and b[1] <= y <= b[3] + 1
+    assert inside(boxes[1]) and not inside(boxes[0]), ((x, y), boxes)
+    code, _, stderr = run_fit(f"--image={photo}", f"--output_dir={tmp_path / 'two'}", model,
+                              *TINY, "--face=2")
+    assert code != 0 and "face index 2 out of range: 2 face(s) found in" in stderr
+    assert "2008_001009.jpg" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "two").exists()
