@@ -36,7 +36,7 @@ flags.DEFINE_string("frames", None, "A folder of frames, or a video file (.mp4, 
                     "shared shape and texture (Eq. 13); a frame without a face is reported and "
                     "left out. The first frame's largest face (--face) is the person, then the face "
                     "nearest where they were (the frame before; a tracked frame's nearest "
-                    "keyframe).")
+                    "keyframe) among those dlib's face descriptor takes for them.")
 flags.DEFINE_integer("frame_step", 1, "--frames video: fit every N-th frame.", lower_bound=1)
 flags.DEFINE_integer("max_frames", 0, "--frames video: at most this many frames (0: all); all "
                      "frames are fitted jointly, so memory grows with their number.", lower_bound=0)
@@ -198,16 +198,17 @@ def load_identity_net(name, weights, key):
         raise InputError(f"--identity={name}: {e}") from None
 
 
-def prepare(path, landmarks_path, size, detector, near=None, face=0):
+def prepare(path, landmarks_path, size, detector, near=None, face=0, like=None):
     """Photo → (original image, working crop, crop landmarks, CropTransform). Detected
     landmarks are those of the face nearest the point `near`, if given, else of the `face`-th
-    largest."""
+    largest; among the faces that are the person whose descriptor is `like`, where any is."""
     from ganfit_jax import inputs, landmarks
 
     try:
         image = landmarks.load_image(path)
         lm = landmarks.load_or_detect(path, landmarks_path, detector=detector, near=near,
-                                      image=image, face=None if near is not None else face)
+                                      image=image, face=None if near is not None else face,
+                                      like=like)
     except (ValueError, FileNotFoundError) as e:
         raise InputError(str(e)) from None
     try:
@@ -217,14 +218,14 @@ def prepare(path, landmarks_path, size, detector, near=None, face=0):
     return image, crop, lm_crop, transform
 
 
-def prepare_frame(frame, name, size, detector, near=None, face=0):
+def prepare_frame(frame, name, size, detector, near=None, face=0, like=None):
     """A decoded video frame → what `prepare` returns for a photo (landmarks detected by dlib)."""
     from ganfit_jax import inputs, landmarks
 
     try:
         image = landmarks.load_image(frame)
         lm = landmarks.detect_landmarks(image, detector=detector, name=name, near=near,
-                                        face=None if near is not None else face)
+                                        face=None if near is not None else face, like=like)
     except ValueError as e:
         raise InputError(str(e)) from None
     crop, lm_crop, transform = inputs.crop_face(image, lm, size)
@@ -508,9 +509,11 @@ def run():
                                        texture_init.shape)
         if joint is None:
             joint = fit_together(mode, kept, pipeline, config, start, photo_texture, k_fit)
-        # where the person is in each keyframe: tracked frames pick the face nearest it
+        # where the person is in each keyframe, and who: tracked frames pick the face nearest
+        # it among those that are the person
         return joint._replace(faces=np.array(
-            [(number[path], *face_centre(item)) for path, _, item in kept], np.float64))
+            [(number[path], *face_centre(item)) for path, _, item in kept], np.float64),
+            person=_or_empty(person_descriptor(kept[0][2])))
 
     # process 0 fits the keyframes (Eq. 13: together) and hands their shape and texture on
     if count == 1:
@@ -522,7 +525,7 @@ def run():
         except processes.ProcessFailed as e:
             raise InputError(str(e)) from None
         joint = SharedBlocks(shared["shape"], shared["texture"], bool(shared["finished"]),
-                             str(shared["source"]), shared["faces"])
+                             str(shared["source"]), shared["faces"], shared["person"])
     if FLAGS.track:
         if video is None:
             jobs, total = tracked, len(tracked)
@@ -612,17 +615,21 @@ def prepare_together(mode, video, paths, folders):
     frame without a face is reported and left out (a keyframe where the head turned away should
     not end a video's run); --image's photo without one is an error, as is a clip with none.
     The first frame's largest face (or --face-th) is the person; in each later frame, the face
-    nearest where they were in the frame before (another, larger face walking in is not them)."""
+    nearest where they were in the frame before, among the faces that are that person by dlib's
+    face descriptor where any is (neither a larger face walking in nor a stranger standing where
+    they were after a cut is taken for them)."""
     lm_path = FLAGS.landmarks if mode == "image" else None
     frames = [frame for _, frame in video] if video is not None else [None] * len(paths)
     kept, first_error = [], None
+    like = None  # who the person is, once a frame has shown them
     for path, folder, frame in zip(paths, folders, frames):
         near = face_centre(kept[-1][2]) if kept else None
         try:
-            item = (prepare(path, lm_path, FLAGS.image_size, FLAGS.detector, near, FLAGS.face)
+            item = (prepare(path, lm_path, FLAGS.image_size, FLAGS.detector, near, FLAGS.face,
+                            like)
                     if frame is None
                     else prepare_frame(frame, path, FLAGS.image_size, FLAGS.detector, near,
-                                       FLAGS.face))
+                                       FLAGS.face, like))
         except InputError as e:
             if mode == "image":
                 raise
@@ -630,10 +637,31 @@ def prepare_together(mode, video, paths, folders):
             first_error = first_error or e
             continue
         kept.append((path, folder, item))
+        if mode == "frames" and len(kept) == 1:
+            like = person_descriptor(item)
     if not kept:
         raise InputError(f"--frames={FLAGS.frames}: none of the {len(paths)} frame(s) to fit "
                          f"together could be fitted; the first: {first_error}")
     return kept
+
+
+def person_descriptor(item):
+    """Who the face of a `prepare`d photo is: its dlib face descriptor, or None where dlib is
+    not installed (landmarks from files; the person is then followed by place alone)."""
+    from ganfit_jax import landmarks
+
+    image, _, lm_crop, transform = item
+    try:
+        return landmarks.face_descriptor(image, transform.to_original(lm_crop))
+    except ImportError:
+        return None
+
+
+def _or_empty(descriptor):
+    """None as an empty array: what goes from process to process is arrays."""
+    import numpy as np
+
+    return np.zeros(0) if descriptor is None else descriptor
 
 
 def face_centre(item):
@@ -684,6 +712,7 @@ class SharedBlocks(typing.NamedTuple):
     finished: bool
     source: str = ""
     faces: object = None  # (keyframes, 3): frame number, x, y of the person's face in each
+    person: object = None  # the first keyframe's face descriptor (landmarks.face_descriptor)
 
 
 def read_shared_blocks(folder):
@@ -774,7 +803,8 @@ def track(joint, jobs, total, pipeline, config, start, key, frame_number):
     """--track: every frame that was not a keyframe, fitted with the joint shape and texture
     held (`FitConfig.frozen`), in batches as they are decoded and landmarked; `total` (None if
     not known) of them, for the ETA. In each, the face nearest where the person was in the
-    keyframe nearest in time (`frame_number` of a job's (name, frame))."""
+    keyframe nearest in time (`frame_number` of a job's (name, frame)), among the faces that
+    are the person where any is (`joint.person`)."""
     import dataclasses
 
     import jax.numpy as jnp
@@ -794,9 +824,10 @@ def track(joint, jobs, total, pipeline, config, start, key, frame_number):
     def load(job):
         name, frame = job
         near = common.nearest_keyframe_face(joint.faces, frame_number(job))
+        like = joint.person if joint.person is not None and len(joint.person) else None
         if isinstance(frame, str):  # a frame's image file (landmarks beside it or detected)
-            return prepare(frame, None, FLAGS.image_size, FLAGS.detector, near)
-        return prepare_frame(frame, name, FLAGS.image_size, FLAGS.detector, near)
+            return prepare(frame, None, FLAGS.image_size, FLAGS.detector, near, like=like)
+        return prepare_frame(frame, name, FLAGS.image_size, FLAGS.detector, near, like=like)
 
     print("tracking the other frames with the joint shape and texture held", flush=True)
     done, skipped = fit_in_batches(jobs, load, total, pipeline, config, start_from_joint, None,

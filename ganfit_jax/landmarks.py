@@ -178,37 +178,51 @@ def interocular_distance(landmarks):
 # once (the prefetching loader's workers, `inputs.prefetch_map`) returned other boxes, and
 # landmarks up to 40 px off, in 23 of 30 runs over 12 photos. Each call takes a detector no other
 # thread holds from this pool and gives it back, so detectors are made once per thread that
-# detects at the same time, not once per call. The 68-point shape predictor only reads its
-# model and is shared (0 of 100 such runs differed).
-_FREE_DETECTORS = {"hog": [], "cnn": []}
+# detects at the same time, not once per call. The face recognition ResNet is a dlib network
+# with buffers of its own and is pooled the same way. The 68-point shape predictor only reads
+# its model and is shared (0 of 100 such runs differed).
+_FREE_MODELS = {"hog": [], "cnn": [], "recognizer": []}
 _PREDICTOR = []
 _DLIB_LOCK = threading.Lock()
 
+# dlib's descriptor distance below which two faces are one person (its documented threshold:
+# 99.38% on LFW), and how much farther than the nearest face another may be and still be taken
+# for them (one person's distance varies by ~0.1 with pose and light).
+SAME_PERSON = 0.6
+SAME_MARGIN = 0.1
 
-def _new_detector(detector):
+
+def _new_model(kind):
     import dlib
     import face_recognition_models as frm
 
-    if detector == "hog":
+    if kind == "hog":
         return dlib.get_frontal_face_detector()
-    return dlib.cnn_face_detection_model_v1(frm.cnn_face_detector_model_location())
+    if kind == "cnn":
+        return dlib.cnn_face_detection_model_v1(frm.cnn_face_detector_model_location())
+    return dlib.face_recognition_model_v1(frm.face_recognition_model_location())
 
 
 @contextlib.contextmanager
-def _own_detector(detector):
-    """A dlib detector ('hog' or 'cnn') that no other thread uses until this block ends."""
-    if detector not in _FREE_DETECTORS:
-        raise ValueError(f"detector must be 'hog' or 'cnn', got {detector!r}")
+def _own(kind):
+    """A dlib model ('hog', 'cnn', 'recognizer') no other thread uses until this block ends."""
     with _DLIB_LOCK:
-        free = _FREE_DETECTORS[detector]
-        det = free.pop() if free else None
-    if det is None:
-        det = _new_detector(detector)
+        free = _FREE_MODELS[kind]
+        model = free.pop() if free else None
+    if model is None:
+        model = _new_model(kind)
     try:
-        yield det
+        yield model
     finally:
         with _DLIB_LOCK:
-            _FREE_DETECTORS[detector].append(det)
+            _FREE_MODELS[kind].append(model)
+
+
+def _own_detector(detector):
+    """A dlib detector ('hog' or 'cnn') that no other thread uses until the block ends."""
+    if detector not in ("hog", "cnn"):
+        raise ValueError(f"detector must be 'hog' or 'cnn', got {detector!r}")
+    return _own(detector)
 
 
 def _shape_predictor():
@@ -280,15 +294,43 @@ def detect_faces(image, detector="hog", upsample=1, max_side=DETECTION_MAX_SIDE)
         return _boxes(det, detector, img, upsample)
 
 
+def _to_points(shape):
+    points = np.array([[shape.part(i).x, shape.part(i).y] for i in range(NUM_LANDMARKS)], np.float64)
+    return (points + (0.5 - PIXEL_CENTRE["dlib"])).astype(np.float32)
+
+
+def _descriptor(recognizer, img, shape):
+    return np.asarray(recognizer.compute_face_descriptor(img, shape), np.float64)
+
+
+def face_descriptor(image, points):
+    """dlib's 128-D face descriptor (the ResNet `identity.dlib_resnet` ports) of the face whose
+    68 points (the project's convention) are `points`: who a face is, for following one person
+    through a video (`detect_landmarks(like=...)`)."""
+    import dlib
+
+    img = _pixels(image)
+    pts = np.round(np.asarray(points, np.float64) - (0.5 - PIXEL_CENTRE["dlib"])).astype(int)
+    (left, top), (right, bottom) = pts.min(0), pts.max(0)
+    shape = dlib.full_object_detection(dlib.rectangle(int(left), int(top), int(right), int(bottom)),
+                                       [dlib.point(int(x), int(y)) for x, y in pts])
+    with _own("recognizer") as recognizer:
+        return _descriptor(recognizer, img, shape)
+
+
 def detect_landmarks(image, detector="hog", face=None, upsample=1, name=None, near=None,
-                     max_side=DETECTION_MAX_SIDE):
+                     max_side=DETECTION_MAX_SIDE, like=None):
     """68 iBUG landmarks of one face by dlib (detector + shape_predictor_68_face_landmarks).
 
     face: None picks the largest box; an int picks the face at that index in order of decreasing box
     area. near: an (x, y) point (the project's convention) instead picks the face whose box centre
-    is nearest it, e.g. where the same person was in a neighbouring video frame. `name` (default:
-    the path, if `image` is one) appears in the error raised when no face is found. Faces are
-    searched for at `max_side` pixels (`detect_faces`); the points are placed on the full image.
+    is nearest it, e.g. where the same person was in a neighbouring video frame. like: a
+    `face_descriptor`; where several faces are found and any of them is that person (descriptor
+    distance under SAME_PERSON and within SAME_MARGIN of the nearest face's), only those are
+    chosen from, so a cut or two people crossing does not hand the person's place to someone
+    else. `name` (default: the path, if `image` is
+    one) appears in the error raised when no face is found. Faces are searched for at
+    `max_side` pixels (`detect_faces`); the points are placed on the full image.
     Returns float32 (68, 2) in the project's convention.
     """
     import dlib
@@ -302,27 +344,41 @@ def detect_landmarks(image, detector="hog", face=None, upsample=1, name=None, ne
     if not boxes:
         raise ValueError(f"no face found in {name} by dlib's {detector} detector "
                          f"(upsample={upsample}); pass landmarks explicitly or try detector='cnn'")
+    predictor = _shape_predictor()
+    shapes = [predictor(img, dlib.rectangle(*box)) for box in boxes] if (
+        like is not None and len(boxes) > 1) else None
+    candidates = list(range(len(boxes)))
+    if shapes is not None:
+        with _own("recognizer") as recognizer:
+            distances = [np.linalg.norm(_descriptor(recognizer, img, shape) - like)
+                         for shape in shapes]
+        best = min(distances)
+        # Lookalikes pass dlib's threshold too (two FFHQ children: 0.49), so only faces nearly
+        # as close as the best are kept; between those, place decides.
+        candidates = [i for i in candidates
+                      if distances[i] < SAME_PERSON and distances[i] < best + SAME_MARGIN
+                      ] or candidates
     areas = [(right - left) * (bottom - top) for left, top, right, bottom in boxes]
-    order = sorted(range(len(boxes)), key=lambda i: -areas[i])
+    order = sorted(candidates, key=lambda i: -areas[i])
     if near is not None:  # dlib's boxes are pixel indices: their centres sit at +0.5
         centres = np.array([((l + r) / 2 + 0.5, (t + b) / 2 + 0.5) for l, t, r, b in boxes])
-        nearest = int(np.argmin(np.linalg.norm(centres - np.asarray(near, np.float64), axis=1)))
-        order = [nearest]
+        distance = np.linalg.norm(centres - np.asarray(near, np.float64), axis=1)
+        order = [min(candidates, key=lambda i: distance[i])]
     index = 0 if face is None else int(face)
-    if not 0 <= index < len(boxes):
+    if not 0 <= index < len(order):
         raise ValueError(f"face index {index} out of range: {len(boxes)} face(s) found in {name}")
-    left, top, right, bottom = boxes[order[index]]
-    shape = _shape_predictor()(img, dlib.rectangle(left, top, right, bottom))
-    points = np.array([[shape.part(i).x, shape.part(i).y] for i in range(NUM_LANDMARKS)], np.float64)
-    return (points + (0.5 - PIXEL_CENTRE["dlib"])).astype(np.float32)
+    chosen = order[index]
+    if shapes is not None:
+        return _to_points(shapes[chosen])
+    return _to_points(predictor(img, dlib.rectangle(*boxes[chosen])))
 
 
 def load_or_detect(image_path, landmarks_path=None, detector="hog", near=None, image=None,
-                   face=None):
+                   face=None, like=None):
     """Landmarks from `landmarks_path`, else a sibling .pts/.npy/.json, else detected by dlib
     (the face nearest `near`, if given, else the `face`-th largest, default the largest) in
     `image`, the photo's pixels where the caller has them already, else read from
-    `image_path`."""
+    `image_path`; `like` as in `detect_landmarks`."""
     image_path = pathlib.Path(image_path)
     if landmarks_path is not None:
         return load_landmarks(landmarks_path)
@@ -331,4 +387,4 @@ def load_or_detect(image_path, landmarks_path=None, detector="hog", near=None, i
         if candidate.exists():
             return load_landmarks(candidate)
     return detect_landmarks(image_path if image is None else image, detector=detector, near=near,
-                            face=face, name=str(image_path))
+                            face=face, like=like, name=str(image_path))

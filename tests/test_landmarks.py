@@ -231,6 +231,32 @@ def test_a_face_too_small_for_the_reduced_search_is_found_at_full_size(faces_dir
     assert 1500 < found[30, 0] < 1580 and 500 < found[30, 1] < 580
 
 
+def test_like_keeps_to_the_person_where_a_stranger_stands_in_their_place(faces_dir,
+                                                                         dlib_available):
+    """A cut: the person (FFHQ 00003) is now on the right, a stranger (00000) where the person
+    was. Following by position alone takes the stranger; with the person's descriptor, the
+    person (and with no descriptor match, position decides as before)."""
+    from PIL import Image
+
+    load = lambda n: np.asarray(Image.open(faces_dir / "ffhq" / "FFHQ" / n).convert("RGB"))
+    person, stranger = load("00003.png"), load("00000.png")
+    canvas = np.concatenate([stranger, person], axis=1)  # 256 × 512
+    like = landmarks.face_descriptor(person, landmarks.detect_landmarks(person))
+    where_they_were = (128.0, 128.0)
+    by_place = landmarks.detect_landmarks(canvas, near=where_they_were)
+    by_person = landmarks.detect_landmarks(canvas, near=where_they_were, like=like)
+    assert by_place[:, 0].mean() < 256 < by_person[:, 0].mean()
+    np.testing.assert_array_equal(by_person, landmarks.detect_landmarks(canvas, near=(384, 128)))
+    assert np.linalg.norm(landmarks.face_descriptor(canvas, by_person) - like) < 0.2
+    # two children: under dlib's own threshold (0.49), but far behind the person
+    assert np.linalg.norm(landmarks.face_descriptor(canvas, by_place) - like) > \
+        0.2 + landmarks.SAME_MARGIN
+    nobody = landmarks.face_descriptor(load("00001.png"), landmarks.detect_landmarks(
+        load("00001.png")))  # 0.86-0.87 from both: no match
+    np.testing.assert_array_equal(
+        landmarks.detect_landmarks(canvas, near=where_they_were, like=nobody), by_place)
+
+
 def test_no_face_names_the_image(tmp_path, dlib_available):
     path = tmp_path / "blank_wall.png"
     Image.fromarray(np.full((120, 160, 3), 128, np.uint8)).save(path)

@@ -287,6 +287,34 @@ def test_track_a_folder_of_frames_and_resume_with_a_keyframe_unfinished(clip, sf
                                    err_msg=n)
 
 
+def test_a_cut_does_not_hand_the_persons_place_to_a_stranger(faces_dir, sfm_dir, tmp_path,
+                                                              run_fit):
+    """After a cut the person (FFHQ 00003) is on the right and a stranger (00000, a lookalike
+    child: dlib descriptor distance 0.49) stands where they were. The keyframe after the cut
+    (f02, the face nearest the previous keyframe's) and the tracked frame between (f01, the
+    face nearest its nearest keyframe, f00) both keep to the person: by place alone both would
+    be the stranger."""
+    from PIL import Image
+
+    load = lambda n: np.asarray(Image.open(faces_dir / "ffhq" / "FFHQ" / n).convert("RGB"))
+    person, stranger = load("00003.png"), load("00000.png")
+    grey = np.full_like(person, 100)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for name, (left, right) in {"f00": (person, grey), "f01": (stranger, person),
+                                "f02": (stranger, person)}.items():
+        Image.fromarray(np.concatenate([left, right], axis=1)).save(frames / f"{name}.png")
+    out = tmp_path / "out"
+    code, stdout, stderr = run_fit(
+        f"--frames={frames}", "--frame_step=2", f"--output_dir={out}", "--track",
+        f"--model={sfm_dir / 'sfm_shape_3448.bin'}", "--identity=tiny", "--texture=direct",
+        "--stage1_iterations=4", "--iterations=2", "--chunk=2", "--image_size=64")
+    assert code == 0, stderr[-2000:]
+    nose_x = {n: float(np.load(out / n / "params.npz")["landmarks2d"][30, 0])
+              for n in ("f00", "f01", "f02")}
+    assert nose_x["f00"] < 256 and nose_x["f01"] > 256 and nose_x["f02"] > 256, nose_x
+
+
 def test_frames_without_any_face_are_one_line(tmp_path, sfm_dir, run_fit):
     from PIL import Image
 
