@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import time
 
-DETECTION_SIDES = {"reduced": "default", "full": None}
+from ganfit_jax import inputs, landmarks
+
+DETECTION_SIDES = {"reduced": landmarks.DETECTION_MAX_SIDE, "full": None}
 
 
 def load_photo(path, size, max_side):
     """A photo → its working crop, as `fit --images` prepares it (landmarks detected)."""
-    from ganfit_jax import inputs, landmarks
-
     image = landmarks.load_image(path)
-    if max_side == "default":
-        points = landmarks.detect_landmarks(image, name=str(path))
-    else:
-        points = landmarks.detect_landmarks(image, name=str(path), max_side=max_side)
+    points = landmarks.detect_landmarks(image, name=str(path), max_side=max_side)
     crop, _, _ = inputs.crop_face(image, points, size)
     return crop
 
@@ -39,13 +36,11 @@ def megapixels(path):
 def bench_load(paths, threads, detections, size=224):
     """One row per (detection, thread count): photos prepared, failures (no face), wall time and
     photos/s; `speedup_vs_full` where the 'full' row of that thread count ran too."""
-    from ganfit_jax import inputs
-
     unknown = [d for d in detections if d not in DETECTION_SIDES]
     if unknown:
         raise ValueError(f"--detection: unknown {unknown}; known: {list(DETECTION_SIDES)}")
     try:  # dlib's models are loaded by the first detection: not in the first row's time
-        load_photo(paths[0], size, "default")
+        load_photo(paths[0], size, DETECTION_SIDES["reduced"])
     except ValueError:
         pass
     mean_mp = sum(megapixels(p) for p in paths) / len(paths)
@@ -66,4 +61,3 @@ def bench_load(paths, threads, detections, size=224):
         if row["detection"] != "full" and row["threads"] in full:
             row["speedup_vs_full"] = round(full[row["threads"]] / row["seconds"], 2)
     return rows
-

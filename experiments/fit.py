@@ -34,8 +34,8 @@ flags.DEFINE_string("images", None, "A folder or glob of photos, fitted independ
 flags.DEFINE_string("frames", None, "A folder of frames, or a video file (.mp4, .mov, .avi, "
                     ".mkv, .webm, ...), of one person: per-frame expression, pose and light, one "
                     "shared shape and texture (Eq. 13); a frame without a face is reported and "
-                    "left out. The first frame's largest face (--face) is the person, then the face "
-                    "nearest where they were (the frame before; a tracked frame's nearest "
+                    "left out. The first frame's largest face (--face) is the person, then the "
+                    "face nearest where they were (the frame before; a tracked frame's nearest "
                     "keyframe) among those dlib's face descriptor takes for them.")
 flags.DEFINE_integer("frame_step", 1, "--frames video: fit every N-th frame.", lower_bound=1)
 flags.DEFINE_integer("max_frames", 0, "--frames video: at most this many frames (0: all); all "
