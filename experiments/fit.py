@@ -647,13 +647,14 @@ def prepare_together(mode, video, paths, folders):
 
 def person_descriptor(item):
     """Who the face of a `prepare`d photo is: its dlib face descriptor, or None where dlib is
-    not installed (landmarks from files; the person is then followed by place alone)."""
+    not installed (landmarks from files) or cannot describe it: the person is then followed by
+    place alone, as before descriptors were used."""
     from ganfit_jax import landmarks
 
     image, _, lm_crop, transform = item
     try:
         return landmarks.face_descriptor(image, transform.to_original(lm_crop))
-    except ImportError:
+    except (ImportError, RuntimeError):
         return None
 
 
