@@ -352,6 +352,52 @@ def _turn(params, yaw_degrees):
                           light=jnp.asarray(light, jnp.float32))
 
 
+def summary_name(index, count):
+    """--images' table of its fits; under --distributed, one per process (its own share)."""
+    return "summary.csv" if count == 1 else f"summary_process{index}_of_{count}.csv"
+
+
+SUMMARY_COLUMNS = ("photo", "folder", "landmark_error_px", "landmark_error_iod_percent",
+                   "identity_cosine_start", "identity_cosine_end")
+
+
+def write_summary(share, name):
+    """--images: one row per photo of `share` ((photo, folder) pairs) whose fit is finished
+    (its metrics.json; from earlier runs too under --resume), in the folder's order, so the worst
+    fits of thousands can be sorted in a spreadsheet instead of opening every folder."""
+    import csv
+    import io as text_io
+    import statistics
+
+    from ganfit_jax import io
+
+    rows = []
+    for photo, folder in share:
+        if not finished(folder):
+            continue
+        with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as f:
+            m = json.load(f)
+        rows.append(dict(photo=photo, folder=folder, landmark_error_px=m["landmark_error_px"],
+                         landmark_error_iod_percent=100 * m["landmark_error_iod"],
+                         identity_cosine_start=m.get("identity_cosine_start", ""),
+                         identity_cosine_end=m.get("identity_cosine_end", "")))
+    table = text_io.StringIO()
+    writer = csv.DictWriter(table, SUMMARY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path = os.path.join(FLAGS.output_dir, name)
+    io.write_never_overwrite(path, table.getvalue(), FLAGS.overwrite or FLAGS.resume)
+    text = f"wrote {path}: {len(rows)} of {len(share)} photo(s) fitted"
+    if rows:
+        errors = [r["landmark_error_iod_percent"] for r in rows]
+        worst = max(rows, key=lambda r: r["landmark_error_iod_percent"])
+        text += (f"; landmark error {statistics.mean(errors):.2f}% of inter-ocular on average "
+                 f"(median {statistics.median(errors):.2f}%), the worst "
+                 f"{os.path.basename(str(worst['photo']))} "
+                 f"({worst['landmark_error_iod_percent']:.2f}%)")
+    print(text, flush=True)
+
+
 def _summary(m):
     text = (f"landmark error {m['landmark_error_px']:.2f} px "
             f"({100 * m['landmark_error_iod']:.2f}% of inter-ocular)")
@@ -439,8 +485,11 @@ def run():
         # this process's share, named from the whole folder so that every process agrees
         index, count = jax.process_index(), jax.process_count()
         paths, folders = paths[index::count], folders[index::count]
+        share = list(zip(paths, folders))
         if count > 1:
             print(f"process {index} of {count}: {len(paths)} photo(s)", flush=True)
+        if not FLAGS.resume:
+            check_outputs_free([FLAGS.output_dir], (summary_name(index, count),))
         if FLAGS.resume:  # after the split: each host looks at its own photos' folders
             done = [finished(f) for f in folders]
             print(f"--resume: {sum(done)} of {len(paths)} photo(s) already fitted, "
@@ -448,6 +497,7 @@ def run():
             paths = [p for p, d in zip(paths, done) if not d]
             folders = [f for f, d in zip(folders, done) if not d]
         if not paths:
+            write_summary(share, summary_name(index, count))
             return
     if not FLAGS.resume:
         check_outputs_free(folders)
@@ -498,6 +548,7 @@ def run():
 
     if mode == "images":
         fit_folder(paths, folders, pipeline, config, start, photo_texture, k_fit)
+        write_summary(share, summary_name(jax.process_index(), jax.process_count()))
         return
     index, count = jax.process_index(), jax.process_count()  # --track --distributed
 

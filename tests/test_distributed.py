@@ -3,6 +3,7 @@ of photos, each fitting its share sharded over its own two devices; every photo 
 and as a single process on one device fits the same photos. With `--frames --track`, process 0
 fits a video's keyframes and the other gets their shape and texture through JAX's coordinator."""
 
+import csv
 import os
 import shutil
 import socket
@@ -66,6 +67,10 @@ def test_processes_split_the_folder_and_fit_as_one_process(faces_dir, sfm_dir, t
         mine = PHOTOS[i::2]
         for name in PHOTOS:  # photo i, i+2 of the sorted folder, and no other, on process i
             assert (f"{name}.png: landmark error" in log) == (name in mine), (name, log[-2000:])
+        # each process's table of its own share
+        with open(tmp_path / "out" / f"summary_process{i}_of_2.csv", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        assert [os.path.basename(os.path.normpath(r["folder"])) for r in rows] == list(mine)
     for name in PHOTOS:
         assert (tmp_path / "out" / name / "params.npz").exists(), name
     # process 0 (its batch sharded over two devices, stage 2 vmapped) against one process on

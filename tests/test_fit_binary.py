@@ -1,7 +1,18 @@
 """experiments/fit.py end to end on a real photo (tiny settings) and on bad input."""
 
+import csv
+import json
+import os
+import pathlib
+
 import numpy as np
 import pytest
+
+
+def read_summary(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
 
 TINY = ["--identity=tiny", "--texture=direct", "--stage1_iterations=4", "--iterations=2",
         "--chunk=2", "--image_size=64"]
@@ -109,6 +120,16 @@ def test_folder_of_photos_in_batches_skips_bad_ones(faces_dir, sfm_dir, tmp_path
     for name in ("00003", "00004", "00005"):
         assert (out / name / "params.npz").exists() and (out / name / "overlay.png").exists()
     assert not (out / "blank").exists()
+    # summary.csv: one row per fitted photo, the numbers of its metrics.json
+    assert "wrote " + str(out / "summary.csv") + ": 3 of 4 photo(s) fitted" in stdout, stdout
+    summary = read_summary(out / "summary.csv")
+    assert [os.path.basename(r["photo"]) for r in summary] == ["00003.png", "00004.png",
+                                                              "00005.png"]
+    for row in summary:
+        metrics = json.loads((pathlib.Path(row["folder"]) / "metrics.json").read_text())
+        assert float(row["landmark_error_px"]) == pytest.approx(metrics["landmark_error_px"])
+        assert float(row["landmark_error_iod_percent"]) == pytest.approx(
+            100 * metrics["landmark_error_iod"])
     # each photo got its own fit: different cameras, one shared compiled shape
     cams = [np.load(out / n / "params.npz")["camera"] for n in ("00003", "00004", "00005")]
     assert np.abs(cams[0] - cams[1]).max() > 1.0 and np.abs(cams[1] - cams[2]).max() > 1.0
@@ -131,6 +152,9 @@ def test_folder_of_photos_in_batches_skips_bad_ones(faces_dir, sfm_dir, tmp_path
         assert (out / name / "overlay.png").read_bytes()[:4] == b"\x89PNG", name
     np.testing.assert_allclose(np.load(out / "00004" / "params.npz")["camera"], cams[1],
                                rtol=1e-4, atol=1e-3)  # the same fit as the first run's
+    # the summary again holds every fitted photo, the one fitted before the interruption too
+    assert [os.path.basename(r["photo"]) for r in read_summary(out / "summary.csv")] == [
+        "00003.png", "00004.png", "00005.png"]
 
 
 def test_compilation_cache_is_filled_and_reused(ffhq_photo, sfm_dir, tmp_path, run_fit):
