@@ -54,7 +54,7 @@ def bench_load(paths, threads, detections, size=224):
             seconds = time.perf_counter() - start
             rows.append(dict(case="load", detection=detection, threads=count,
                              photos=len(paths), failed=failed,
-                             mean_megapixels=round(mean_mp, 2), seconds=round(seconds, 2),
+                             mean_megapixels=round(mean_mp, 2), seconds=round(seconds, 3),
                              photos_per_second=round(len(paths) / seconds, 2)))
     full = {r["threads"]: r["seconds"] for r in rows if r["detection"] == "full"}
     for row in rows:

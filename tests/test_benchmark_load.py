@@ -33,7 +33,8 @@ def test_rows_count_every_photo_and_the_faceless_one_as_failed(faces_dir, dlib_a
         ("reduced", 1), ("reduced", 2), ("full", 1), ("full", 2)]
     for row in rows:
         assert row["photos"] == 3 and row["failed"] == 1
-        assert row["photos_per_second"] == pytest.approx(3 / row["seconds"], rel=0.05)
+        # seconds kept to the millisecond: tiny runs take ~0.1 s
+        assert row["photos_per_second"] == pytest.approx(3 / row["seconds"], rel=0.02)
     assert all("speedup_vs_full" in r for r in rows[:2])
     with pytest.raises(ValueError, match="--detection: unknown"):
         benchmark_load.bench_load(paths, [1], ["half"])
