@@ -9,13 +9,28 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".tif", ".tiff", ".
 
 
 def find_images(spec, recursive=False):
-    """Sorted image paths in a folder (optionally its sub-folders) or matching a glob."""
+    """Sorted image paths in a folder (optionally its sub-folders) or matching a glob (where
+    `**` matches any depth of folders, as in a shell with globstar)."""
     if os.path.isdir(spec):
         pattern = os.path.join(spec, "**", "*") if recursive else os.path.join(spec, "*")
         candidates = glob.glob(pattern, recursive=recursive)
     else:
-        candidates = glob.glob(spec)
+        candidates = glob.glob(spec, recursive=True)
     return sorted(p for p in candidates if p.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def photo_folders(paths, output_dir):
+    """One output folder per photo: named after it where the names differ; else the photo's
+    path below the photos' common folder, as sub-folders (a glob over a data set's subjects
+    often meets one name in many of them; one folder for two photos would mix their fits);
+    a.jpg and a.png beside each other get a_jpg and a_png."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if len(set(stems)) < len(stems):
+        base = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+        stems = [os.path.splitext(os.path.relpath(os.path.abspath(p), base))[0] for p in paths]
+        if len(set(stems)) < len(stems):
+            stems = [os.path.relpath(os.path.abspath(p), base).replace(".", "_") for p in paths]
+    return [os.path.join(output_dir, stem) for stem in stems]
 
 
 def video_frame_jobs(path, output_dir, keyframes):

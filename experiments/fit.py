@@ -844,11 +844,7 @@ def other_video_frames(path, output_dir, keyframes):
 
 
 def stem_folders(paths):
-    """One output folder per photo, named after it (a.jpg and a.png get a_jpg and a_png)."""
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    if len(set(stems)) < len(stems):
-        stems = [os.path.basename(p).replace(".", "_") for p in paths]
-    return [os.path.join(FLAGS.output_dir, stem) for stem in stems]
+    return common.photo_folders(paths, FLAGS.output_dir)
 
 
 def track(joint, jobs, total, pipeline, config, start, key, frame_number):

@@ -228,3 +228,29 @@ def test_face_picks_a_group_photos_other_face_and_too_few_faces_is_one_line(face
     assert code != 0 and "face index 2 out of range: 2 face(s) found in" in stderr
     assert "2008_001009.jpg" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "two").exists()
+
+
+def test_photos_with_one_name_in_many_folders_get_a_folder_each(tmp_path):
+    """A glob over a data set's subjects (`**` at any depth) meets one file name in many of
+    them: each photo gets its own output folder, its path below the photos' common folder."""
+    from experiments import common
+
+    for subject in ("s1/neutral", "s2/neutral", "s2/smile"):
+        (tmp_path / subject).mkdir(parents=True)
+        (tmp_path / subject / "IMG_0101.jpg").write_bytes(b"")
+    (tmp_path / "s2" / "smile" / "IMG_0101.png").write_bytes(b"")
+    paths = common.find_images(str(tmp_path / "**" / "IMG_0101.*"))
+    assert len(paths) == 4  # `**` reaches the subjects' folders
+    folders = common.photo_folders(paths, "out")
+    assert len(set(folders)) == 4, folders
+    # (a .jpg and a .png of one name in one folder: every folder keeps its extension)
+    assert folders == [os.path.join("out", "s1", "neutral", "IMG_0101_jpg"),
+                       os.path.join("out", "s2", "neutral", "IMG_0101_jpg"),
+                       os.path.join("out", "s2", "smile", "IMG_0101_jpg"),
+                       os.path.join("out", "s2", "smile", "IMG_0101_png")]
+    no_png = [p for p in paths if p.endswith(".jpg")]
+    assert common.photo_folders(no_png, "out") == [
+        os.path.join("out", s, "IMG_0101") for s in ("s1/neutral", "s2/neutral", "s2/smile")]
+    distinct = [str(tmp_path / "s1" / "neutral" / "IMG_0101.jpg"), str(tmp_path / "b.png")]
+    assert common.photo_folders(distinct, "out") == [os.path.join("out", "IMG_0101"),
+                                                     os.path.join("out", "b")]
