@@ -553,7 +553,7 @@ def run():
     index, count = jax.process_index(), jax.process_count()  # --track --distributed
 
     def keyframes():
-        kept = prepare_together(mode, video, paths, folders)
+        kept, person = prepare_together(mode, video, paths, folders)
         joint = None  # --track --resume: the finished keyframes' shape and texture
         if FLAGS.track and FLAGS.resume:
             joint = finished_keyframes([folder for _, folder, _ in kept], model.num_shape,
@@ -564,7 +564,7 @@ def run():
         # it among those that are the person
         return joint._replace(faces=np.array(
             [(number[path], *face_centre(item)) for path, _, item in kept], np.float64),
-            person=_or_empty(person_descriptor(kept[0][2])))
+            person=_or_empty(person))
 
     # process 0 fits the keyframes (Eq. 13: together) and hands their shape and texture on
     if count == 1:
@@ -661,10 +661,11 @@ def write_sequence(output_dir, numbered_folders):
 
 
 def prepare_together(mode, video, paths, folders):
-    """--image, or the frames fitted jointly (--frames, a --track run's keyframes): [(path,
-    output folder, what `prepare` returns)], every input read before anything is written. A
-    frame without a face is reported and left out (a keyframe where the head turned away should
-    not end a video's run); --image's photo without one is an error, as is a clip with none.
+    """--image, or the frames fitted jointly (--frames, a --track run's keyframes): ([(path,
+    output folder, what `prepare` returns)], the person's face descriptor or None), every input
+    read before anything is written. A frame without a face is reported and left out (a
+    keyframe where the head turned away should not end a video's run); --image's photo without
+    one is an error, as is a clip with none.
     The first frame's largest face (or --face-th) is the person; in each later frame, the face
     nearest where they were in the frame before, among the faces that are that person by dlib's
     face descriptor where any is (neither a larger face walking in nor a stranger standing where
@@ -693,7 +694,7 @@ def prepare_together(mode, video, paths, folders):
     if not kept:
         raise InputError(f"--frames={FLAGS.frames}: none of the {len(paths)} frame(s) to fit "
                          f"together could be fitted; the first: {first_error}")
-    return kept
+    return kept, like
 
 
 def person_descriptor(item):
