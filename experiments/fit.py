@@ -2,6 +2,7 @@
 
     python -m experiments.fit --image=PHOTO [--landmarks=PTS_OR_NPY] --output_dir=outputs/NAME
     python -m experiments.fit --images='DIR_OR_GLOB' --batch_size=8 --output_dir=outputs/batch
+    python -m experiments.fit --image=GROUP_PHOTO --all_faces --output_dir=outputs/group
     python -m experiments.fit --frames=DIR --output_dir=outputs/person   # one shared identity
     python -m experiments.fit --frames=clip.mp4 --frame_step=5 --output_dir=outputs/person
 
@@ -10,7 +11,9 @@ block, vertices (N,3) mm in model coordinates, landmarks3d (68,3), landmarks2d i
 overlay.png (render on the photo), side_by_side.png (photo | render | overlay), views.png (three
 other viewpoints) and loss.png. With --frames, the output folder also gets sequence.npz (every
 fitted frame's expression, camera, head-pose angles, light and landmarks in frame order, the
-shared shape and texture once) and sequence.png (pose and expression over the frames). Existing
+shared shape and texture once) and sequence.png (pose and expression over the frames). With
+--all_faces, every face of a photo is a result in its own folder face_00, face_01, ... (largest
+first), and the photo's folder gets overlay.png (every face pasted back) and faces.json. Existing
 outputs are never replaced unless --overwrite.
 """
 
@@ -67,6 +70,11 @@ flags.DEFINE_integer("face", 0, "Which detected face to fit, by size: 0 the larg
                      "...; with --frames, the person followed from the first frame. A photo "
                      "with fewer faces is reported (--images: skipped). Landmarks read from a "
                      "file name their face themselves.", lower_bound=0)
+flags.DEFINE_bool("all_faces", False, "--image/--images: fit every face dlib finds (or every "
+                  "face of a (faces, 68, 2) landmark file), largest first, each in a folder "
+                  "face_00, face_01, ... of the photo's output folder, in --batch_size batches; "
+                  "the photo's folder also gets overlay.png (every face pasted back) and "
+                  "faces.json (written last).")
 flags.DEFINE_integer("seed", 0, "PRNG seed (random second render, texture init).")
 flags.DEFINE_float("lambda_id", 2.0, "λ_id", lower_bound=0.0)
 flags.DEFINE_float("lambda_id_random", 2.0, "λ̂_id", lower_bound=0.0)
@@ -131,6 +139,7 @@ flags.DEFINE_integer("process_id", None, "--distributed: this process's id, 0 ..
 common.require_positive("stage1_learning_rate")
 
 SEQUENCE_FILES = ("sequence.npz", "sequence.png")  # --frames: in the output folder itself
+FACES_FILES = ("overlay.png", "faces.json")  # --all_faces: in each photo's folder itself
 OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
                 "side_by_side.png", "views.png", "loss.png", "metrics.json")
 
@@ -218,6 +227,30 @@ def prepare(path, landmarks_path, size, detector, near=None, face=0, like=None):
     return image, crop, lm_crop, transform
 
 
+def prepare_all(path, landmarks_path, size, detector):
+    """--all_faces: a photo → [what `prepare` returns] for every face, largest first, the
+    photo's pixels shared between them."""
+    from ganfit_jax import inputs, landmarks
+
+    try:
+        image = landmarks.load_image(path)
+        faces = landmarks.load_or_detect_all(path, landmarks_path, detector=detector, image=image)
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(str(e)) from None
+    items = []
+    for k, lm in enumerate(faces):
+        try:
+            crop, lm_crop, transform = inputs.crop_face(image, lm, size)
+        except ValueError as e:
+            raise InputError(f"{landmarks_path or path} (face {k}): {e}") from None
+        items.append((image, crop, lm_crop, transform))
+    return items
+
+
+def face_folder(folder, k):
+    return os.path.join(folder, f"face_{k:02d}")
+
+
 def prepare_frame(frame, name, size, detector, near=None, face=0, like=None):
     """A decoded video frame → what `prepare` returns for a photo (landmarks detected by dlib)."""
     from ganfit_jax import inputs, landmarks
@@ -248,6 +281,10 @@ def check_outputs_free(folders, files=OUTPUT_FILES):
         return
     for folder in folders:
         existing = [f for f in files if os.path.exists(os.path.join(folder, f))]
+        if FLAGS.all_faces and files is FACES_FILES:  # how many faces is known once detected
+            existing += [os.path.join(os.path.basename(face), f)
+                         for face in sorted(glob.glob(os.path.join(folder, "face_*")))
+                         for f in OUTPUT_FILES if os.path.exists(os.path.join(face, f))][:3]
         if existing:
             raise InputError(f"{folder} already holds {', '.join(existing)}; pass --overwrite "
                              "to replace them or choose another --output_dir")
@@ -375,12 +412,18 @@ def write_summary(share, name):
     for photo, folder in share:
         if not finished(folder):
             continue
-        with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as f:
-            m = json.load(f)
-        rows.append(dict(photo=photo, folder=folder, landmark_error_px=m["landmark_error_px"],
-                         landmark_error_iod_percent=100 * m["landmark_error_iod"],
-                         identity_cosine_start=m.get("identity_cosine_start", ""),
-                         identity_cosine_end=m.get("identity_cosine_end", "")))
+        results = [folder]
+        if FLAGS.all_faces:  # a row per face
+            with open(os.path.join(folder, "faces.json"), encoding="utf-8") as f:
+                results = [os.path.join(folder, face["folder"]) for face in json.load(f)["faces"]]
+        for result in results:
+            with open(os.path.join(result, "metrics.json"), encoding="utf-8") as f:
+                m = json.load(f)
+            rows.append(dict(photo=photo, folder=result,
+                             landmark_error_px=m["landmark_error_px"],
+                             landmark_error_iod_percent=100 * m["landmark_error_iod"],
+                             identity_cosine_start=m.get("identity_cosine_start", ""),
+                             identity_cosine_end=m.get("identity_cosine_end", "")))
     table = text_io.StringIO()
     writer = csv.DictWriter(table, SUMMARY_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -388,6 +431,9 @@ def write_summary(share, name):
     path = os.path.join(FLAGS.output_dir, name)
     io.write_never_overwrite(path, table.getvalue(), FLAGS.overwrite or FLAGS.resume)
     text = f"wrote {path}: {len(rows)} of {len(share)} photo(s) fitted"
+    if FLAGS.all_faces:
+        text = (f"wrote {path}: {len(rows)} face(s) of "
+                f"{sum(finished(folder) for _, folder in share)} of {len(share)} photo(s)")
     if rows:
         errors = [r["landmark_error_iod_percent"] for r in rows]
         worst = max(rows, key=lambda r: r["landmark_error_iod_percent"])
@@ -430,6 +476,11 @@ def run():
     if FLAGS.resume and modes[0] != "images" and not (modes[0] == "frames" and FLAGS.track):
         raise InputError("--resume goes with --images (a folder of photos, one fit each) or "
                          "with --frames --track (one person's frames, tracked)")
+    if FLAGS.all_faces and modes[0] == "frames":
+        raise InputError("--all_faces goes with --image or --images; --frames fits one person "
+                         "(pick them with --face)")
+    if FLAGS.all_faces and FLAGS.face:
+        raise InputError("--face picks one face and --all_faces fits every face: give one")
     if FLAGS.track and modes[0] != "frames":
         raise InputError("--track goes with --frames (a video or a folder of one person's frames)")
     if not FLAGS.track and (FLAGS.track_iterations is not None
@@ -481,7 +532,8 @@ def run():
         folders = [named[p] for p in paths]
     else:
         folders = stem_folders(paths)
-    if mode == "images":
+    batched = mode == "images" or FLAGS.all_faces  # fit_folder: photos (faces) in batches
+    if batched:
         # this process's share, named from the whole folder so that every process agrees
         index, count = jax.process_index(), jax.process_count()
         paths, folders = paths[index::count], folders[index::count]
@@ -500,7 +552,12 @@ def run():
             write_summary(share, summary_name(index, count))
             return
     if not FLAGS.resume:
-        check_outputs_free(folders)
+        check_outputs_free(folders, FACES_FILES if FLAGS.all_faces else OUTPUT_FILES)
+    faces = {}  # --image --all_faces: found before anything loads, so no face is one line
+    if mode == "image" and FLAGS.all_faces:
+        faces[FLAGS.image] = prepare_all(FLAGS.image, FLAGS.landmarks, FLAGS.image_size,
+                                         FLAGS.detector)
+        print(f"{FLAGS.image}: {len(faces[FLAGS.image])} face(s)", flush=True)
     if mode == "frames" and not FLAGS.resume:
         check_outputs_free([FLAGS.output_dir], SEQUENCE_FILES)
     if FLAGS.track and not FLAGS.resume:
@@ -546,8 +603,8 @@ def run():
                                   for p, c in zip(fitting.unstack(params, n), crops)])
         return hook
 
-    if mode == "images":
-        fit_folder(paths, folders, pipeline, config, start, photo_texture, k_fit)
+    if batched:
+        fit_folder(paths, folders, pipeline, config, start, photo_texture, k_fit, faces)
         write_summary(share, summary_name(jax.process_index(), jax.process_count()))
         return
     index, count = jax.process_index(), jax.process_count()  # --track --distributed
@@ -789,8 +846,10 @@ def same_blocks(a, b):
 
 
 def finished(folder):
-    """A fit in `folder` is finished once its metrics.json, written last, is there."""
-    return os.path.exists(os.path.join(folder, "metrics.json"))
+    """A fit in `folder` is finished once its metrics.json, written last, is there (with
+    --all_faces, a photo's once its faces.json is)."""
+    return os.path.exists(os.path.join(folder, "faces.json" if FLAGS.all_faces else
+                                       "metrics.json"))
 
 
 def finished_keyframes(folders, num_shape, texture_shape):
@@ -914,9 +973,14 @@ def start_processes(mode):
                          f"cluster JAX detects") from e
 
 
-def fit_folder(paths, folders, pipeline, config, start, photo_texture, key):
-    """--images: every photo its own fit, in batches (`fit_in_batches`)."""
-    load = lambda path: prepare(path, None, FLAGS.image_size, FLAGS.detector, face=FLAGS.face)
+def fit_folder(paths, folders, pipeline, config, start, photo_texture, key, faces=None):
+    """--images: every photo its own fit, in batches (`fit_in_batches`); with --all_faces every
+    face of every photo (`faces`: those already found, by path)."""
+    if FLAGS.all_faces:
+        load = lambda path: (faces or {}).pop(path, None) or prepare_all(
+            path, None, FLAGS.image_size, FLAGS.detector)
+    else:
+        load = lambda path: prepare(path, None, FLAGS.image_size, FLAGS.detector, face=FLAGS.face)
     done, _ = fit_in_batches(list(zip(paths, folders)), load, len(paths), pipeline, config,
                              start, photo_texture, key, "photo")
     if done == 0:
@@ -944,8 +1008,13 @@ def fit_in_batches(jobs, load, total, pipeline, config, start, photo_texture, ke
     """Jobs (what `load` reads, output folder) loaded (decoded, landmarked, cropped) in
     background threads while the device fits the previous batch; batches of --batch_size under
     vmap (sharded over devices); one that cannot be read or has no face is reported and
-    skipped. `jobs` may be a generator (a video's frames, decoded as they go); `total` (None
-    when not known) gives the ETA. Returns how many were fitted and how many skipped."""
+    skipped. `load` may return a list of faces of one photo (--all_faces): each is a fit in
+    its own folder, a batch may hold several photos' faces, and a photo's overlay and
+    faces.json are written once its last face is. `jobs` may be a generator (a video's frames,
+    decoded as they go); `total` (None when not known) gives the ETA. Returns how many jobs
+    were fitted and how many skipped."""
+    import collections
+
     import jax
 
     from ganfit_jax import fitting, inputs
@@ -956,20 +1025,30 @@ def fit_in_batches(jobs, load, total, pipeline, config, start, photo_texture, ke
         batch_size += devices - batch_size % devices  # every device gets the same share
         print(f"batch size rounded up to {batch_size} for {devices} devices")
     workers = loader_threads()
-    stream = inputs.prefetch_map(lambda job: load(job[0]), jobs, workers=workers,
-                                 ahead=max(2 * batch_size, 2 * workers))
+    stream = iter(inputs.prefetch_map(lambda job: load(job[0]), jobs, workers=workers,
+                                      ahead=max(2 * batch_size, 2 * workers)))
     source = lambda what: what if isinstance(what, str) else what[0]  # a path or a frame's name
-    t0, done, skipped, batch_index = time.time(), 0, 0, 0
+    # fits waiting for a batch: (label, folder, item, the photo's folder if one of its faces)
+    pending = collections.deque()
+    photos = {}  # --all_faces: a photo's folder → [its source, its face count, finished faces]
+    t0, done, skipped, batch_index, fits, per_face = time.time(), 0, 0, 0, 0, False
     while True:
-        batch = []
-        for (what, folder), item in stream:
+        while len(pending) < batch_size:
+            job = next(stream, None)
+            if job is None:
+                break
+            (what, folder), item = job
             if isinstance(item, Exception):
                 skipped += 1
                 print(f"skipped {source(what)}: {item}", flush=True)
-                continue
-            batch.append((source(what), folder, item))
-            if len(batch) == batch_size:
-                break
+            elif isinstance(item, list):
+                per_face = True
+                photos[folder] = [source(what), len(item), []]
+                pending.extend((f"{source(what)} (face {k})", face_folder(folder, k), face,
+                                folder) for k, face in enumerate(item))
+            else:
+                pending.append((source(what), folder, item, None))
+        batch = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
         if not batch:
             break
         real = len(batch)
@@ -978,27 +1057,65 @@ def fit_in_batches(jobs, load, total, pipeline, config, start, photo_texture, ke
         # new batch shape only recompiles stage 1's small step
         pad = 0 if fitting.per_photo_batch_applies(config, 2, "batch") else batch_size - real
         padded = batch + [batch[-1]] * pad
-        starts = [start(item) for _, _, item in padded]
+        starts = [start(item) for _, _, item, _ in padded]
         batch_index += 1
-        print(f"batch {batch_index}: {real} {noun}(s), {done} done so far", flush=True)
-        hook = None if photo_texture is None else photo_texture([i[1] for _, _, i in padded])
+        print(f"batch {batch_index}: {real} {'face' if per_face else noun}(s), {fits} done so far",
+              flush=True)
+        hook = None if photo_texture is None else photo_texture([i[1] for _, _, i, _ in padded])
         params, history = fitting.fit(pipeline, fitting.stack([s[0] for s in starts]),
                                       fitting.stack([s[1] for s in starts]), config,
                                       jax.random.fold_in(key, batch_index), batched=True,
                                       between_stages=hook)
         for i, p in enumerate(fitting.unstack(params, real)):
-            what, folder, (original, crop, lm_crop, transform) = batch[i]
+            what, folder, item, photo = batch[i]
+            original, crop, lm_crop, transform = item
             metrics = write_result(folder, pipeline, p, original, crop, transform,
                                    history_slice(history, i), what, lm_crop)
             print(f"{os.path.basename(what)}: {_summary(metrics)}", flush=True)
-        done += real
+            fits += 1
+            if photo is None:
+                done += 1
+                continue
+            photos[photo][2].append((folder, p, item, metrics))
+            if len(photos[photo][2]) == photos[photo][1]:
+                write_faces(photo, pipeline, *photos.pop(photo))
+                done += 1
         elapsed = time.time() - t0
         # a video's total is its header's frame count, which may be off by a few
-        left = "" if total is None else \
+        left = "" if total is None or not done else \
             f", eta {elapsed / done * max(total - done - skipped, 0):.0f}s"
-        print(f"wrote {done}{'' if total is None else f'/{total}'} ({skipped} skipped) in "
-              f"{elapsed:.0f}s, {done / elapsed:.2f} {noun}s/s{left}", flush=True)
+        faces = f" {noun}s ({fits} faces)" if per_face else ""
+        print(f"wrote {done}{'' if total is None else f'/{total}'}{faces} ({skipped} skipped) in "
+              f"{elapsed:.0f}s, {fits / elapsed:.2f} {'face' if per_face else noun}s/s{left}",
+              flush=True)
     return done, skipped
+
+
+def write_faces(folder, pipeline, source, count, faces):
+    """--all_faces: `folder`/overlay.png, every fitted face of the photo pasted back (smaller
+    faces first, so that a nearer, larger face covers one behind it), and faces.json, written
+    last: the photo is finished."""
+    import numpy as np
+
+    from ganfit_jax import fitting, inputs, io
+
+    over = FLAGS.overwrite or FLAGS.resume
+    faces = sorted(faces, key=lambda f: f[0])  # face_00, face_01, ...: largest first
+    overlay = faces[0][2][0]
+    for face_dir, params, (_, _, _, transform), metrics in sorted(
+            faces, key=lambda f: f[3]["interocular_px"]):
+        render, aux = fitting.render_face(pipeline, params)
+        overlay = inputs.paste_back(overlay, np.clip(np.asarray(render), 0, 1),
+                                    np.asarray(aux["mask"]), transform)
+    io.save_image(os.path.join(folder, "overlay.png"), overlay, overwrite=over)
+    listing = [dict(folder=os.path.basename(face_dir),
+                    landmark_error_px=m["landmark_error_px"],
+                    landmark_error_iod=m["landmark_error_iod"], interocular_px=m["interocular_px"],
+                    centre=[float(v) for v in np.nanmean(item[3].to_original(item[2]), axis=0)])
+               for face_dir, _, item, m in faces]
+    io.write_never_overwrite(os.path.join(folder, "faces.json"),
+                             json.dumps(dict(source=str(source), faces=listing), indent=1), over)
+    print(f"wrote {folder}/: overlay.png faces.json ({count} face(s) of {source})", flush=True)
 
 
 def main(argv):

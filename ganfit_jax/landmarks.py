@@ -121,12 +121,8 @@ def _read_pts(path):
         raise ValueError(f"landmarks {path}: a point line between '{{' and '}}' is not 'x y'") from None
 
 
-def load_landmarks(path, pixel_centre=None):
-    """Read 68 iBUG landmarks from `.pts`, `.npy` or `.json` into the project's convention.
-
-    `pixel_centre` overrides where the source puts the first pixel's centre (see module docstring).
-    Returns float32 (68, 2).
-    """
+def _read_points(path, pixel_centre):
+    """The raw array of a landmark file and where its first pixel's centre lies."""
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"landmark file {path} does not exist")
@@ -138,27 +134,56 @@ def load_landmarks(path, pixel_centre=None):
             points = np.load(path, allow_pickle=False)
         except ValueError as e:
             raise ValueError(f"landmarks {path}: not a numeric .npy array ({e})") from None
-        if points.ndim == 3 and points.shape[0] == 1:
-            points = points[0]
-        if points.ndim == 2 and points.shape[1] == 3:  # (x, y, visibility/z) variants
-            points = points[:, :2]
+        if points.ndim in (2, 3) and points.shape[-1] == 3:  # (x, y, visibility/z) variants
+            points = points[..., :2]
     elif suffix == ".json":
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"landmarks {path}: invalid JSON ({e})") from None
         if isinstance(data, dict):
-            if "landmarks" not in data:
-                raise ValueError(f"landmarks {path}: JSON object needs a 'landmarks' key with 68 [x, y]")
+            key = "faces" if "faces" in data else "landmarks"
+            if key not in data:
+                raise ValueError(f"landmarks {path}: JSON object needs a 'landmarks' key with 68 "
+                                 "[x, y] (or 'faces': a list of such lists)")
             if pixel_centre is None:
                 pixel_centre = float(data.get("pixel_centre", PIXEL_CENTRE[".json"]))
-            data = data["landmarks"]
-        points = data
+            data = data[key]
+        try:
+            points = np.asarray(data, np.float64)
+        except (ValueError, TypeError):
+            raise ValueError(f"landmarks {path}: the points are not a list of [x, y]") from None
     else:
         raise ValueError(f"landmarks {path}: unknown extension {suffix!r} (expected .pts, .npy or .json)")
-    points = _check(points, path)
     if pixel_centre is None:
         pixel_centre = PIXEL_CENTRE[suffix]
+    return points, pixel_centre
+
+
+def load_landmarks(path, pixel_centre=None):
+    """Read 68 iBUG landmarks from `.pts`, `.npy` or `.json` into the project's convention.
+
+    `pixel_centre` overrides where the source puts the first pixel's centre (see module docstring).
+    Returns float32 (68, 2).
+    """
+    points, pixel_centre = _read_points(path, pixel_centre)
+    if points.ndim == 3 and points.shape[0] == 1:
+        points = points[0]
+    points = _check(points, path)
+    return (points + (0.5 - pixel_centre)).astype(np.float32)
+
+
+def load_landmark_sets(path, pixel_centre=None):
+    """Every face's 68 landmarks in one file: a `.npy` of shape (faces, 68, 2) (or (68, 2)), a
+    `.json` ``{"faces": [[[x, y], ...], ...]}`` or a list of such lists, or a `.pts` (one face).
+    Returns float32 (faces, 68, 2) in the project's convention."""
+    points, pixel_centre = _read_points(path, pixel_centre)
+    if points.ndim == 2:
+        points = points[None]
+    if points.ndim != 3 or points.shape[0] == 0:
+        raise ValueError(f"landmarks {path}: expected (faces, 68, 2) points, got shape "
+                         f"{points.shape}")
+    points = np.stack([_check(p, f"{path} (face {i})") for i, p in enumerate(points)])
     return (points + (0.5 - pixel_centre)).astype(np.float32)
 
 
@@ -373,6 +398,25 @@ def detect_landmarks(image, detector="hog", face=None, upsample=1, name=None, ne
     return _to_points(predictor(img, dlib.rectangle(*boxes[chosen])))
 
 
+def detect_all_landmarks(image, detector="hog", upsample=1, name=None,
+                         max_side=DETECTION_MAX_SIDE):
+    """68 iBUG landmarks of every face dlib finds, largest box first (the order of
+    `detect_landmarks(face=k)`): float32 (faces, 68, 2) in the project's convention. Raises
+    ValueError naming `name` (default: the path, if `image` is one) when there is none."""
+    import dlib
+
+    if name is None:
+        name = str(image) if isinstance(image, (str, os.PathLike)) else "the given image"
+    img = _pixels(image)
+    boxes, _ = detect_faces(img, detector, upsample, max_side)
+    if not boxes:
+        raise ValueError(f"no face found in {name} by dlib's {detector} detector "
+                         f"(upsample={upsample}); pass landmarks explicitly or try detector='cnn'")
+    boxes = sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+    predictor = _shape_predictor()
+    return np.stack([_to_points(predictor(img, dlib.rectangle(*box))) for box in boxes])
+
+
 def load_or_detect(image_path, landmarks_path=None, detector="hog", near=None, image=None,
                    face=None, like=None):
     """Landmarks from `landmarks_path`, else a sibling .pts/.npy/.json, else detected by dlib
@@ -388,3 +432,18 @@ def load_or_detect(image_path, landmarks_path=None, detector="hog", near=None, i
             return load_landmarks(candidate)
     return detect_landmarks(image_path if image is None else image, detector=detector, near=near,
                             face=face, like=like, name=str(image_path))
+
+
+def load_or_detect_all(image_path, landmarks_path=None, detector="hog", image=None):
+    """Every face's landmarks (faces, 68, 2): from `landmarks_path`, else a sibling
+    .pts/.npy/.json (`load_landmark_sets`), else every face dlib finds (`detect_all_landmarks`)
+    in `image` (the photo's pixels where the caller has them), else read from `image_path`."""
+    image_path = pathlib.Path(image_path)
+    if landmarks_path is not None:
+        return load_landmark_sets(landmarks_path)
+    for suffix in (".pts", ".npy", ".json"):
+        candidate = image_path.with_suffix(suffix)
+        if candidate.exists():
+            return load_landmark_sets(candidate)
+    return detect_all_landmarks(image_path if image is None else image, detector=detector,
+                                name=str(image_path))

@@ -56,7 +56,9 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
 @pytest.mark.parametrize("case", ["missing_image", "not_an_image", "no_face", "bad_landmarks",
                                   "unknown_model", "resume_one_photo", "resume_and_overwrite",
                                   "track_one_photo", "track_every_frame",
-                                  "track_iterations_alone"])
+                                  "track_iterations_alone", "all_faces_frames",
+                                  "all_faces_and_face", "all_faces_no_face",
+                                  "all_faces_bad_landmarks"])
 def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fit):
     out = tmp_path / "out"
     image, extra, expect = ffhq_photo, [], None
@@ -87,7 +89,24 @@ def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fi
         extra, expect = ["--track"], "--track goes with --frames"
     elif case == "track_iterations_alone":
         extra, expect = ["--track_iterations=5"], "go with --track"
+    elif case == "all_faces_frames":
+        extra, expect = ["--all_faces"], "--all_faces goes with --image or --images"
+    elif case == "all_faces_and_face":
+        extra, expect = ["--all_faces", "--face=1"], "give one"
+    elif case == "all_faces_no_face":  # found before the model loads: no folder made
+        from PIL import Image
+
+        image = tmp_path / "grey.png"
+        Image.fromarray(np.full((120, 160, 3), 128, np.uint8)).save(image)
+        extra, expect = ["--all_faces"], "no face found in"
+    elif case == "all_faces_bad_landmarks":  # the file's second face is far off the photo
+        face = np.load(ffhq_photo.with_suffix(".npy"))
+        lm = tmp_path / "faces.npy"
+        np.save(lm, np.stack([face, face - 5000]))
+        extra, expect = ["--all_faces", f"--landmarks={lm}"], "faces.npy (face 1)"
     source = f"--image={image}"
+    if case == "all_faces_frames":
+        source = f"--frames={tmp_path}"
     if case == "track_every_frame":  # frame_step 1, no max_frames: nothing left to track
         source, extra, expect = f"--frames={tmp_path}", ["--track"], "none is left to track"
     code, stdout, stderr = run_fit(source, f"--output_dir={out}", model, *TINY, *extra)
@@ -228,6 +247,58 @@ def test_face_picks_a_group_photos_other_face_and_too_few_faces_is_one_line(face
     assert code != 0 and "face index 2 out of range: 2 face(s) found in" in stderr
     assert "2008_001009.jpg" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "two").exists()
+
+
+def test_all_faces_fits_every_face_of_every_photo_in_shared_batches(faces_dir, sfm_dir,
+                                                                    tmp_path, run_fit):
+    """--images --all_faces over a one-face photo and a two-face group photo in batches of two:
+    the group photo's faces are split over two batches (one shared with the other photo), each
+    face gets its own folder whose fitted landmarks lie in that face's dlib box, the group
+    photo's overlay.png differs from the photo at both faces and nowhere else, summary.csv has a
+    row per face, and --resume finds both photos finished."""
+    from ganfit_jax import landmarks
+
+    group = faces_dir / "dlib" / "faces" / "2008_001009.jpg"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a_one.png").symlink_to(faces_dir / "ffhq" / "FFHQ" / "00002.png")
+    (photos / "b_group.jpg").symlink_to(group)
+    out = tmp_path / "out"
+    args = [f"--images={photos}", f"--output_dir={out}", "--all_faces", "--batch_size=2",
+            f"--model={sfm_dir / 'sfm_shape_3448.bin'}", *TINY]
+    code, stdout, stderr = run_fit(*args)
+    assert code == 0, stderr[-2000:]
+    assert "batch 1: 2 face(s)" in stdout and "batch 2: 1 face(s)" in stdout, stdout[-3000:]
+    assert "wrote 2/2 photos (3 faces)" in stdout, stdout[-3000:]
+    boxes = sorted(landmarks.detect_faces(group)[0], key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+    listing = json.loads((out / "b_group" / "faces.json").read_text())
+    assert [f["folder"] for f in listing["faces"]] == ["face_00", "face_01"]
+    for k, box in enumerate(boxes):
+        x, y = np.nanmean(np.load(out / "b_group" / f"face_{k:02d}" / "params.npz")
+                          ["landmarks2d"], axis=0)
+        assert box[0] <= x <= box[2] + 1 and box[1] <= y <= box[3] + 1, (k, (x, y), box)
+    assert (out / "a_one" / "face_00" / "metrics.json").exists()
+    assert not (out / "a_one" / "face_01").exists()
+    photo = landmarks.load_image(group)
+    overlay = landmarks.load_image(out / "b_group" / "overlay.png")
+    changed = np.abs(overlay - photo).max(-1) > 2 / 255
+    ys, xs = np.nonzero(changed)
+    for box in boxes:  # the face's render covers its box's middle
+        mid = changed[box[1] + (box[3] - box[1]) // 3:box[3] - (box[3] - box[1]) // 3,
+                      box[0] + (box[2] - box[0]) // 3:box[2] - (box[2] - box[0]) // 3]
+        assert mid.mean() > 0.5, mid.mean()
+    near = np.zeros(changed.shape, bool)
+    for box in boxes:  # and nothing far from the faces changed
+        w, h = box[2] - box[0], box[3] - box[1]
+        near[max(0, box[1] - h):box[3] + h, max(0, box[0] - w):box[2] + w] = True
+    assert not (changed & ~near).any()
+    rows = read_summary(out / "summary.csv")
+    assert [os.path.relpath(r["folder"], out) for r in rows] == [
+        os.path.join("a_one", "face_00"), os.path.join("b_group", "face_00"),
+        os.path.join("b_group", "face_01")]
+    code, stdout, stderr = run_fit(*args, "--resume")
+    assert code == 0, stderr[-2000:]
+    assert "--resume: 2 of 2 photo(s) already fitted, 0 to go" in stdout, stdout[-2000:]
 
 
 def test_photos_with_one_name_in_many_folders_get_a_folder_each(tmp_path):

@@ -115,6 +115,32 @@ def test_bad_landmark_files(tmp_path):
         landmarks.load_landmarks(tmp_path / "absent.pts")
 
 
+def test_landmark_sets_of_every_face(tmp_path):
+    """(faces, 68, 2) files for --all_faces: .npy and JSON with their pixel-centre conventions,
+    a single face's file as one face, and a wrong face named with its index."""
+    rng = np.random.default_rng(0)
+    faces = rng.uniform(10, 100, (3, 68, 2))
+    np.save(tmp_path / "three.npy", faces)
+    np.testing.assert_allclose(landmarks.load_landmark_sets(tmp_path / "three.npy"), faces + 0.5,
+                               rtol=1e-6)
+    (tmp_path / "three.json").write_text(json.dumps({"faces": faces.tolist()}))
+    np.testing.assert_allclose(landmarks.load_landmark_sets(tmp_path / "three.json"), faces,
+                               rtol=1e-6)
+    np.save(tmp_path / "one.npy", np.concatenate([faces[0], np.ones((68, 1))], 1))  # x, y, z
+    one = landmarks.load_landmark_sets(tmp_path / "one.npy")
+    assert one.shape == (1, 68, 2)
+    np.testing.assert_allclose(one[0], landmarks.load_landmarks(tmp_path / "one.npy"))
+    (tmp_path / "bad.json").write_text(json.dumps([faces[0].tolist(), faces[1][:60].tolist()]))
+    with pytest.raises(ValueError, match=r"bad\.json"):
+        landmarks.load_landmark_sets(tmp_path / "bad.json")
+    np.save(tmp_path / "bad.npy", np.stack([faces[0], faces[1] * np.nan]))
+    with pytest.raises(ValueError, match=r"bad\.npy \(face 1\).*non-finite"):
+        landmarks.load_landmark_sets(tmp_path / "bad.npy")
+    np.save(tmp_path / "none.npy", np.zeros((0, 68, 2)))
+    with pytest.raises(ValueError, match=r"none\.npy.*\(faces, 68, 2\)"):
+        landmarks.load_landmark_sets(tmp_path / "none.npy")
+
+
 @pytest.fixture(scope="module")
 def dlib_available():
     pytest.importorskip("dlib")
@@ -273,3 +299,20 @@ def test_cnn_detector(faces_dir, dlib_available):
     assert np.median(err) < 0.05
     with pytest.raises(ValueError, match="detector must be 'hog' or 'cnn'"):
         landmarks.detect_faces(image, detector="mtcnn")
+
+
+def test_every_face_in_the_order_of_face_index(faces_dir, dlib_available, tmp_path):
+    """detect_all_landmarks lists the group photo's faces as detect_landmarks(face=k) picks
+    them; load_or_detect_all prefers a landmark file beside the photo."""
+    photo = faces_dir / "dlib" / "faces" / "2008_001009.jpg"
+    every = landmarks.detect_all_landmarks(photo)
+    assert every.shape == (2, 68, 2) and every.dtype == np.float32
+    for k in range(2):
+        np.testing.assert_array_equal(every[k], landmarks.detect_landmarks(photo, face=k))
+    copy = tmp_path / "group.jpg"
+    copy.symlink_to(photo)
+    np.save(tmp_path / "group.npy", every[1:] - 0.5)  # 0-based indices, as face_alignment's
+    np.testing.assert_allclose(landmarks.load_or_detect_all(copy), every[1:])
+    np.testing.assert_allclose(landmarks.load_or_detect_all(photo), every)
+    with pytest.raises(ValueError, match="no face found in the given image"):
+        landmarks.detect_all_landmarks(np.full((80, 90, 3), 0.5, np.float32))
