@@ -7,7 +7,9 @@
     python -m experiments.fit --frames=clip.mp4 --frame_step=5 --output_dir=outputs/person
 
 Per result it writes: mesh.obj + mesh.mtl + mesh.png (UV texture), params.npz (every parameter
-block, vertices (N,3) mm in model coordinates, landmarks3d (68,3), landmarks2d in the photo),
+block, vertices (N,3) mm in model coordinates, landmarks3d (68,3), landmarks2d in the photo, and
+the camera as OpenCV takes one: camera_matrix (3,3) in the photo's pixels, rotation (3,3) and
+translation (3,) from model to camera coordinates),
 overlay.png (render on the photo), side_by_side.png (photo | render | overlay), views.png (three
 other viewpoints) and loss.png. With --frames, the output folder also gets sequence.npz (every
 fitted frame's expression, camera, head-pose angles, light and landmarks in frame order, the
@@ -325,7 +327,7 @@ def write_result(folder, pipeline, params, original, crop, transform, history, s
     import jax.numpy as jnp
     import numpy as np
 
-    from ganfit_jax import fitting, inputs, io, morphable
+    from ganfit_jax import camera, fitting, inputs, io, morphable
 
     os.makedirs(folder, exist_ok=True)
     model = pipeline.model
@@ -335,12 +337,16 @@ def write_result(folder, pipeline, params, original, crop, transform, history, s
     io.write_obj(os.path.join(folder, "mesh.obj"), verts, np.asarray(model.triangles),
                  np.asarray(model.uv), texture, overwrite=over)
     lm2d_crop = np.asarray(fitting.project_landmarks(pipeline, params, None))
+    # the fitted camera as other tools (OpenCV, Open3D, pyrender) take one, in the photo's pixels
+    intrinsics, rotation, translation = camera.opencv_matrices(params.camera, pipeline.image_size)
     io.save_params(os.path.join(folder, "params.npz"),
                    dict(shape=params.shape, expression=params.expression, texture=params.texture,
                         camera=params.camera, light=params.light, vertices=verts,
                         landmarks3d=np.asarray(morphable.landmarks3d(model, jnp.asarray(verts))),
                         landmarks2d=transform.to_original(lm2d_crop),
-                        crop_origin=np.asarray(transform.origin), crop_scale=transform.scale),
+                        crop_origin=np.asarray(transform.origin), crop_scale=transform.scale,
+                        camera_matrix=transform.intrinsics_to_original(intrinsics),
+                        rotation=rotation, translation=translation),
                    overwrite=over, source=str(source))
     render, aux = fitting.render_face(pipeline, params)
     render = np.clip(np.asarray(render), 0, 1)
@@ -695,7 +701,9 @@ def write_sequence(output_dir, numbered_folders):
     cameras = np.stack([r["camera"] for r in rows])
     yaw, pitch, roll = (np.degrees(np.asarray(a)) for a in camera.orbit_angles(cameras))
     stacked = {k: np.stack([r[k] for r in rows])
-               for k in ("expression", "camera", "light", "landmarks2d")}
+               for k in ("expression", "camera", "light", "landmarks2d", "camera_matrix",
+                         "rotation", "translation")
+               if all(k in r for r in rows)}  # a resumed run's older frames may lack the last
     over = FLAGS.overwrite or FLAGS.resume
     io.save_params(os.path.join(output_dir, "sequence.npz"),
                    dict(stacked, frame=np.asarray(frames), camera_yaw_deg=yaw,

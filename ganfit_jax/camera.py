@@ -92,6 +92,24 @@ def project(camera, points, image_size):
     return jnp.stack([x, y], axis=-1), depth
 
 
+def opencv_matrices(camera, image_size):
+    """The camera as OpenCV (and most other tools) write a pinhole: intrinsics K (3,3) and the
+    world-to-camera rotation R (3,3) and translation t (3,), camera axes x right, y down,
+    z forward, pixel (0, 0)'s centre at (0, 0), so that K (R X + t), divided by its last entry,
+    is `project(camera, X)` less half a pixel. NumPy float64; one camera (7,) or (8,)."""
+    camera = np.asarray(camera, np.float64)
+    _check_camera(camera)
+    height, width = image_hw(image_size)
+    right, up, forward = (np.asarray(a, np.float64) for a in axes(camera))
+    rotation = np.stack([right, -up, forward])
+    translation = -rotation @ camera[0:3]
+    focal = camera[6]
+    intrinsics = np.array([[focal, 0.0, 0.5 * width - 0.5],
+                           [0.0, focal, 0.5 * height - 0.5],
+                           [0.0, 0.0, 1.0]])
+    return intrinsics, rotation, translation
+
+
 def default_focal(image_size, fov_degrees=12.0):
     """A long lens (small field of view) as portrait photos are taken; focal in pixels."""
     height, width = image_hw(image_size)

@@ -29,6 +29,15 @@ class CropTransform:
     def to_original(self, points):
         return np.asarray(points, np.float64) / self.scale + np.asarray(self.origin)
 
+    def intrinsics_to_original(self, intrinsics):
+        """An OpenCV camera matrix (3,3) of the crop → the same camera in the photo's pixels
+        (OpenCV's convention on both sides: pixel (0, 0)'s centre at (0, 0))."""
+        (ox, oy), s = self.origin, self.scale
+        # OpenCV crop pixel + 0.5 → ours; / scale + origin → the photo; − 0.5 → OpenCV's
+        back = np.array([[1 / s, 0, 0.5 / s + ox - 0.5], [0, 1 / s, 0.5 / s + oy - 0.5],
+                         [0, 0, 1]], np.float64)
+        return back @ np.asarray(intrinsics, np.float64)
+
 
 def face_box(landmarks, margin=1.6):
     """A square (x0, y0, side) centred on the landmarks' box, `margin` times its larger side:

@@ -136,3 +136,29 @@ def test_orbit_angles_give_back_the_angles_a_camera_was_placed_at():
     assert float(y) > 0 and float(p) == 0 and float(r) == 0
     with pytest.raises(ValueError, match="camera"):
         cam.orbit_angles(np.zeros((2, 6)))
+
+
+@pytest.mark.parametrize("roll", [None, 0.3])
+def test_opencv_matrices_project_as_the_camera_does(roll):
+    """K (R X + t), divided by depth, lands where `project` puts X less half a pixel (OpenCV's
+    pixel-centre convention), R is a rotation and its z row gives `project`'s depth; in a
+    photo's pixels through a crop's transform too."""
+    from ganfit_jax import inputs
+
+    rng = np.random.default_rng(3)
+    pts = random_points(rng)
+    c = np.r_[[230.0, -90, 700], [5, 12, -3], 1400.0] if roll is None else \
+        np.r_[[230.0, -90, 700], [5, 12, -3], 1400.0, roll]
+    px, depth = (np.asarray(a, np.float64) for a in cam.project(
+        jnp.asarray(c, jnp.float32), jnp.asarray(pts, jnp.float32), (180, 240)))
+    K, R, t = cam.opencv_matrices(c, (180, 240))
+    np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-6)
+    assert np.linalg.det(R) == pytest.approx(1.0, abs=1e-6)
+    in_camera = pts @ R.T + t
+    np.testing.assert_allclose(in_camera[:, 2], depth, rtol=1e-5)
+    uvw = in_camera @ K.T
+    np.testing.assert_allclose(uvw[:, :2] / uvw[:, 2:], px - 0.5, atol=2e-3)
+    crop = inputs.CropTransform(origin=(310.5, 97.25), scale=0.4, size=240,
+                                original_hw=(1200, 1600))
+    uvw = in_camera @ crop.intrinsics_to_original(K).T
+    np.testing.assert_allclose(uvw[:, :2] / uvw[:, 2:], crop.to_original(px) - 0.5, atol=5e-3)

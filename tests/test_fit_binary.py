@@ -42,6 +42,12 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
         assert key in params.files, key
     assert params["vertices"].shape == (3448, 3) and params["landmarks3d"].shape == (68, 3)
     assert np.isnan(params["landmarks3d"][0]).all() and np.isfinite(params["landmarks3d"][30]).all()
+    # the fitted camera as OpenCV takes one puts the 3D landmarks on the photo's 2D ones
+    ok = np.isfinite(params["landmarks3d"]).all(1)
+    uvw = (params["landmarks3d"][ok] @ params["rotation"].T + params["translation"]) \
+        @ params["camera_matrix"].T
+    np.testing.assert_allclose(uvw[:, :2] / uvw[:, 2:], params["landmarks2d"][ok] - 0.5,
+                               atol=0.05)
     obj_vertices = [l for l in (out / "mesh.obj").read_text().splitlines() if l.startswith("v ")]
     assert len(obj_vertices) == 3448
     np.testing.assert_allclose(np.array(obj_vertices[114].split()[1:4], float),

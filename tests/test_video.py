@@ -172,6 +172,7 @@ def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path
     for i, p in enumerate(params):
         np.testing.assert_array_equal(sequence["expression"][i], p["expression"])
         np.testing.assert_array_equal(sequence["landmarks2d"][i], p["landmarks2d"])
+        np.testing.assert_array_equal(sequence["camera_matrix"][i], p["camera_matrix"])
     yaw, pitch, roll = (np.degrees(np.asarray(a)) for a in
                         camera.orbit_angles(np.stack([p["camera"] for p in params])))
     np.testing.assert_allclose(sequence["camera_yaw_deg"], yaw, rtol=1e-6)
