@@ -346,7 +346,8 @@ def write_result(folder, pipeline, params, original, crop, transform, history, s
                         landmarks2d=transform.to_original(lm2d_crop),
                         crop_origin=np.asarray(transform.origin), crop_scale=transform.scale,
                         camera_matrix=transform.intrinsics_to_original(intrinsics),
-                        rotation=rotation, translation=translation),
+                        rotation=rotation, translation=translation,
+                        image_size=np.asarray(pipeline.image_size)),
                    overwrite=over, source=str(source))
     render, aux = fitting.render_face(pipeline, params)
     render = np.clip(np.asarray(render), 0, 1)

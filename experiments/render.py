@@ -4,7 +4,12 @@
       --output_dir /tmp/renders --views=-30,0,30 --turntable 0 --image_size 256 --save_depth
 
 --params (optional) is an .npz with any of: shape (S,), expression (E,), camera (7,) or (8,),
-light (9,), texture (Ht,Wt,3) UV map or colours (N,3). Without it the mean face is rendered with
+light (9,), texture (Ht,Wt,3) UV map or colours (N,3); a fit's params.npz (experiments/fit.py)
+as it stands: its texture is a texture model's latent, so its UV map is read from the mesh.png
+the fit wrote beside it (or --texture_map), and its camera's focal length is scaled from the fit's
+working size to --image_size, so the 0° view frames the face as the fit's render did.
+--expression_from takes the expression (and --pose_from the camera) of another fit: one
+person's face with another's expression or head pose. Without --params the mean face is rendered with
 the model's texture mean (if any), else a uniform skin tone, lit by a light beside the camera.
 Views are yaw angles (degrees) of a camera orbiting the face at --distance mm; a params camera
 is used as the 0° view and orbited about its target. Existing outputs are never overwritten
@@ -35,38 +40,75 @@ flags.DEFINE_float("background", 1.0, "background grey level in [0,1]",
 flags.DEFINE_enum("texture_sampling", "pixel", ["pixel", "vertex"], "UV map lookup mode")
 flags.DEFINE_bool("save_depth", False, "also save depth maps (.npy, mm, 0 on background)")
 flags.DEFINE_bool("save_mask", False, "also save foreground masks (.npy, float32)")
+flags.DEFINE_string("texture_map", None, "a UV map (PNG) to render with; default: the texture in "
+                    "--params, or, for a fit's params.npz, the mesh.png beside it")
+flags.DEFINE_string("expression_from", None, "a params.npz whose expression replaces --params' "
+                    "(expression transfer)")
+flags.DEFINE_string("pose_from", None, "a params.npz whose camera (the head pose and framing) "
+                    "replaces --params'")
 flags.DEFINE_bool("overwrite", False, "replace existing output files")
 common.require_positive("distance")
 
 DEFAULT_ALBEDO = (0.78, 0.6, 0.5)
 
 
-def _load_params(path, model):
-    import jax.numpy as jnp
+# what experiments/fit.py writes into params.npz beside the blocks this binary renders
+FIT_OUTPUTS = {"vertices", "landmarks3d", "landmarks2d", "crop_origin", "crop_scale",
+               "camera_matrix", "rotation", "translation", "image_size"}
 
+
+def _load_params(path, model, flag="--params"):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--params {path}: no such file")
+        raise FileNotFoundError(f"{flag} {path}: no such file")
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise ValueError(f"--params {path}: not a readable .npz ({e})") from None
+        raise ValueError(f"{flag} {path}: not a readable .npz ({e})") from None
     known = {"shape", "expression", "camera", "light", "texture", "colours"}
-    unknown = sorted(set(data.files) - known)
+    keys = {k for k in data.files if not k.startswith("__meta__/")}
+    unknown = sorted(keys - known - FIT_OUTPUTS)
     if unknown:
-        raise ValueError(f"--params {path}: unexpected keys {unknown}; expected some of "
-                         f"{sorted(known)}")
-    out = {k: np.asarray(data[k], np.float32) for k in data.files}
+        raise ValueError(f"{flag} {path}: unexpected keys {unknown}; expected some of "
+                         f"{sorted(known)} (or a fit's params.npz)")
+    out = {k: np.asarray(data[k], np.float32) for k in keys & known}
+    if "image_size" in keys:  # a fit's working (render) size: its camera's focal is for that
+        out["fit_size"] = np.asarray(data["image_size"], np.float32)
+    path = f"{flag} {path}"
     if "shape" in out and out["shape"].shape != (model.num_shape,):
-        raise ValueError(f"--params {path}: shape must be ({model.num_shape},), "
+        raise ValueError(f"{path}: shape must be ({model.num_shape},), "
                          f"got {out['shape'].shape}")
     if "expression" in out and out["expression"].shape != (model.num_expression,):
-        raise ValueError(f"--params {path}: expression must be ({model.num_expression},), "
+        raise ValueError(f"{path}: expression must be ({model.num_expression},), "
                          f"got {out['expression'].shape}")
     if "camera" in out and out["camera"].shape not in ((7,), (8,)):
-        raise ValueError(f"--params {path}: camera must be (7,) or (8,), got {out['camera'].shape}")
+        raise ValueError(f"{path}: camera must be (7,) or (8,), got {out['camera'].shape}")
     if "light" in out and out["light"].shape != (9,):
-        raise ValueError(f"--params {path}: light must be (9,), got {out['light'].shape}")
-    del jnp
+        raise ValueError(f"{path}: light must be (9,), got {out['light'].shape}")
+    return out
+
+
+def _with_texture_map(params, params_path, texture_map):
+    """The UV map to render with: --texture_map, else the params' own UV map or colours, else (a
+    fit's latent) the fit's mesh.png beside its params.npz."""
+    from ganfit_jax import landmarks
+
+    if texture_map is None and params.get("texture", np.zeros((1, 1, 3))).ndim != 1:
+        return params
+    out = {k: v for k, v in params.items() if k != "texture"}
+    if texture_map is None:
+        beside = os.path.join(os.path.dirname(params_path), "mesh.png")
+        if not os.path.exists(beside):
+            raise ValueError(
+                f"--params {params_path}: its texture is a texture model's latent "
+                f"({params['texture'].size} values), and no mesh.png (the fit's UV map) is beside "
+                "it; give the UV map with --texture_map")
+        texture_map = beside
+    elif not os.path.exists(texture_map):
+        raise FileNotFoundError(f"--texture_map {texture_map}: no such file")
+    try:
+        out["texture"] = landmarks.load_image(texture_map)
+    except ValueError as e:
+        raise ValueError(f"--texture_map: {e}") from None
     return out
 
 
@@ -143,6 +185,18 @@ def main(argv):
         raise app.UsageError("--output_dir is required")
     model = morphable.load(FLAGS.model)
     params = _load_params(FLAGS.params, model) if FLAGS.params else {}
+    params = _with_texture_map(params, FLAGS.params or "", FLAGS.texture_map)
+    for flag, keys in (("expression_from", ("expression",)), ("pose_from", ("camera", "fit_size"))):
+        path = getattr(FLAGS, flag)
+        if path:
+            other = _load_params(path, model, f"--{flag}")
+            if keys[0] not in other:
+                raise ValueError(f"--{flag} {path}: holds no {keys[0]}")
+            params.update({k: other[k] for k in keys if k in other})
+    if "camera" in params and "fit_size" in params:  # the same framing at --image_size
+        params["camera"] = params["camera"].copy()
+        params["camera"][6] *= FLAGS.image_size / float(np.max(params["fit_size"]))
+    params.pop("fit_size", None)
     light = None
     if FLAGS.light:
         if len(FLAGS.light) != 9:

@@ -59,6 +59,58 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
     assert (out / "params.npz").read_bytes() == before
 
 
+def render_fit(*args):
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-m", "experiments.render", *args], cwd=root,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_render_takes_a_fits_params_as_they_stand(ffhq_photo, sfm_dir, tmp_path, run_fit):
+    """experiments/render on fit's params.npz: its 0° view at the fit's size is the fit's own
+    render (side_by_side.png's middle panel; the texture from mesh.png beside it), at twice the
+    size it frames the face the same, --expression_from moves the face, and a latent without
+    its mesh.png or a file without an expression is one line naming the file."""
+    from PIL import Image
+
+    fit, model = tmp_path / "fit", f"--model={sfm_dir / 'sfm_shape_3448.bin'}"
+    code, _, stderr = run_fit(f"--image={ffhq_photo}", f"--output_dir={fit}", model, *TINY)
+    assert code == 0, stderr[-2000:]
+    base = [model, f"--params={fit / 'params.npz'}", "--background=0", "--save_mask"]
+    views = {}
+    for name, size, extra in (("same", 64, []), ("twice", 128, []),
+                              ("smiles", 64, [f"--expression_from={tmp_path / 'e.npz'}"])):
+        if extra:
+            np.savez(tmp_path / "e.npz", expression=np.full(6, 2.5, np.float32))
+        result = render_fit(*base, f"--output_dir={tmp_path / name}", f"--image_size={size}",
+                            *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        views[name] = (np.asarray(Image.open(tmp_path / name / "yaw+0000.0.png"), np.float64),
+                       np.load(tmp_path / name / "yaw+0000.0_mask.npy"))
+    image, mask = views["same"]
+    fitted = np.asarray(Image.open(fit / "side_by_side.png"), np.float64)[:, 64:128]
+    inside = mask > 0.99
+    assert inside.mean() > 0.2
+    assert np.abs(image - fitted)[inside].max() <= 2, np.abs(image - fitted)[inside].max()
+    assert abs(views["twice"][1].mean() - mask.mean()) < 0.05 * mask.mean()
+    moved = np.abs(views["smiles"][0] - image).max(-1)[inside & (views["smiles"][1] > 0.99)]
+    assert (moved > 8).mean() > 0.05
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "params.npz").write_bytes((fit / "params.npz").read_bytes())
+    result = render_fit(model, f"--params={alone / 'params.npz'}", f"--output_dir={tmp_path / 'x'}")
+    assert result.returncode == 1 and "--texture_map" in result.stderr
+    assert "alone/params.npz" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
+    np.savez(tmp_path / "light.npz", light=np.zeros(9, np.float32))
+    result = render_fit(*base, f"--output_dir={tmp_path / 'y'}",
+                        f"--expression_from={tmp_path / 'light.npz'}")
+    assert result.returncode == 1 and "light.npz: holds no expression" in result.stderr
+
+
 @pytest.mark.parametrize("case", ["missing_image", "not_an_image", "no_face", "bad_landmarks",
                                   "unknown_model", "resume_one_photo", "resume_and_overwrite",
                                   "track_one_photo", "track_every_frame",
