@@ -13,7 +13,8 @@ translation (3,) from model to camera coordinates),
 overlay.png (render on the photo), side_by_side.png (photo | render | overlay), views.png (three
 other viewpoints) and loss.png. With --frames, the output folder also gets sequence.npz (every
 fitted frame's expression, camera, head-pose angles, light and landmarks in frame order, the
-shared shape and texture once) and sequence.png (pose and expression over the frames). With
+shared shape and texture once), sequence.png (pose and expression over the frames) and
+overlay.mp4 (the frames' overlays as a video). With
 --all_faces, every face of a photo is a result in its own folder face_00, face_01, ... (largest
 first), and the photo's folder gets overlay.png (every face pasted back) and faces.json. Existing
 outputs are never replaced unless --overwrite.
@@ -77,6 +78,11 @@ flags.DEFINE_bool("all_faces", False, "--image/--images: fit every face dlib fin
                   "face_00, face_01, ... of the photo's output folder, in --batch_size batches; "
                   "the photo's folder also gets overlay.png (every face pasted back) and "
                   "faces.json (written last).")
+flags.DEFINE_bool("overlay_video", True, "--frames: also write overlay.mp4, every fitted frame's "
+                  "overlay.png in frame order (H.264), at the video's frame rate over the step "
+                  "between fitted frames (a folder of frames: --fps).")
+flags.DEFINE_float("fps", 25.0, "--frames=DIR: the frames' rate, for overlay.mp4 (a video's "
+                   "own rate is read from it).", lower_bound=0.01)
 flags.DEFINE_integer("seed", 0, "PRNG seed (random second render, texture init).")
 flags.DEFINE_float("lambda_id", 2.0, "λ_id", lower_bound=0.0)
 flags.DEFINE_float("lambda_id_random", 2.0, "λ̂_id", lower_bound=0.0)
@@ -140,7 +146,7 @@ flags.DEFINE_integer("process_id", None, "--distributed: this process's id, 0 ..
                      lower_bound=0)
 common.require_positive("stage1_learning_rate")
 
-SEQUENCE_FILES = ("sequence.npz", "sequence.png")  # --frames: in the output folder itself
+SEQUENCE_FILES = ("sequence.npz", "sequence.png", "overlay.mp4")  # --frames: in the output folder itself
 FACES_FILES = ("overlay.png", "faces.json")  # --all_faces: in each photo's folder itself
 OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
                 "side_by_side.png", "views.png", "loss.png", "metrics.json")
@@ -722,8 +728,45 @@ def write_sequence(output_dir, numbered_folders):
                              x_label="frame")
     io.save_image(os.path.join(output_dir, "sequence.png"), np.concatenate([pose, faces], 0),
                   overwrite=over)
-    print(f"wrote {output_dir}/: " + " ".join(SEQUENCE_FILES) + f" ({len(frames)} frames)",
-          flush=True)
+    written = SEQUENCE_FILES[:2]
+    if FLAGS.overlay_video:
+        write_overlay_video(output_dir, [(n, f) for n, f in numbered_folders if n in set(frames)])
+        written = SEQUENCE_FILES
+    print(f"wrote {output_dir}/: " + " ".join(written) + f" ({len(frames)} frames)", flush=True)
+
+
+def write_overlay_video(output_dir, numbered_folders):
+    """overlay.mp4: the fitted frames' overlay.png in frame order, one video frame per step of
+    the fitted frames' numbers (their greatest common step: every frame when tracked, every
+    --frame_step-th of keyframes alone), a frame missing in between (no face) showing the one
+    before, at the source's rate over that step."""
+    import math
+
+    import numpy as np
+
+    from ganfit_jax import inputs, io, landmarks
+
+    numbers = [n for n, _ in numbered_folders]
+    step = math.gcd(*np.diff(numbers).tolist()) if len(numbers) > 1 else 1
+    rate = inputs.video_frame_rate(FLAGS.frames) if inputs.is_video(FLAGS.frames) else None
+    rate = (rate or FLAGS.fps) / step
+    by_number = dict(numbered_folders)
+
+    def frames():
+        shown, size = None, None
+        for n in range(numbers[0], numbers[-1] + 1, step):
+            if n in by_number:
+                shown = landmarks.load_image(os.path.join(by_number[n], "overlay.png"))
+                size = size or shown.shape[1::-1]
+                if shown.shape[1::-1] != size:  # a folder's frames in several sizes
+                    from PIL import Image
+
+                    shown = np.asarray(Image.fromarray(io.to_uint8(shown)).resize(size))
+            yield shown
+
+    path = os.path.join(output_dir, "overlay.mp4")
+    count = io.write_video(path, frames(), rate, overwrite=FLAGS.overwrite or FLAGS.resume)
+    print(f"wrote {path}: {count} frames at {rate:.3g} fps", flush=True)
 
 
 def prepare_together(mode, video, paths, folders):

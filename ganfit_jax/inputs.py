@@ -187,6 +187,22 @@ def video_frame_count(path):
         return None
 
 
+def video_frame_rate(path):
+    """Frames per second of the video stream as its container gives it (average rate), or None
+    where it does not say or the file cannot be opened."""
+    try:
+        import av
+    except ImportError:
+        return None
+    try:
+        with av.open(str(path)) as container:
+            streams = container.streams.video
+            rate = streams[0].average_rate if streams else None
+            return float(rate) if rate else None
+    except av.error.FFmpegError:
+        return None
+
+
 def display_matrix(frame):
     """A decoded PyAV frame's display matrix (3×3, FFmpeg's layout: x' = a x + c y, y' = b x + d
     y in pixel coordinates, with a, b = m[0, :2] and c, d = m[1, :2]), or None when it has none."""

@@ -89,6 +89,46 @@ def save_image(path, image, overwrite=False) -> pathlib.Path:
     return write_never_overwrite(path, encode_png(image), overwrite)
 
 
+def write_video(path, frames, fps, overwrite=False, crf=18) -> int:
+    """Writes an iterable of H×W×3 images (float [0,1] or uint8, all one size) as an H.264 MP4
+    at `fps` frames per second (PyAV's FFmpeg; yuv420p, which players need, so an odd width or
+    height is padded by repeating the last column or row). Frames are encoded as they come, so
+    a long sequence is never held whole. Returns how many were written; nothing is written if
+    `frames` is empty. Refuses an existing `path` unless overwrite."""
+    import fractions
+    import itertools
+
+    import av
+
+    path = refuse_overwrite(path, overwrite)
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        return 0
+    first = to_uint8(first, "frame")
+    height, width = first.shape[:2]
+    rate = fractions.Fraction(fps).limit_denominator(1001)
+    count = 0
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height = width + width % 2, height + height % 2
+        stream.pix_fmt, stream.options = "yuv420p", {"crf": str(crf)}
+        for image in itertools.chain([first], frames):
+            image = to_uint8(image, "frame")
+            if image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"{path}: frame {count} is not H×W×3 RGB ({image.shape})")
+            if image.shape[:2] != (height, width):
+                raise ValueError(f"{path}: frame {count} is {image.shape[1]}×{image.shape[0]}, "
+                                 f"the first was {width}×{height}")
+            image = np.pad(image, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+            count += 1
+        for packet in stream.encode():
+            container.mux(packet)
+    return count
+
+
 def load_image(path) -> np.ndarray:
     """Any Pillow-readable image → float32 H×W×3 RGB in [0,1]; see `landmarks.load_image`
     (greyscale, RGBA, 16-bit and float images are all handled there, once)."""

@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ganfit_jax import camera, inputs
 
@@ -178,6 +179,15 @@ def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path
     np.testing.assert_allclose(sequence["camera_yaw_deg"], yaw, rtol=1e-6)
     np.testing.assert_array_equal(sequence["shape"], params[0]["shape"])
     assert (out / "sequence.png").read_bytes()[:4] == b"\x89PNG"
+    # overlay.mp4: every frame's overlay.png in order, at the clip's 10 fps
+    assert inputs.video_frame_rate(out / "overlay.mp4") == pytest.approx(10)
+    shown = inputs.read_video_frames(out / "overlay.mp4")
+    assert len(shown) == 6
+    for i, frame in shown:
+        overlay = np.asarray(Image.open(out / f"frame_{i:06d}" / "overlay.png"), np.float32) / 255
+        assert np.abs(frame - overlay).mean() < 0.02, i  # H.264's loss, not another frame
+        if i:
+            assert np.abs(frame - shown[i - 1][1]).mean() > 0.03  # the face moved
 
     # interrupted while tracking: frame 3 stopped while writing (no metrics.json, written
     # last), frame 5 never started. --resume reads the keyframes' shape and texture back, fits
