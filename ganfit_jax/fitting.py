@@ -131,6 +131,13 @@ class FitConfig:
     # texture is generated once for stage 2, not every step (`hold_texture`: the cpu-small step
     # 1.7x faster, BENCHMARKS.md)
     frozen: tuple = ()
+    # research variants of Eq. 12 inside the project's fit (batches, sharding, chunks, progress):
+    # (name, weight, fn) triples, each term fn(params, target, pipeline, render) → scalar
+    # added to stage 2's loss as weight · fn(...) and reported under `name`; `render` holds the
+    # photo's view as Eq. 12 made it: 'image' (H×W×3 on the photo), 'mask' (H×W coverage),
+    # 'landmarks' (68×2 projected, NaN where the model has none) and 'texture' (G(p_t)).
+    # Pure and jittable, as the terms of `losses` are; under vmap each sees one photo.
+    extra_terms: tuple = ()
 
     def __post_init__(self):
         blocks = [f.name for f in dataclasses.fields(FitParams)]
@@ -138,6 +145,18 @@ class FitConfig:
             raise ValueError(f"FitConfig.frozen must be a tuple of parameter blocks from "
                              f"{blocks}, got {self.frozen!r}")
         object.__setattr__(self, "frozen", tuple(self.frozen))
+        object.__setattr__(self, "extra_terms", tuple(tuple(t) for t in self.extra_terms))
+        taken = {"total", "landmark", "pixel", "identity", "content", "identity_random", "reg"}
+        for term in self.extra_terms:
+            if not (len(term) == 3 and isinstance(term[0], str) and term[0] not in taken
+                    and isinstance(term[1], (int, float, np.number)) and 0 <= term[1] < np.inf
+                    and callable(term[2])):
+                raise ValueError("FitConfig.extra_terms: each must be (name, weight ≥ 0, "
+                                 "fn(params, target, pipeline, render) → scalar), with a name "
+                                 f"not among Eq. 12's {sorted(taken)}; got {term!r}")
+        names = [t[0] for t in self.extra_terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"FitConfig.extra_terms: names must differ, got {names}")
         # a zero chunk divides by zero deep inside the loop, a negative rate or weight fits
         # uphill without a word: refuse them where the config is made
         for name, least in (("stage1_iterations", 0), ("stage2_iterations", 0), ("chunk", 1)):
@@ -344,12 +363,13 @@ def landmark_stage_loss(params: FitParams, target: Target, pipeline: Pipeline,
 def loss(params: FitParams, target: Target, pipeline: Pipeline, key,
          weights: losses.LossWeights = losses.LossWeights(),
          random_stats: RandomRenderStats = RandomRenderStats(), light_init=None,
-         pixel_budget=None):
+         pixel_budget=None, extra_terms=()):
     """Eq. 12, one scalar and its terms (dict of scalars, unweighted).
 
     Terms whose weight is 0, or whose network is absent (pipeline.identity_fn is None), are
     skipped at trace time, so an ablation costs nothing. `pixel_budget`: see `render_face`
-    (leave None under vmap).
+    (leave None under vmap). `extra_terms`: (name, weight, fn) of a research variant, as
+    `FitConfig.extra_terms` describes.
     """
     # G(p_t) once: the main and the random render share the texture, and a second generator
     # pass would double its backward pass too (XLA merges equal forwards, not their gradients)
@@ -392,6 +412,10 @@ def loss(params: FitParams, target: Target, pipeline: Pipeline, key,
              + weights.identity * terms.get("identity", 0.0)
              + weights.content * terms.get("content", 0.0)
              + weights.identity_random * terms.get("identity_random", 0.0))
+    render = dict(image=image, mask=mask, landmarks=pred_lm, texture=texture)
+    for name, weight, fn in extra_terms:
+        terms[name] = jnp.asarray(fn(params, target, pipeline, render), jnp.float32)
+        total = total + weight * terms[name]
     return total, terms
 
 
@@ -462,7 +486,7 @@ def _stage_loss(stage, config: FitConfig, pixel_budget, pipeline, params, target
     if stage == 1:
         return landmark_stage_loss(params, target, pipeline, config.weights)
     return loss(params, target, pipeline, key, config.weights, config.random_render, light_init,
-                pixel_budget)
+                pixel_budget, config.extra_terms)
 
 
 def texture_step_scale(pipeline: Pipeline) -> float:
@@ -682,18 +706,19 @@ class TwoViewStep:
                                                   identity_random=weights.identity_random)))
         given_texture = pipeline.replace(texture_fn=_given_texture, texture_params=None)
 
-        def view(w):
+        def view(w, extra_terms):
             def view_loss(params, texture, target, key, light_init):
                 params = without_gradient(params.replace(texture=texture), config.frozen)
                 return loss(params, target, given_texture, key, w,
-                            config.random_render, light_init, config.pixel_budget)
+                            config.random_render, light_init, config.pixel_budget, extra_terms)
 
             return jax.jit(jax.value_and_grad(view_loss, argnums=(0, 1), has_aux=True),
                            compiler_options=compiler_options)
 
         self._config, self._pipeline, self._options = config, pipeline, compiler_options
         self._generate = self._update = None  # compiled for p_t's shape on the first call
-        self._views = tuple(view(w) for w in view_weights)
+        # a research term belongs to the photo's view, whose render it is given
+        self._views = (view(view_weights[0], config.extra_terms), view(view_weights[1], ()))
 
     def _compile_texture_programs(self, p_t):
         config, pipeline = self._config, self._pipeline
