@@ -8,9 +8,33 @@ import os
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
 
 
+LIST_EXTENSIONS = (".txt", ".lst")
+
+
+def read_image_list(path):
+    """The photos a list file names, one path a line (a data set's split file), in its order,
+    each once; relative paths are from the list's folder, blank lines and `#` comments
+    skipped. ValueError naming the list and line of a photo that is not there."""
+    base = os.path.dirname(os.path.abspath(path))
+    paths = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            entry = line.split("#", 1)[0].strip()
+            if not entry:
+                continue
+            photo = os.path.normpath(os.path.join(base, os.path.expanduser(entry)))
+            if not os.path.isfile(photo):
+                raise ValueError(f"{path}:{number}: {entry}: no such file")
+            paths.append(photo)
+    return list(dict.fromkeys(paths))
+
+
 def find_images(spec, recursive=False):
     """Sorted image paths in a folder (optionally its sub-folders) or matching a glob (where
-    `**` matches any depth of folders, as in a shell with globstar)."""
+    `**` matches any depth of folders, as in a shell with globstar); or those a list file
+    (.txt, .lst) names, in its order (`read_image_list`)."""
+    if os.path.isfile(spec) and spec.lower().endswith(LIST_EXTENSIONS):
+        return read_image_list(spec)
     if os.path.isdir(spec):
         pattern = os.path.join(spec, "**", "*") if recursive else os.path.join(spec, "*")
         candidates = glob.glob(pattern, recursive=recursive)

@@ -35,7 +35,8 @@ from experiments import common, processes
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("image", None, "One photo.")
-flags.DEFINE_string("images", None, "A folder or glob of photos, fitted independently in "
+flags.DEFINE_string("images", None, "A folder, glob or list file (.txt/.lst: a path a line) of "
+                    "photos, fitted independently in "
                     "batches of --batch_size (vmapped; see --batch_steps).")
 flags.DEFINE_string("frames", None, "A folder of frames, or a video file (.mp4, .mov, .avi, "
                     ".mkv, .webm, ...), of one person: per-frame expression, pose and light, one "
@@ -165,7 +166,10 @@ class InputError(Exception):
 
 
 def list_images(spec, flag):
-    paths = common.find_images(spec)
+    try:
+        paths = common.find_images(spec)
+    except (ValueError, OSError) as e:
+        raise InputError(f"--{flag}={spec}: {e}") from None
     if not paths:
         raise InputError(f"--{flag}={spec}: no images found")
     return paths

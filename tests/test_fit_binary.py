@@ -116,7 +116,7 @@ def test_render_takes_a_fits_params_as_they_stand(ffhq_photo, sfm_dir, tmp_path,
                                   "track_one_photo", "track_every_frame",
                                   "track_iterations_alone", "all_faces_frames",
                                   "all_faces_and_face", "all_faces_no_face",
-                                  "all_faces_bad_landmarks"])
+                                  "all_faces_bad_landmarks", "list_names_a_missing_photo"])
 def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fit):
     out = tmp_path / "out"
     image, extra, expect = ffhq_photo, [], None
@@ -163,6 +163,9 @@ def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fi
         np.save(lm, np.stack([face, face - 5000]))
         extra, expect = ["--all_faces", f"--landmarks={lm}"], "faces.npy (face 1)"
     source = f"--image={image}"
+    if case == "list_names_a_missing_photo":
+        (tmp_path / "split.txt").write_text(f"# test split\n{ffhq_photo}\n\nmissing.jpg\n")
+        source, expect = f"--images={tmp_path / 'split.txt'}", "split.txt:4: missing.jpg: no such"
     if case == "all_faces_frames":
         source = f"--frames={tmp_path}"
     if case == "track_every_frame":  # frame_step 1, no max_frames: nothing left to track
@@ -357,6 +360,20 @@ def test_all_faces_fits_every_face_of_every_photo_in_shared_batches(faces_dir, s
     code, stdout, stderr = run_fit(*args, "--resume")
     assert code == 0, stderr[-2000:]
     assert "--resume: 2 of 2 photo(s) already fitted, 0 to go" in stdout, stdout[-2000:]
+
+
+def test_a_list_file_names_photos_in_its_order_from_its_folder(tmp_path):
+    """--images=split.txt: a data set's split file, one path a line, relative to the list's
+    folder or absolute, comments and blank lines skipped, each photo once, in the list's order."""
+    from experiments import common
+
+    (tmp_path / "set" / "b").mkdir(parents=True)
+    for name in ("z.jpg", "b/a.png"):
+        (tmp_path / "set" / name).write_bytes(b"")
+    listing = tmp_path / "set" / "split.lst"
+    listing.write_text(f"z.jpg  # the first\n\n{tmp_path / 'set' / 'b' / 'a.png'}\nz.jpg\n")
+    assert common.find_images(str(listing)) == [str(tmp_path / "set" / "z.jpg"),
+                                                str(tmp_path / "set" / "b" / "a.png")]
 
 
 def test_photos_with_one_name_in_many_folders_get_a_folder_each(tmp_path):
