@@ -1066,10 +1066,11 @@ def texture_from_photo(pipeline: Pipeline, params: FitParams, image, inversion_s
 
 def fit_frames(frames, model, seed=0, identity="dlib", identity_weights=None, texture=None,
                stage1_iterations=FitConfig.stage1_iterations, iterations=300, image_size=224, detector="hog",
-               weights: losses.LossWeights = losses.LossWeights(), log=print):
+               weights: losses.LossWeights = losses.LossWeights(), log=print, face=0):
     """Multi-frame GANFIT on images of one person (Eq. 13): per-frame expression, pose and
-    light, one shape and texture. Landmarks are detected with dlib; frames without a face are
-    left out (at least one must have one).
+    light, one shape and texture. Landmarks are detected with dlib, the person followed from
+    frame to frame as `fit --frames` follows them (`landmarks.follow_person`: the first frame's
+    `face`-th largest face); frames without a face are left out (at least one must have one).
 
     Args:
       frames: list of float32 (H,W,3) images in [0,1].
@@ -1094,15 +1095,12 @@ def fit_frames(frames, model, seed=0, identity="dlib", identity_weights=None, te
     size = (image_size, image_size)
     pipeline = make_pipeline(model, texture, net, size)
     starts, used = [], []
-    for i, frame in enumerate(frames):
-        try:
-            lm = landmarks.detect_landmarks(np.asarray(frame), detector=detector,
-                                            name=f"frame {i}")
-        except ValueError as e:
+    for i, lm in landmarks.follow_person([np.asarray(f) for f in frames], detector, face):
+        if isinstance(lm, ValueError):
             if log is not None:
-                log(f"frame {i} left out: {e}")
+                log(f"frame {i} left out: {lm}")
             continue
-        crop, lm_crop, _ = inputs.crop_face(frame, lm, image_size)
+        crop, lm_crop, _ = inputs.crop_face(frames[i], lm, image_size)
         starts.append((init_params(model, lm_crop, size, texture.latent_dim,
                                    texture_init=texture.init_latent(k_id)),
                        target_from_image(pipeline, crop, lm_crop)))

@@ -316,3 +316,47 @@ def test_every_face_in_the_order_of_face_index(faces_dir, dlib_available, tmp_pa
     np.testing.assert_allclose(landmarks.load_or_detect_all(photo), every)
     with pytest.raises(ValueError, match="no face found in the given image"):
         landmarks.detect_all_landmarks(np.full((80, 90, 3), 0.5, np.float32))
+
+
+def test_follow_person_keeps_to_them_past_a_larger_face_and_a_cut(faces_dir, dlib_available):
+    """The person (FFHQ 00003, left) is joined by a larger stranger's face (00000), then after
+    a cut stands on the right with the stranger where they were: by size the second frame's
+    face would be the stranger, by place the third's; follow_person keeps to the person, and
+    reports a frame without a face by its name."""
+    load = lambda n: np.asarray(Image.open(faces_dir / "ffhq" / "FFHQ" / n).convert("RGB"))
+    person, stranger = load("00003.png"), load("00000.png")
+    big = np.asarray(Image.fromarray(stranger).resize((384, 384)))
+    grey = np.full_like(person, 100)
+    frames = [np.concatenate([person, grey], 1),
+              np.concatenate([np.concatenate([person, np.full((128, 256, 3), 100, np.uint8)]),
+                              big[:, :256]], 1),
+              np.full((256, 512, 3), 90, np.uint8),
+              np.concatenate([stranger, person], 1)]
+    frames[1] = np.ascontiguousarray(frames[1][:256 + 128])
+    followed = dict(landmarks.follow_person(frames, names=["a", "b", "c", "d"]))
+    assert isinstance(followed[2], ValueError) and "no face found in c" in str(followed[2])
+    nose = {i: float(followed[i][30, 0]) for i in (0, 1, 3)}
+    assert nose[0] < 256 and nose[1] < 256 and nose[3] > 256, nose
+    # by size alone the second frame's face is the stranger's
+    assert landmarks.detect_landmarks(frames[1])[30, 0] > 256
+
+
+def test_fit_frames_fits_the_followed_person_together(faces_dir, dlib_available, sfm_model):
+    """fitting.fit_frames (the library's Eq. 13 on raw frames): a frame without a face is left
+    out, the others share one shape and texture, and the vertices are that shape's."""
+    import jax.numpy as jnp
+
+    from ganfit_jax import fitting, morphable
+
+    person = landmarks.load_image(faces_dir / "ffhq" / "FFHQ" / "00003.png")
+    frames = [person, np.full_like(person, 0.4), person[:, ::-1].copy()]
+    out = fitting.fit_frames(frames, sfm_model, identity="none", stage1_iterations=4,
+                             iterations=2, image_size=64, log=None)
+    assert out["used"] == [0, 2]
+    shape = np.asarray(out["params"].shape)
+    assert shape.shape == (2, sfm_model.num_shape)
+    np.testing.assert_allclose(shape[0], shape[1], rtol=1e-6, atol=1e-7)
+    assert np.abs(shape).max() > 0  # the landmarks moved it
+    np.testing.assert_allclose(
+        out["vertices"], np.asarray(morphable.vertices(sfm_model, jnp.asarray(shape[0]), 0.0)),
+        rtol=1e-5, atol=1e-4)
