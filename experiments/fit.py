@@ -47,6 +47,13 @@ flags.DEFINE_string("frames", None, "A folder of frames, or a video file (.mp4, 
 flags.DEFINE_integer("frame_step", 1, "--frames video: fit every N-th frame.", lower_bound=1)
 flags.DEFINE_integer("max_frames", 0, "--frames video: at most this many frames (0: all); all "
                      "frames are fitted jointly, so memory grows with their number.", lower_bound=0)
+flags.DEFINE_enum("keyframes", "uniform", ["uniform", "spread"],
+                 "--frames: which frames are fitted together (Eq. 13; the keyframes of --track): "
+                 "'uniform', every --frame_step-th, at most --max_frames; 'spread', the "
+                 "--max_frames of those whose head poses (from each frame's landmarks) lie "
+                 "farthest apart, the most frontal first, so that the shared shape sees the face "
+                 "from as many sides as the video shows (every candidate's face is detected "
+                 "first).")
 flags.DEFINE_string("landmarks", None, "68 iBUG landmarks for --image (.pts, .npy (68,2) or "
                     ".json). Default: a file of the same stem beside the image, else dlib.")
 flags.DEFINE_string("model", None, "3DMM (.npz or any format morphable.load knows). Default: "
@@ -277,6 +284,99 @@ def prepare_frame(frame, name, size, detector, near=None, face=0, like=None):
     return image, crop, lm_crop, transform
 
 
+def load_frame(path):
+    from ganfit_jax import landmarks
+
+    try:
+        return landmarks.load_image(path)
+    except (ValueError, FileNotFoundError):
+        return None  # follow_person reports it as a frame without a face
+
+
+def spread_keyframes(names, images):
+    """--keyframes=spread: of the candidate frames (`names`, their pixels `images`, an iterable
+    read as it goes), the --max_frames whose head poses lie farthest apart
+    (`camera.spread_views` over the yaw and pitch of the closed-form camera that puts the
+    model's mean landmarks on each frame's, the person followed as `fit --frames` follows them),
+    in frame order."""
+    import numpy as np
+
+    from ganfit_jax import camera, landmarks, morphable
+
+    model = load_model(FLAGS.model or default_model_path())
+    mean_landmarks = np.asarray(morphable.landmarks3d(model, model.mean), np.float64)
+    ok = np.all(np.isfinite(mean_landmarks), 1)
+    numbers, angles, t0 = [], [], time.time()
+
+    def frames():
+        for i, image in enumerate(images):
+            if i and i % 50 == 0:
+                total = f" of {len(names)}" if isinstance(names, list) else ""
+                print(f"--keyframes=spread: {i}{total} candidate frames, {len(numbers)} with "
+                      f"the person, {time.time() - t0:.0f}s", flush=True)
+            yield np.zeros((8, 8, 3), np.float32) if image is None else image
+
+    for i, points in landmarks.follow_person(frames(), FLAGS.detector, FLAGS.face, names):
+        if isinstance(points, ValueError):
+            continue
+        side = float(np.ptp(points, axis=0).max()) * 4  # the yaw and pitch do not depend on it
+        cam = camera.camera_from_landmarks(mean_landmarks[ok], points[ok], (side, side))
+        yaw, pitch, _ = camera.orbit_angles(cam)
+        numbers.append(i)
+        angles.append(np.degrees([float(yaw), float(pitch)]))
+    if not numbers:
+        raise InputError(f"--frames={FLAGS.frames}: no face in any of the {len(names)} candidate "
+                         "frame(s) for --keyframes=spread")
+    picks = camera.spread_views(np.array(angles), FLAGS.max_frames, times=numbers)
+    chosen = [names[numbers[k]] for k in picks]
+    shown = ", ".join(f"{os.path.basename(names[numbers[k]])} (yaw {angles[k][0]:+.0f}°, pitch "
+                      f"{angles[k][1]:+.0f}°)" for k in picks)
+    yaws = np.array(angles)[:, 0]
+    print(f"--keyframes=spread: {len(chosen)} of {len(numbers)} frames with the person (yaw "
+          f"{yaws.min():+.0f}° to {yaws.max():+.0f}°): {shown}", flush=True)
+    return chosen
+
+
+def spread_video_keyframes(path):
+    """--keyframes=spread on a video: every --frame_step-th frame a candidate (looked at as
+    decoded, not held), then the chosen ones decoded again: [(index, frame)]."""
+    from ganfit_jax import inputs
+
+    indices = []
+
+    def candidates():
+        for index, frame in inputs.iter_video_frames(path, FLAGS.frame_step):
+            indices.append(index)
+            yield frame
+
+    try:
+        names = _Names(path, indices)
+        chosen = spread_keyframes(names, candidates())
+        wanted = {common.video_frame_number(name) for name in chosen}
+        video = []
+        for index, frame in inputs.iter_video_frames(path):
+            if index in wanted:
+                video.append((index, frame))
+            if len(video) == len(wanted):
+                break
+    except ValueError as e:
+        raise InputError(f"--frames={e}") from None
+    return video
+
+
+class _Names:
+    """A video's candidate frames' names, known as they are decoded (`spread_video_keyframes`)."""
+
+    def __init__(self, path, indices):
+        self.path, self.indices = path, indices
+
+    def __getitem__(self, k):
+        return common.video_frame_name(self.path, self.indices[k])
+
+    def __len__(self):
+        return len(self.indices)
+
+
 def read_video(path):
     from ganfit_jax import inputs
 
@@ -498,6 +598,9 @@ def run():
                          "(pick them with --face)")
     if FLAGS.all_faces and FLAGS.face:
         raise InputError("--face picks one face and --all_faces fits every face: give one")
+    if FLAGS.keyframes == "spread" and (modes[0] != "frames" or FLAGS.max_frames < 1):
+        raise InputError("--keyframes=spread picks --max_frames (e.g. 8) of the --frames "
+                         "whose head poses lie farthest apart: give --frames and --max_frames")
     if FLAGS.track and modes[0] != "frames":
         raise InputError("--track goes with --frames (a video or a folder of one person's frames)")
     if not FLAGS.track and (FLAGS.track_iterations is not None
@@ -524,7 +627,8 @@ def run():
         if FLAGS.frame_step < 1 or FLAGS.max_frames < 0:
             raise InputError(f"--frame_step must be ≥ 1 and --max_frames ≥ 0, got "
                              f"{FLAGS.frame_step} and {FLAGS.max_frames}")
-        video = read_video(FLAGS.frames)
+        video = (spread_video_keyframes(FLAGS.frames) if FLAGS.keyframes == "spread"
+                 else read_video(FLAGS.frames))
         paths = [common.video_frame_name(FLAGS.frames, index) for index, _ in video]
     else:
         paths = list_images(getattr(FLAGS, mode), mode)
@@ -533,11 +637,15 @@ def run():
     # each frame's number: a video's decoded index, a folder's position among its sorted frames
     number = ({name: i for i, name in enumerate(paths)} if video is None
               else {name: i for name, (i, _) in zip(paths, video)})
-    if FLAGS.track and video is None:  # keyframes picked as from a video
-        named = dict(zip(paths, frame_folders))
-        keys = paths[::FLAGS.frame_step][:FLAGS.max_frames or None]
+    named = dict(zip(paths, frame_folders))  # a folder's frames: their folders, named from all
+    if mode == "frames" and video is None and (FLAGS.track or FLAGS.keyframes == "spread"):
+        # keyframes picked as from a video
+        candidates = paths[::FLAGS.frame_step]
+        keys = (spread_keyframes(candidates, (load_frame(p) for p in candidates))
+                if FLAGS.keyframes == "spread" else candidates[:FLAGS.max_frames or None])
         key_set = set(keys)  # a folder may hold thousands of frames
-        tracked = [((p, p), named[p]) for p in paths if p not in key_set]
+        if FLAGS.track:
+            tracked = [((p, p), named[p]) for p in paths if p not in key_set]
         paths = keys
     if FLAGS.landmarks and not os.path.exists(FLAGS.landmarks):
         raise InputError(f"--landmarks={FLAGS.landmarks}: no such file")
@@ -545,7 +653,7 @@ def run():
         folders = [FLAGS.output_dir]
     elif video is not None:
         folders = [os.path.join(FLAGS.output_dir, f"frame_{index:06d}") for index, _ in video]
-    elif tracked:
+    elif mode == "frames":
         folders = [named[p] for p in paths]
     else:
         folders = stem_folders(paths)

@@ -131,6 +131,38 @@ def orbit_angles(camera):
     return yaw, pitch, roll
 
 
+def spread_views(angles, count, times=None, degrees_per_span=5.0):
+    """Indices of `count` views whose head poses lie farthest apart: the most frontal first,
+    then each time the view farthest (in degrees) from every one chosen (farthest-point
+    sampling), returned in increasing order. angles: (n, k) degrees, e.g. yaw and pitch of
+    `orbit_angles`. times (n,), e.g. frame numbers: added as `degrees_per_span` degrees across
+    their whole span, so that among views of one pose (a still head) the picks spread in time.
+    Multi-frame fitting (Eq. 13) learns a shape from the sides of the face its frames show;
+    frames picked every N-th of a mostly frontal video show one side many times."""
+    angles = np.asarray(angles, np.float64)
+    if angles.ndim == 1:
+        angles = angles[:, None]
+    n = len(angles)
+    if count < 1 or n == 0:
+        raise ValueError(f"spread_views: need count ≥ 1 of n ≥ 1 views, got {count} of {n}")
+    points = angles
+    if times is not None:
+        times = np.asarray(times, np.float64)
+        span = np.ptp(times) if n > 1 else 0.0
+        scaled = (times - times.min()) / span * degrees_per_span if span > 0 else times * 0
+        points = np.concatenate([angles, scaled[:, None]], axis=1)
+    first = int(np.argmin(np.linalg.norm(angles, axis=1)))
+    chosen = [first]
+    distance = np.linalg.norm(points - points[first], axis=1)
+    distance[first] = -1.0
+    while len(chosen) < min(count, n):
+        pick = int(np.argmax(distance))
+        chosen.append(pick)
+        distance = np.minimum(distance, np.linalg.norm(points - points[pick], axis=1))
+        distance[chosen] = -1.0
+    return sorted(chosen)
+
+
 def affine_camera_from_landmarks(points3d, points2d):
     """Least-squares affine camera x = A X + b (the 'gold standard' of Hartley & Zisserman 7.3).
 

@@ -162,3 +162,18 @@ def test_opencv_matrices_project_as_the_camera_does(roll):
                                 original_hw=(1200, 1600))
     uvw = in_camera @ crop.intrinsics_to_original(K).T
     np.testing.assert_allclose(uvw[:, :2] / uvw[:, 2:], crop.to_original(px) - 0.5, atol=5e-3)
+
+
+def test_spread_views_picks_the_poses_farthest_apart():
+    """A mostly frontal clip with one glance left and one up: the frontal view, both glances
+    and then the views between, each once; a still head spreads the picks in time."""
+    yaw = np.r_[np.zeros(10), [-40.0, -35], np.zeros(10), [5.0]]
+    pitch = np.r_[np.zeros(12), np.zeros(9), [25.0], [0.0]]
+    angles = np.stack([yaw, pitch], 1)
+    picks = cam.spread_views(angles, 3)
+    assert picks == sorted({0, 10, 21}), picks
+    assert len(set(cam.spread_views(angles, 23))) == 23
+    still = cam.spread_views(np.zeros((100, 2)), 4, times=np.arange(100))
+    assert still[0] == 0 and still[-1] == 99 and np.diff(still).min() >= 24, still
+    with pytest.raises(ValueError, match="count"):
+        cam.spread_views(angles, 0)

@@ -116,7 +116,8 @@ def test_render_takes_a_fits_params_as_they_stand(ffhq_photo, sfm_dir, tmp_path,
                                   "track_one_photo", "track_every_frame",
                                   "track_iterations_alone", "all_faces_frames",
                                   "all_faces_and_face", "all_faces_no_face",
-                                  "all_faces_bad_landmarks", "list_names_a_missing_photo"])
+                                  "all_faces_bad_landmarks", "list_names_a_missing_photo",
+                                  "spread_without_max_frames"])
 def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fit):
     out = tmp_path / "out"
     image, extra, expect = ffhq_photo, [], None
@@ -168,6 +169,8 @@ def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fi
         source, expect = f"--images={tmp_path / 'split.txt'}", "split.txt:4: missing.jpg: no such"
     if case == "all_faces_frames":
         source = f"--frames={tmp_path}"
+    if case == "spread_without_max_frames":
+        source, extra, expect = f"--frames={tmp_path}", ["--keyframes=spread"], "--max_frames"
     if case == "track_every_frame":  # frame_step 1, no max_frames: nothing left to track
         source, extra, expect = f"--frames={tmp_path}", ["--track"], "none is left to track"
     code, stdout, stderr = run_fit(source, f"--output_dir={out}", model, *TINY, *extra)

@@ -378,3 +378,49 @@ def test_tracked_frames_are_the_others_and_a_bad_video_is_a_value_error(clip, tm
     bad.write_text("not a video")
     with pytest.raises(ValueError, match="broken.mp4 is not a video"):
         list(common.video_frame_jobs(str(bad), "out", set()))
+
+
+SPREAD = {"00001.png": "+5° yaw", "00003.png": "frontal", "00004.png": "+5°",
+          "00006.png": "+31°", "00002.png": "-7°", "00000.png": "-24°"}
+
+
+@pytest.mark.parametrize("source", ["video", "folder"])
+def test_spread_keyframes_are_the_poses_farthest_apart(source, faces_dir, sfm_dir, tmp_path,
+                                                        run_fit):
+    """--keyframes=spread --max_frames=3 over six frames, the first three nearly frontal: the
+    most frontal (00003), then the poses farthest from it and each other (00006, turned +31°,
+    and 00000, −24°) are fitted together, where the uniform pick takes the first three."""
+    from PIL import Image
+
+    names = list(SPREAD)
+    frames = [np.asarray(Image.open(faces_dir / "ffhq" / "FFHQ" / n).convert("RGB"))
+              for n in names]
+    if source == "video":
+        path = tmp_path / "clip.mp4"
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("mpeg4", rate=10)
+            stream.width, stream.height, stream.pix_fmt = 256, 256, "yuv420p"
+            stream.options = {"qscale": "2"}
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        expected = ["frame_000001", "frame_000003", "frame_000005"]
+    else:
+        path = tmp_path / "frames"
+        path.mkdir()
+        for i, frame in enumerate(frames):
+            Image.fromarray(frame).save(path / f"f{i:02d}.png")
+        expected = ["f01", "f03", "f05"]
+    out = tmp_path / "out"
+    code, stdout, stderr = run_fit(
+        f"--frames={path}", "--keyframes=spread", "--max_frames=3", f"--output_dir={out}",
+        f"--model={sfm_dir / 'sfm_shape_3448.bin'}", "--identity=tiny", "--texture=direct",
+        "--stage1_iterations=4", "--iterations=2", "--chunk=2", "--image_size=64")
+    assert code == 0, stderr[-2000:]
+    assert "--keyframes=spread: 3 of 6 frames with the person" in stdout, stdout[-2000:]
+    fitted = sorted(d.name for d in out.iterdir() if (d / "metrics.json").exists())
+    assert fitted == expected, (fitted, stdout[-2000:])
+    shape = [np.load(out / n / "params.npz")["shape"] for n in expected]
+    np.testing.assert_array_equal(shape[0], shape[2])  # fitted together (Eq. 13)
