@@ -11,12 +11,17 @@ the frames are fitted as `experiments/fit.py` would fit them (`--fits` picks som
   * 'joint (Eq. 13)' (`fit --frames`): all frames together, one shape and texture for all;
   * 'keyframes + track' (`fit --frames --track`): every --keyframe_step-th frame fitted jointly,
     every other frame then fitted with the keyframes' shape and texture held
-    (`FitConfig.frozen`), from the closed-form camera and the mean expression, as `fit` does.
+    (`FitConfig.frozen`), from the closed-form camera and the mean expression, as `fit` does;
+  * 'spread keyframes + track' (`fit --frames --track --keyframes=spread`): as many keyframes,
+    those whose head poses (from their noisy landmarks) lie farthest apart
+    (`camera.spread_views`).
 
 The ground truth (fixed seeds): shape p_s ~ N(0, 1)·--shape_std; expression moving smoothly
 between N(0, 0.5²) draws, one every 6 frames (smoothstep between them); the camera sweeping the
 yaw from −max_yaw to +max_yaw degrees (--max_yaw) across the clip, the pitch ±8° and the roll
-±3° in one sine period, at 1050 mm; a key light fixed in the world (the head turns under it);
+±3° in one sine period, at 1050 mm (--pose_path=sweep); or a mostly frontal head that glances
+to −max_yaw a quarter of the way through and to +max_yaw at 70%, each glance a Gaussian bump
+of one twelfth of the clip (--pose_path=glance: a talking head); a key light fixed in the world (the head turns under it);
 textures, background and landmark noise as `benchmark_quality` draws them.
 
 Each row (one per way of fitting) reports means over the frames of:
@@ -46,9 +51,11 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 
-METHODS = ("per frame", "joint (Eq. 13)", "keyframes + track")
+METHODS = ("per frame", "joint (Eq. 13)", "keyframes + track", "spread keyframes + track")
 # --fits names → METHODS
-FITS = {"per_frame": "per frame", "joint": "joint (Eq. 13)", "track": "keyframes + track"}
+FITS = {"per_frame": "per frame", "joint": "joint (Eq. 13)", "track": "keyframes + track",
+        "spread": "spread keyframes + track"}
+POSE_PATHS = ("sweep", "glance")
 
 
 def define_flags(flag_values=FLAGS):
@@ -64,12 +71,18 @@ def define_flags(flag_values=FLAGS):
         ("integer", "track_stage1_iterations", None, "Stage-1 iterations of a tracked frame; "
          "default --stage1_iterations."),
         ("float", "max_yaw", 30.0, "The head turns from -max_yaw to +max_yaw degrees."),
+        ("enum", "pose_path", "sweep", "How the head moves: 'sweep' (yaw across the clip) or "
+         "'glance' (frontal, two short glances aside)."),
         ("list", "fits", list(FITS), f"Ways of fitting the clip to run: {','.join(FITS)}."),
         ("string", "plot", None, "Also draw the per-frame mesh, identity and yaw errors of "
          "every way to this PNG."),
     ]
     for kind, name, default, help_ in specs:
-        if name not in flag_values:
+        if name in flag_values:
+            continue
+        if kind == "enum":
+            flags.DEFINE_enum(name, default, POSE_PATHS, help_, flag_values=flag_values)
+        else:
             getattr(flags, f"DEFINE_{kind}")(name, default, help_, flag_values=flag_values)
     if "batch_steps" not in flag_values:  # experiments/benchmark.py defines it for `fit` too
         flags.DEFINE_enum("batch_steps", "auto", ["auto", "vmap", "per_photo"],
@@ -98,8 +111,22 @@ def expression_path(rng, num_frames, num_expression, every=6):
     return ((1 - u)[:, None] * values[seg] + u[:, None] * values[seg + 1]).astype(np.float32)
 
 
+def head_yaw(num_frames, max_yaw, pose_path="sweep"):
+    """(num_frames,) yaw in degrees of the clip's camera around the face (module docstring)."""
+    import numpy as np
+
+    t = np.arange(num_frames, dtype=np.float64)
+    if pose_path == "sweep":
+        return max_yaw * (2.0 * t / (num_frames - 1) - 1.0)
+    if pose_path != "glance":
+        raise ValueError(f"pose_path: expected one of {POSE_PATHS}, got {pose_path!r}")
+    width = num_frames / 12.0
+    bump = lambda centre: np.exp(-np.square((t - centre * (num_frames - 1)) / width))  # noqa
+    return max_yaw * (bump(0.7) - bump(0.25))
+
+
 def make_sequence(model, num_frames, seed=0, image_size=224, max_yaw=30.0, shape_std=0.8,
-                  landmark_noise_px=1.0, uv_dir=None, texture_model=None):
+                  landmark_noise_px=1.0, uv_dir=None, texture_model=None, pose_path="sweep"):
     """The clip (see the module docstring): a list of per-frame dicts as
     `benchmark_quality.make_faces` returns them, all with the same shape and texture."""
     import jax
@@ -119,9 +146,10 @@ def make_sequence(model, num_frames, seed=0, image_size=224, max_yaw=30.0, shape
     light = bq.key_light(rng, frontal)  # fixed in the world: the head turns under it
     render_fn = jax.jit(render.render, static_argnames=("image_size",))
     frames = []
+    yaws = np.deg2rad(head_yaw(num_frames, max_yaw, pose_path))
     for t in range(num_frames):
         phase = 2.0 * np.pi * t / num_frames
-        yaw = np.deg2rad(max_yaw) * (2.0 * t / (num_frames - 1) - 1.0)
+        yaw = yaws[t]
         cam = bq.orbit_camera(yaw, np.deg2rad(8.0) * np.sin(phase),
                               np.deg2rad(3.0) * np.sin(phase), 1050.0, look_at, image_size)
         frames.append(bq.render_truth(model, render_fn, rng, shape, expressions[t], cam, light,
@@ -266,7 +294,7 @@ def run_tracking(num_frames=12, keyframe_step=4, seed=0, iterations=150, stage1_
                  identity="dlib", texture="direct", *, batch_size=4, chunk=25, max_yaw=30.0,
                  shape_std=0.8, landmark_noise_px=1.0, uv_dir=None, texture_model=None,
                  identity_weights=None, model=None, json_out=False, log=print, fits=tuple(FITS),
-                 batch_steps="auto"):
+                 batch_steps="auto", pose_path="sweep"):
     """Runs the benchmark; returns one dict per way of fitting (module docstring), printed as a
     table (or JSON lines) as it goes. model: a MorphableModel or a path (default: the SFM);
     fits: names of FITS (the speed-up needs 'per_frame'); batch_steps: FitConfig.batch_steps."""
@@ -275,7 +303,7 @@ def run_tracking(num_frames=12, keyframe_step=4, seed=0, iterations=150, stage1_
     import jax
     import numpy as np
 
-    from ganfit_jax import fitting, morphable
+    from ganfit_jax import camera, fitting, morphable
 
     unknown = [f for f in fits if f not in FITS]
     if unknown or not fits:
@@ -295,7 +323,7 @@ def run_tracking(num_frames=12, keyframe_step=4, seed=0, iterations=150, stage1_
     quiet = None if json_out else log
     t0 = time.time()
     frames = make_sequence(model, num_frames, seed, image_size, max_yaw, shape_std,
-                           landmark_noise_px, uv_dir, texture_model)
+                           landmark_noise_px, uv_dir, texture_model, pose_path)
     if quiet:
         quiet(f"rendered a {num_frames}-frame ground-truth clip ({frames[0]['texture_source']}) "
               f"in {time.time() - t0:.1f}s")
@@ -314,10 +342,16 @@ def run_tracking(num_frames=12, keyframe_step=4, seed=0, iterations=150, stage1_
                                    else track_stage1_iterations),
         stage2_iterations=iterations if track_iterations is None else track_iterations)
 
-    keys = list(range(0, num_frames, keyframe_step))
-    others = [t for t in range(num_frames) if t % keyframe_step]
+    uniform = list(range(0, num_frames, keyframe_step))
+    # fit --keyframes=spread: as many keyframes, the poses farthest apart by their landmarks
+    mean_landmarks = np.asarray(morphable.landmarks3d(model, model.mean))
+    poses = [camera.head_pose_from_landmarks(mean_landmarks, f["landmarks"]) for f in frames]
+    spread = camera.spread_views(np.array(poses), len(uniform), times=np.arange(num_frames))
+    keyframes = {"keyframes + track": uniform, "spread keyframes + track": spread}
+    true_yaw = [float(np.degrees(camera.orbit_angles(f["camera"])[0])) for f in frames]
 
-    def tracked():
+    def tracked(keys):
+        others = [t for t in range(num_frames) if t not in keys]
         joint = fit_jointly(pipeline, [starts[t] for t in keys], config,
                             jax.random.fold_in(k_fit, 2))
         rest = fit_tracked(pipeline, [starts[t] for t in others], joint[0], track_config,
@@ -330,7 +364,8 @@ def run_tracking(num_frames=12, keyframe_step=4, seed=0, iterations=150, stage1_
                                            jax.random.fold_in(k_fit, 0), batch_size),
         "joint (Eq. 13)": lambda: fit_jointly(pipeline, starts, config,
                                               jax.random.fold_in(k_fit, 1)),
-        "keyframes + track": tracked,
+        "keyframes + track": lambda: tracked(uniform),
+        "spread keyframes + track": lambda: tracked(spread),
     }
     rows = []
     for name, way in ways.items():
@@ -346,8 +381,9 @@ def run_tracking(num_frames=12, keyframe_step=4, seed=0, iterations=150, stage1_
         jax.block_until_ready(way())
         row = score(model, pipeline, params, frames, name, t2 - t1)
         row["steady_s"] = time.time() - t2
-        row["note"] = (f"{len(keys)} keyframes, {len(others)} tracked"
-                       if name.startswith("keyframes") else "")
+        keys = keyframes.get(name)
+        row["note"] = ("" if keys is None else f"keyframes {','.join(map(str, keys))} (yaw "
+                       + ", ".join(f"{true_yaw[t]:+.0f}°" for t in keys) + ")")
         base = [r["steady_s"] for r in rows if r["method"] == "per frame"]
         row["speedup"] = (base[0] if base else row["steady_s"] if name == "per frame"
                           else float("nan")) / row["steady_s"]
@@ -386,7 +422,7 @@ def main_tracking(argv=None):
                         texture_model=FLAGS.texture_model,
                         identity_weights=FLAGS.identity_weights, model=FLAGS.model,
                         json_out=FLAGS.json, fits=tuple(FLAGS.fits),
-                        batch_steps=FLAGS.batch_steps)
+                        batch_steps=FLAGS.batch_steps, pose_path=FLAGS.pose_path)
     bq.write_output(rows)
     if FLAGS.plot:
         from ganfit_jax import io

@@ -305,7 +305,6 @@ def spread_keyframes(names, images):
 
     model = load_model(FLAGS.model or default_model_path())
     mean_landmarks = np.asarray(morphable.landmarks3d(model, model.mean), np.float64)
-    ok = np.all(np.isfinite(mean_landmarks), 1)
     numbers, angles, t0 = [], [], time.time()
 
     def frames():
@@ -319,11 +318,8 @@ def spread_keyframes(names, images):
     for i, points in landmarks.follow_person(frames(), FLAGS.detector, FLAGS.face, names):
         if isinstance(points, ValueError):
             continue
-        side = float(np.ptp(points, axis=0).max()) * 4  # the yaw and pitch do not depend on it
-        cam = camera.camera_from_landmarks(mean_landmarks[ok], points[ok], (side, side))
-        yaw, pitch, _ = camera.orbit_angles(cam)
         numbers.append(i)
-        angles.append(np.degrees([float(yaw), float(pitch)]))
+        angles.append(camera.head_pose_from_landmarks(mean_landmarks, points))
     if not numbers:
         raise InputError(f"--frames={FLAGS.frames}: no face in any of the {len(names)} candidate "
                          "frame(s) for --keyframes=spread")

@@ -131,6 +131,19 @@ def orbit_angles(camera):
     return yaw, pitch, roll
 
 
+def head_pose_from_landmarks(points3d, points2d):
+    """(yaw, pitch) in degrees of the camera around the face (`orbit_angles`) that
+    `camera_from_landmarks` finds for model points (K,3) seen at pixels (K,2), NaN rows left
+    out: a face's pose from its landmarks alone, e.g. to pick keyframes (`spread_views`).
+    Independent of the image's size and the focal length (the rotation is the affine fit's)."""
+    points3d = np.asarray(points3d, np.float64)
+    points2d = np.asarray(points2d, np.float64)
+    ok = np.all(np.isfinite(points3d), 1) & np.all(np.isfinite(points2d), 1)
+    side = float(np.ptp(points2d[ok], axis=0).max()) * 4 + 1
+    yaw, pitch, _ = orbit_angles(camera_from_landmarks(points3d[ok], points2d[ok], (side, side)))
+    return float(np.degrees(yaw)), float(np.degrees(pitch))
+
+
 def spread_views(angles, count, times=None, degrees_per_span=5.0):
     """Indices of `count` views whose head poses lie farthest apart: the most frontal first,
     then each time the view farthest (in degrees) from every one chosen (farthest-point

@@ -41,6 +41,26 @@ def test_the_clip_is_one_person_turning_and_moving_smoothly(sfm_model, clip):
     assert np.abs(clip[0]["image"] - clip[-1]["image"]).mean() > 0.01
 
 
+def test_a_glancing_head_is_frontal_but_for_two_glances_that_spread_keyframes_catch(sfm_model):
+    """--pose_path=glance: frontal at the ends and between, −max_yaw at a quarter, +max_yaw at
+    70%; keyframes spread by the poses of the frames' noisy landmarks take both glances, where
+    every 4th frame (0, 4, 8) catches one."""
+    yaw = bt.head_yaw(12, 30.0, "glance")
+    assert abs(yaw[0]) < 1 and abs(yaw[-1]) < 1 and abs(yaw[5]) < 3
+    assert int(np.argmin(yaw)) == 3 and int(np.argmax(yaw)) == 8 and yaw.min() < -25
+    np.testing.assert_allclose(bt.head_yaw(5, 10.0), np.linspace(-10, 10, 5))
+    frames = bt.make_sequence(sfm_model, 12, seed=1, image_size=SIZE, max_yaw=30.0,
+                              pose_path="glance")
+    mean = np.asarray(morphable.landmarks3d(sfm_model, sfm_model.mean))
+    poses = np.array([camera.head_pose_from_landmarks(mean, f["landmarks"]) for f in frames])
+    # 64 px: the landmarks' 1 px noise is ~2% of the face
+    assert np.abs(poses[3, 0] - yaw[3]) < 10 and np.abs(poses[0, 0]) < 10, poses[:, 0]
+    picks = camera.spread_views(poses, 3, times=np.arange(12))
+    assert 3 in picks and 8 in picks, (picks, poses[:, 0])
+    with pytest.raises(ValueError, match="pose_path"):
+        bt.head_yaw(5, 10.0, "nod")
+
+
 def test_expression_path_passes_through_its_draws_and_eases_between_them():
     rng = np.random.default_rng(0)
     path = bt.expression_path(rng, 13, 3, every=6)
@@ -84,12 +104,16 @@ def test_every_way_of_fitting_a_tiny_clip(sfm_model):
     assert by_name["per frame"]["speedup"] == 1.0
     # one shape for the clip: every frame's neutral mesh is the same, so is its error; fitted
     # alone, each frame has its own shape
-    for name in ("joint (Eq. 13)", "keyframes + track"):
+    for name in ("joint (Eq. 13)", "keyframes + track", "spread keyframes + track"):
         identity = [r["identity_mm"] for r in by_name[name]["per_frame"]]
         np.testing.assert_allclose(identity, identity[0], rtol=1e-6, err_msg=name)
     alone = [r["identity_mm"] for r in by_name["per frame"]["per_frame"]]
     assert np.ptp(alone) > 1e-4, alone
-    assert "2 keyframes, 2 tracked" in by_name["keyframes + track"]["note"]
+    assert by_name["keyframes + track"]["note"] == "keyframes 0,2 (yaw -30°, +10°)"
+    # a sweep's most frontal frame (+10° at 2; or −10° at 1, by noisy landmarks) and the one
+    # farthest from it
+    assert by_name["spread keyframes + track"]["note"] in (
+        "keyframes 0,2 (yaw -30°, +10°)", "keyframes 1,3 (yaw -10°, +30°)")
     image = bt.plot_rows(rows)  # three charts of the per-frame errors, one line per way
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[0] > image.shape[1]
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 4  # lines in several colours

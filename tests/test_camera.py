@@ -177,3 +177,21 @@ def test_spread_views_picks_the_poses_farthest_apart():
     assert still[0] == 0 and still[-1] == 99 and np.diff(still).min() >= 24, still
     with pytest.raises(ValueError, match="count"):
         cam.spread_views(angles, 0)
+
+
+@pytest.mark.parametrize("yaw,pitch", [(0.0, 0.0), (25.0, -10.0), (-40.0, 15.0)])
+def test_head_pose_from_landmarks_gives_back_the_view(sfm_model, yaw, pitch):
+    """The SFM's mean landmarks seen from a camera placed at (yaw, pitch) around the face, at
+    a portrait's distance and focal length: their pose comes back within a few degrees (the
+    scaled-orthographic fit's approximation of the perspective view), NaN rows ignored."""
+    from ganfit_jax import morphable
+
+    points = np.asarray(morphable.landmarks3d(sfm_model, sfm_model.mean), np.float64)
+    y, p = np.radians(yaw), np.radians(pitch)
+    target = np.nanmean(points, 0)
+    eye = target + 900 * np.array([np.cos(p) * np.sin(y), np.sin(p), np.cos(p) * np.cos(y)])
+    px, _ = cam.project(jnp.asarray(np.r_[eye, target, 2000.0], jnp.float32),
+                        jnp.asarray(np.nan_to_num(points), jnp.float32), 512)
+    px = np.where(np.isfinite(points[:, :1]), np.asarray(px, np.float64), np.nan)
+    got = cam.head_pose_from_landmarks(points, px)
+    np.testing.assert_allclose(got, (yaw, pitch), atol=2.5)
