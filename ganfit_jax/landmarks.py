@@ -273,6 +273,8 @@ def _boxes(det, detector, img, upsample):
 # (0.6 s on its 1344 px copy) while its face spans hundreds of pixels. Faces are found on a copy
 # whose long side is at most this, then the 68 points are placed on the full image.
 DETECTION_MAX_SIDE = 1920
+NO_FACE_HINT = ("give its landmarks (fit --landmarks, or a .pts/.npy/.json beside it) or try "
+                "the 'cnn' detector (fit --detector=cnn: slower, finds more turned faces)")
 
 
 def _pixels(image):
@@ -368,7 +370,7 @@ def detect_landmarks(image, detector="hog", face=None, upsample=1, name=None, ne
     boxes, _ = detect_faces(img, detector, upsample, max_side)
     if not boxes:
         raise ValueError(f"no face found in {name} by dlib's {detector} detector "
-                         f"(upsample={upsample}); pass landmarks explicitly or try detector='cnn'")
+                         f"(upsample={upsample}); {NO_FACE_HINT}")
     predictor = _shape_predictor()
     shapes = [predictor(img, dlib.rectangle(*box)) for box in boxes] if (
         like is not None and len(boxes) > 1) else None
@@ -411,7 +413,7 @@ def detect_all_landmarks(image, detector="hog", upsample=1, name=None,
     boxes, _ = detect_faces(img, detector, upsample, max_side)
     if not boxes:
         raise ValueError(f"no face found in {name} by dlib's {detector} detector "
-                         f"(upsample={upsample}); pass landmarks explicitly or try detector='cnn'")
+                         f"(upsample={upsample}); {NO_FACE_HINT}")
     boxes = sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
     predictor = _shape_predictor()
     return np.stack([_to_points(predictor(img, dlib.rectangle(*box))) for box in boxes])
