@@ -154,7 +154,9 @@ flags.DEFINE_integer("process_id", None, "--distributed: this process's id, 0 ..
                      lower_bound=0)
 common.require_positive("stage1_learning_rate")
 
-SEQUENCE_FILES = ("sequence.npz", "sequence.png", "overlay.mp4")  # --frames: in the output folder itself
+# --frames: in the output folder itself
+SEQUENCE_FILES = ("sequence.npz", "sequence.png", "identity.obj", "identity.mtl", "identity.png",
+                  "overlay.mp4")
 FACES_FILES = ("overlay.png", "faces.json")  # --all_faces: in each photo's folder itself
 OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
                 "side_by_side.png", "views.png", "loss.png", "metrics.json")
@@ -786,7 +788,7 @@ def run():
     if count > 1:
         processes.wait_for_others(index, count)  # their frames belong in the sequence
     if mode == "frames" and index == 0:
-        write_sequence(FLAGS.output_dir, sequence_folders(video, frame_folders))
+        write_sequence(FLAGS.output_dir, sequence_folders(video, frame_folders), model)
 
 
 def sequence_folders(video, frame_folders):
@@ -799,12 +801,14 @@ def sequence_folders(video, frame_folders):
                   if os.path.basename(f)[len("frame_"):].isdigit())
 
 
-def write_sequence(output_dir, numbered_folders):
+def write_sequence(output_dir, numbered_folders, model):
     """sequence.npz and sequence.png: the fitted frames' per-frame parameters as time series (a
-    tracked video's expression and head pose), from their params.npz in frame order."""
+    tracked video's expression and head pose), from their params.npz in frame order;
+    identity.obj (+ .mtl, .png): the person the frames share, their shape at a neutral
+    expression with their texture; and overlay.mp4 (`write_overlay_video`)."""
     import numpy as np
 
-    from ganfit_jax import camera, io
+    from ganfit_jax import camera, io, landmarks, morphable
 
     frames, rows = [], []
     for number, folder in numbered_folders:
@@ -836,7 +840,13 @@ def write_sequence(output_dir, numbered_folders):
                              x_label="frame")
     io.save_image(os.path.join(output_dir, "sequence.png"), np.concatenate([pose, faces], 0),
                   overwrite=over)
-    written = SEQUENCE_FILES[:2]
+    # the person the frames share (Eq. 13): their shape at a neutral expression, their texture
+    first = next(f for n, f in numbered_folders if n == frames[0])
+    neutral = morphable.vertices(model, rows[0]["shape"], np.zeros(model.num_expression))
+    io.write_obj(os.path.join(output_dir, "identity.obj"), np.asarray(neutral),
+                 np.asarray(model.triangles), np.asarray(model.uv),
+                 landmarks.load_image(os.path.join(first, "mesh.png")), overwrite=over)
+    written = SEQUENCE_FILES[:-1]
     if FLAGS.overlay_video:
         write_overlay_video(output_dir, [(n, f) for n, f in numbered_folders if n in set(frames)])
         written = SEQUENCE_FILES

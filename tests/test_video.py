@@ -179,6 +179,17 @@ def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path
     np.testing.assert_allclose(sequence["camera_yaw_deg"], yaw, rtol=1e-6)
     np.testing.assert_array_equal(sequence["shape"], params[0]["shape"])
     assert (out / "sequence.png").read_bytes()[:4] == b"\x89PNG"
+    # identity.obj: the shared shape at a neutral expression, with the shared texture
+    import trimesh
+
+    from ganfit_jax import morphable
+
+    person = trimesh.load(out / "identity.obj", process=False, force="mesh")
+    model = morphable.load(sfm_dir / "sfm_shape_3448.bin")
+    neutral = morphable.vertices(model, params[0]["shape"], np.zeros(model.num_expression))
+    np.testing.assert_allclose(person.vertices, np.asarray(neutral), atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "identity.png")),
+                                  np.asarray(Image.open(out / "frame_000000" / "mesh.png")))
     # overlay.mp4: every frame's overlay.png in order, at the clip's 10 fps
     assert inputs.video_frame_rate(out / "overlay.mp4") == pytest.approx(10)
     shown = inputs.read_video_frames(out / "overlay.mp4")
