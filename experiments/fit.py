@@ -10,8 +10,10 @@ Per result it writes: mesh.obj + mesh.mtl + mesh.png (UV texture), params.npz (e
 block, vertices (N,3) mm in model coordinates, landmarks3d (68,3), landmarks2d in the photo, and
 the camera as OpenCV takes one: camera_matrix (3,3) in the photo's pixels, rotation (3,3) and
 translation (3,) from model to camera coordinates),
-overlay.png (render on the photo), side_by_side.png (photo | render | overlay), views.png (three
-other viewpoints) and loss.png. With --frames, the output folder also gets sequence.npz (every
+overlay.png (render on the photo), side_by_side.png (photo | render | overlay), landmarks.png
+(the landmarks followed, green, and the fitted model's, red, on the crop), landmarks.json (the
+former in the photo's pixels, as --landmarks reads them), views.png (three other viewpoints)
+and loss.png. With --frames, the output folder also gets sequence.npz (every
 fitted frame's expression, camera, head-pose angles, light and landmarks in frame order, the
 shared shape and texture once), sequence.png (pose and expression over the frames) and
 overlay.mp4 (the frames' overlays as a video). With
@@ -159,7 +161,8 @@ SEQUENCE_FILES = ("sequence.npz", "sequence.png", "identity.obj", "identity.mtl"
                   "overlay.mp4")
 FACES_FILES = ("overlay.png", "faces.json")  # --all_faces: in each photo's folder itself
 OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
-                "side_by_side.png", "views.png", "loss.png", "metrics.json")
+                "side_by_side.png", "landmarks.png", "landmarks.json", "views.png", "loss.png",
+                "metrics.json")
 
 
 SHUTDOWN_WAIT_S = 48 * 3600  # --distributed: how long a finished process waits for the others
@@ -435,7 +438,7 @@ def write_result(folder, pipeline, params, original, crop, transform, history, s
     import jax.numpy as jnp
     import numpy as np
 
-    from ganfit_jax import camera, fitting, inputs, io, morphable
+    from ganfit_jax import camera, fitting, inputs, io, landmarks, morphable
 
     os.makedirs(folder, exist_ok=True)
     model = pipeline.model
@@ -465,6 +468,13 @@ def write_result(folder, pipeline, params, original, crop, transform, history, s
     crop_overlay = crop * (1 - mask[..., None]) + render * mask[..., None]
     io.save_image(os.path.join(folder, "side_by_side.png"),
                   np.concatenate([crop, render, crop_overlay], axis=1), overwrite=over)
+    if landmarks_crop is not None:
+        # the landmarks the fit followed (green), as `--landmarks` reads them back, and where
+        # the fitted model puts its own (red)
+        io.write_never_overwrite(os.path.join(folder, "landmarks.json"), landmarks.landmarks_json(
+            transform.to_original(landmarks_crop)), over)
+        io.save_image(os.path.join(folder, "landmarks.png"), io.draw_points(
+            crop, [(landmarks_crop, (40, 220, 60)), (lm2d_crop, (230, 40, 40))]), overwrite=over)
     views = []
     for yaw in (-60.0, 0.0, 60.0):
         turned = _turn(params, yaw)

@@ -89,6 +89,22 @@ def save_image(path, image, overwrite=False) -> pathlib.Path:
     return write_never_overwrite(path, encode_png(image), overwrite)
 
 
+def draw_points(image, point_sets, radius=None):
+    """A copy of `image` (float [0,1] or uint8 H×W×3) with each (points (K,2) in the project's
+    pixel convention, RGB colour) drawn as dots, later sets over earlier; NaN points skipped.
+    Returns uint8."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.fromarray(to_uint8(image, "image"))
+    draw = ImageDraw.Draw(canvas)
+    r = radius if radius is not None else max(1.0, max(canvas.size) / 160)
+    for points, colour in point_sets:
+        for x, y in np.asarray(points, np.float64):
+            if np.isfinite(x) and np.isfinite(y):
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in colour))
+    return np.asarray(canvas)
+
+
 def write_video(path, frames, fps, overwrite=False, crf=18) -> int:
     """Writes an iterable of H×W×3 images (float [0,1] or uint8, all one size) as an H.264 MP4
     at `fps` frames per second (PyAV's FFmpeg; yuv420p, which players need, so an odd width or

@@ -187,10 +187,15 @@ def load_landmark_sets(path, pixel_centre=None):
     return (points + (0.5 - pixel_centre)).astype(np.float32)
 
 
+def landmarks_json(landmarks, name="landmarks"):
+    """Landmarks (project convention) as the JSON text `load_landmarks` reads back."""
+    landmarks = _check(landmarks, name)
+    return json.dumps({"landmarks": landmarks.tolist(), "pixel_centre": 0.5})
+
+
 def save_landmarks_json(path, landmarks):
     """Write landmarks (project convention) as JSON that `load_landmarks` reads back."""
-    landmarks = _check(landmarks, path)
-    pathlib.Path(path).write_text(json.dumps({"landmarks": landmarks.tolist(), "pixel_centre": 0.5}))
+    pathlib.Path(path).write_text(landmarks_json(landmarks, path))
 
 
 def interocular_distance(landmarks):

@@ -30,8 +30,14 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
     assert code == 0, stderr[-2000:]
     assert "stage 2 iter 2/2" in stdout and "eta" in stdout
     for name in ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
-                 "side_by_side.png", "views.png", "loss.png", "metrics.json"):
+                 "side_by_side.png", "landmarks.png", "landmarks.json", "views.png", "loss.png",
+                 "metrics.json"):
         assert (out / name).stat().st_size > 0, name
+    from ganfit_jax import landmarks
+
+    # the landmarks the fit followed (here the .npy beside the photo), as --landmarks reads them
+    np.testing.assert_allclose(landmarks.load_landmarks(out / "landmarks.json"),
+                               landmarks.load_landmarks(ffhq_photo.with_suffix(".npy")), atol=1e-3)
     import json
 
     metrics = json.loads((out / "metrics.json").read_text())
