@@ -55,7 +55,7 @@ flags.DEFINE_enum("keyframes", "uniform", ["uniform", "spread"],
                  "--max_frames of those whose head poses (from each frame's landmarks) lie "
                  "farthest apart, the most frontal first, so that the shared shape sees the face "
                  "from as many sides as the video shows (every candidate's face is detected "
-                 "first).")
+                 "by dlib first, even where a landmark file lies beside a frame).")
 flags.DEFINE_string("landmarks", None, "68 iBUG landmarks for --image (.pts, .npy (68,2) or "
                     ".json). Default: a file of the same stem beside the image, else dlib.")
 flags.DEFINE_string("model", None, "3DMM (.npz or any format morphable.load knows). Default: "
