@@ -171,10 +171,9 @@ def read_video_frames(path, step: int = 1, max_frames: int = 0):
     return frames
 
 
-def video_frame_count(path):
-    """How many frames the container says its video stream holds, or None where it does not
-    say (some containers and codecs leave it 0) or the file cannot be opened. The header's
-    word, not a decode: for progress and ETA, never to decide which frames exist."""
+def _video_stream_header(path, read):
+    """`read(stream)` of the file's first video stream, or None where it has none, PyAV is
+    missing or the file cannot be opened: what the container says, without decoding."""
     try:
         import av
     except ImportError:
@@ -182,25 +181,23 @@ def video_frame_count(path):
     try:
         with av.open(str(path)) as container:
             streams = container.streams.video
-            return (streams[0].frames or None) if streams else None
+            return read(streams[0]) if streams else None
     except av.error.FFmpegError:
         return None
+
+
+def video_frame_count(path):
+    """How many frames the container says its video stream holds, or None where it does not
+    say (some containers and codecs leave it 0) or the file cannot be opened. The header's
+    word, not a decode: for progress and ETA, never to decide which frames exist."""
+    return _video_stream_header(path, lambda stream: stream.frames or None)
 
 
 def video_frame_rate(path):
     """Frames per second of the video stream as its container gives it (average rate), or None
     where it does not say or the file cannot be opened."""
-    try:
-        import av
-    except ImportError:
-        return None
-    try:
-        with av.open(str(path)) as container:
-            streams = container.streams.video
-            rate = streams[0].average_rate if streams else None
-            return float(rate) if rate else None
-    except av.error.FFmpegError:
-        return None
+    return _video_stream_header(
+        path, lambda stream: float(stream.average_rate) if stream.average_rate else None)
 
 
 def display_matrix(frame):

@@ -351,6 +351,19 @@ def face_descriptor(image, points):
         return _descriptor(recognizer, img, shape)
 
 
+def _found_faces(image, detector, upsample, max_side, name):
+    """(uint8 pixels, face boxes, the image's name for errors); ValueError naming it (default:
+    the path, if `image` is one) where dlib finds no face."""
+    if name is None:
+        name = str(image) if isinstance(image, (str, os.PathLike)) else "the given image"
+    img = _pixels(image)
+    boxes, _ = detect_faces(img, detector, upsample, max_side)
+    if not boxes:
+        raise ValueError(f"no face found in {name} by dlib's {detector} detector "
+                         f"(upsample={upsample}); {NO_FACE_HINT}")
+    return img, boxes, name
+
+
 def detect_landmarks(image, detector="hog", face=None, upsample=1, name=None, near=None,
                      max_side=DETECTION_MAX_SIDE, like=None):
     """68 iBUG landmarks of one face by dlib (detector + shape_predictor_68_face_landmarks).
@@ -369,13 +382,7 @@ def detect_landmarks(image, detector="hog", face=None, upsample=1, name=None, ne
 
     if face is not None and near is not None:
         raise ValueError("give face (an index by size) or near (a point), not both")
-    if name is None:
-        name = str(image) if isinstance(image, (str, os.PathLike)) else "the given image"
-    img = _pixels(image)
-    boxes, _ = detect_faces(img, detector, upsample, max_side)
-    if not boxes:
-        raise ValueError(f"no face found in {name} by dlib's {detector} detector "
-                         f"(upsample={upsample}); {NO_FACE_HINT}")
+    img, boxes, name = _found_faces(image, detector, upsample, max_side, name)
     predictor = _shape_predictor()
     shapes = [predictor(img, dlib.rectangle(*box)) for box in boxes] if (
         like is not None and len(boxes) > 1) else None
@@ -412,13 +419,7 @@ def detect_all_landmarks(image, detector="hog", upsample=1, name=None,
     ValueError naming `name` (default: the path, if `image` is one) when there is none."""
     import dlib
 
-    if name is None:
-        name = str(image) if isinstance(image, (str, os.PathLike)) else "the given image"
-    img = _pixels(image)
-    boxes, _ = detect_faces(img, detector, upsample, max_side)
-    if not boxes:
-        raise ValueError(f"no face found in {name} by dlib's {detector} detector "
-                         f"(upsample={upsample}); {NO_FACE_HINT}")
+    img, boxes, _ = _found_faces(image, detector, upsample, max_side, name)
     boxes = sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
     predictor = _shape_predictor()
     return np.stack([_to_points(predictor(img, dlib.rectangle(*box))) for box in boxes])
@@ -450,19 +451,27 @@ def follow_person(frames, detector="hog", face=0, names=None):
         yield i, points
 
 
+def landmark_file(image_path, landmarks_path=None):
+    """The landmark file for a photo: `landmarks_path` if given, else a .pts/.npy/.json of its
+    stem beside it, else None."""
+    if landmarks_path is not None:
+        return pathlib.Path(landmarks_path)
+    for suffix in (".pts", ".npy", ".json"):
+        candidate = pathlib.Path(image_path).with_suffix(suffix)
+        if candidate.exists():
+            return candidate
+    return None
+
+
 def load_or_detect(image_path, landmarks_path=None, detector="hog", near=None, image=None,
                    face=None, like=None):
     """Landmarks from `landmarks_path`, else a sibling .pts/.npy/.json, else detected by dlib
     (the face nearest `near`, if given, else the `face`-th largest, default the largest) in
     `image`, the photo's pixels where the caller has them already, else read from
     `image_path`; `like` as in `detect_landmarks`."""
-    image_path = pathlib.Path(image_path)
-    if landmarks_path is not None:
-        return load_landmarks(landmarks_path)
-    for suffix in (".pts", ".npy", ".json"):
-        candidate = image_path.with_suffix(suffix)
-        if candidate.exists():
-            return load_landmarks(candidate)
+    found = landmark_file(image_path, landmarks_path)
+    if found is not None:
+        return load_landmarks(found)
     return detect_landmarks(image_path if image is None else image, detector=detector, near=near,
                             face=face, like=like, name=str(image_path))
 
@@ -471,12 +480,8 @@ def load_or_detect_all(image_path, landmarks_path=None, detector="hog", image=No
     """Every face's landmarks (faces, 68, 2): from `landmarks_path`, else a sibling
     .pts/.npy/.json (`load_landmark_sets`), else every face dlib finds (`detect_all_landmarks`)
     in `image` (the photo's pixels where the caller has them), else read from `image_path`."""
-    image_path = pathlib.Path(image_path)
-    if landmarks_path is not None:
-        return load_landmark_sets(landmarks_path)
-    for suffix in (".pts", ".npy", ".json"):
-        candidate = image_path.with_suffix(suffix)
-        if candidate.exists():
-            return load_landmark_sets(candidate)
+    found = landmark_file(image_path, landmarks_path)
+    if found is not None:
+        return load_landmark_sets(found)
     return detect_all_landmarks(image_path if image is None else image, detector=detector,
                                 name=str(image_path))

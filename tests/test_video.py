@@ -19,14 +19,11 @@ av = pytest.importorskip("av", reason="PyAV (requirements.txt) reads video files
 SHIFT = 6  # pixels the face moves right per frame
 
 
-def write_video(path, photo, num_frames, size=256):
-    """An MPEG-4 clip of `photo` moving right by SHIFT pixels per frame; returns the frames."""
-    from PIL import Image
-
-    image = np.asarray(Image.open(photo).convert("RGB").resize((size, size)))
-    frames = [np.roll(image, SHIFT * i, axis=1).copy() for i in range(num_frames)]
+def encode_mpeg4(path, frames, rate=10):
+    """Square uint8 frames as an MPEG-4 clip at `rate` frames per second."""
+    size = frames[0].shape[0]
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
+        stream = container.add_stream("mpeg4", rate=rate)
         stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
         stream.options = {"qscale": "2"}
         for frame in frames:
@@ -34,6 +31,15 @@ def write_video(path, photo, num_frames, size=256):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def write_video(path, photo, num_frames, size=256):
+    """An MPEG-4 clip of `photo` moving right by SHIFT pixels per frame; returns the frames."""
+    from PIL import Image
+
+    image = np.asarray(Image.open(photo).convert("RGB").resize((size, size)))
+    frames = [np.roll(image, SHIFT * i, axis=1).copy() for i in range(num_frames)]
+    encode_mpeg4(path, frames)
     return frames
 
 
@@ -408,15 +414,7 @@ def test_spread_keyframes_are_the_poses_farthest_apart(source, faces_dir, sfm_di
               for n in names]
     if source == "video":
         path = tmp_path / "clip.mp4"
-        with av.open(str(path), "w") as container:
-            stream = container.add_stream("mpeg4", rate=10)
-            stream.width, stream.height, stream.pix_fmt = 256, 256, "yuv420p"
-            stream.options = {"qscale": "2"}
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
+        encode_mpeg4(path, frames)
         expected = ["frame_000001", "frame_000003", "frame_000005"]
     else:
         path = tmp_path / "frames"
