@@ -88,6 +88,9 @@ flags.DEFINE_bool("all_faces", False, "--image/--images: fit every face dlib fin
                   "face_00, face_01, ... of the photo's output folder, in --batch_size batches; "
                   "the photo's folder also gets overlay.png (every face pasted back) and "
                   "faces.json (written last).")
+flags.DEFINE_float("min_interocular", 0.0, "--all_faces: leave out faces whose eyes are closer "
+                   "than this many pixels of the photo (a crowd's distant faces), reported by "
+                   "name.", lower_bound=0.0)
 flags.DEFINE_bool("overlay_video", True, "--frames: also write overlay.mp4, every fitted frame's "
                   "overlay.png in frame order (H.264), at the video's frame rate over the step "
                   "between fitted frames (a folder of frames: --fps).")
@@ -263,11 +266,19 @@ def prepare_all(path, landmarks_path, size, detector):
         raise InputError(str(e)) from None
     items = []
     for k, lm in enumerate(faces):
+        eyes = landmarks.interocular_distance(lm)
+        if eyes < FLAGS.min_interocular:
+            print(f"{path}: face {k} left out, its eyes {eyes:.0f} px apart "
+                  f"(--min_interocular={FLAGS.min_interocular:g})", flush=True)
+            continue
         try:
             crop, lm_crop, transform = inputs.crop_face(image, lm, size)
         except ValueError as e:
             raise InputError(f"{landmarks_path or path} (face {k}): {e}") from None
         items.append((image, crop, lm_crop, transform))
+    if not items:
+        raise InputError(f"{path}: every face's eyes are closer than --min_interocular="
+                         f"{FLAGS.min_interocular:g} px")
     return items
 
 

@@ -371,6 +371,24 @@ def test_all_faces_fits_every_face_of_every_photo_in_shared_batches(faces_dir, s
     assert "--resume: 2 of 2 photo(s) already fitted, 0 to go" in stdout, stdout[-2000:]
 
 
+def test_all_faces_of_one_photo_leaves_out_faces_too_small(faces_dir, sfm_dir, tmp_path,
+                                                          run_fit):
+    """--image --all_faces --min_interocular=30 on the PASCAL photo whose two faces have their
+    eyes 36 and 28 px apart: only the larger is fitted, the other reported; the photo's own
+    folder holds the overlay, faces.json and summary.csv."""
+    photo = faces_dir / "dlib" / "faces" / "2008_001009.jpg"
+    out = tmp_path / "group"
+    code, stdout, stderr = run_fit(f"--image={photo}", f"--output_dir={out}", "--all_faces",
+                                   "--min_interocular=30",
+                                   f"--model={sfm_dir / 'sfm_shape_3448.bin'}", *TINY)
+    assert code == 0, stderr[-2000:]
+    assert "face 1 left out, its eyes 28 px apart" in stdout, stdout[-2000:]
+    assert json.loads((out / "faces.json").read_text())["faces"][0]["folder"] == "face_00"
+    assert len(json.loads((out / "faces.json").read_text())["faces"]) == 1
+    assert (out / "face_00" / "metrics.json").exists() and not (out / "face_01").exists()
+    assert len(read_summary(out / "summary.csv")) == 1 and (out / "overlay.png").exists()
+
+
 def test_a_list_file_names_photos_in_its_order_from_its_folder(tmp_path):
     """--images=split.txt: a data set's split file, one path a line, relative to the list's
     folder or absolute, comments and blank lines skipped, each photo once, in the list's order."""
