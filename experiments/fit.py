@@ -24,6 +24,7 @@ outputs are never replaced unless --overwrite.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -197,6 +198,7 @@ def default_model_path():
     return path
 
 
+@functools.lru_cache(maxsize=2)  # --keyframes=spread reads it before the fit does
 def load_model(path):
     from ganfit_jax import morphable
 
@@ -869,7 +871,8 @@ def write_sequence(output_dir, numbered_folders, model):
                  landmarks.load_image(os.path.join(first, "mesh.png")), overwrite=over)
     written = SEQUENCE_FILES[:-1]
     if FLAGS.overlay_video:
-        write_overlay_video(output_dir, [(n, f) for n, f in numbered_folders if n in set(frames)])
+        fitted = set(frames)
+        write_overlay_video(output_dir, [(n, f) for n, f in numbered_folders if n in fitted])
         written = SEQUENCE_FILES
     print(f"wrote {output_dir}/: " + " ".join(written) + f" ({len(frames)} frames)", flush=True)
 

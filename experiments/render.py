@@ -92,7 +92,8 @@ def _with_texture_map(params, params_path, texture_map):
     fit's latent) the fit's mesh.png beside its params.npz."""
     from ganfit_jax import landmarks
 
-    if texture_map is None and params.get("texture", np.zeros((1, 1, 3))).ndim != 1:
+    latent = "texture" in params and params["texture"].ndim == 1
+    if texture_map is None and not latent:
         return params
     out = {k: v for k, v in params.items() if k != "texture"}
     if texture_map is None:
