@@ -1,5 +1,6 @@
-"""Files in and out: textured meshes (OBJ + MTL + PNG), fitting parameters (.npz), images, and
-loss-curve plots. The only module of ganfit_jax besides the model loaders that touches disk.
+"""Files in and out: textured meshes (OBJ + MTL + PNG, or one binary glTF), fitting parameters
+(.npz), images, and loss-curve plots. The only module of ganfit_jax besides the model loaders
+that touches disk.
 
 Every writer refuses to replace an existing file unless `overwrite=True`, and names the file,
 so a long fitting or training run never silently clobbers an earlier result.
@@ -239,6 +240,30 @@ class ObjMesh(NamedTuple):
     vertex_colours: Optional[np.ndarray]  # (N,3) in [0,1], or None
 
 
+def _checked_mesh(path, vertices, triangles, uv, texture):
+    """The mesh's arrays as the writers take them, or a ValueError naming `path`."""
+    vertices = np.asarray(vertices, np.float64)
+    triangles = np.asarray(triangles)
+    n = vertices.shape[0] if vertices.ndim else 0
+    if vertices.ndim != 2 or vertices.shape[1] != 3 or not np.all(np.isfinite(vertices)):
+        raise ValueError(f"{path}: vertices must be finite (N,3), got {vertices.shape}")
+    if triangles.ndim != 2 or triangles.shape[1] != 3 or (
+            triangles.size and (triangles.min() < 0 or triangles.max() >= n)):
+        raise ValueError(f"{path}: triangles must be (F,3) indices in [0,{n})")
+    if (uv is None) != (texture is None):
+        raise ValueError(f"{path}: uv and texture come together (got only one)")
+    if uv is not None:
+        uv = np.asarray(uv, np.float64)
+        if uv.shape != (n, 2):
+            raise ValueError(f"{path}: uv must be ({n},2), got {uv.shape}")
+    return vertices, triangles.astype(np.int64), uv
+
+
+def _vertex_colours_uint8(vertex_colours, n):
+    return to_uint8(np.asarray(vertex_colours).reshape(n, 3)[:, None, :],
+                    "vertex_colours")[:, 0, :]
+
+
 def write_obj(path, vertices, triangles, uv=None, texture=None, vertex_colours=None,
               overwrite=False) -> list[pathlib.Path]:
     """Writes a mesh as Wavefront OBJ; with `uv` and `texture`, also STEM.mtl and STEM.png.
@@ -255,16 +280,8 @@ def write_obj(path, vertices, triangles, uv=None, texture=None, vertex_colours=N
     path = pathlib.Path(path)
     if path.suffix.lower() != ".obj":
         raise ValueError(f"{path}: expected a .obj file name")
-    vertices = np.asarray(vertices, np.float64)
-    triangles = np.asarray(triangles)
-    n = vertices.shape[0]
-    if vertices.ndim != 2 or vertices.shape[1] != 3 or not np.all(np.isfinite(vertices)):
-        raise ValueError(f"{path}: vertices must be finite (N,3), got {vertices.shape}")
-    if triangles.ndim != 2 or triangles.shape[1] != 3 or (
-            triangles.size and (triangles.min() < 0 or triangles.max() >= n)):
-        raise ValueError(f"{path}: triangles must be (F,3) indices in [0,{n})")
-    if (uv is None) != (texture is None):
-        raise ValueError(f"{path}: uv and texture come together (got only one)")
+    vertices, triangles, uv = _checked_mesh(path, vertices, triangles, uv, texture)
+    n = len(vertices)
     textured = uv is not None
     stem = path.stem
     outputs = [path] + ([path.with_suffix(".mtl"), path.with_name(stem + ".png")]
@@ -273,22 +290,17 @@ def write_obj(path, vertices, triangles, uv=None, texture=None, vertex_colours=N
         refuse_overwrite(p, overwrite)
 
     if textured:
-        uv = np.asarray(uv, np.float64)
-        if uv.shape != (n, 2):
-            raise ValueError(f"{path}: uv must be ({n},2), got {uv.shape}")
         material = trimesh.visual.material.SimpleMaterial(
             image=Image.fromarray(to_uint8(texture, "texture")), name=stem,
             diffuse=[255, 255, 255, 255], ambient=[255, 255, 255, 255],
             specular=[0, 0, 0, 255])
         visual = trimesh.visual.TextureVisuals(uv=uv, material=material)
     elif vertex_colours is not None:
-        colours = to_uint8(np.asarray(vertex_colours).reshape(n, 3)[:, None, :],
-                           "vertex_colours")[:, 0, :]
-        visual = trimesh.visual.ColorVisuals(vertex_colors=colours)
+        visual = trimesh.visual.ColorVisuals(
+            vertex_colors=_vertex_colours_uint8(vertex_colours, n))
     else:
         visual = None
-    mesh = trimesh.Trimesh(vertices, triangles.astype(np.int64), visual=visual, process=False,
-                           validate=False)
+    mesh = trimesh.Trimesh(vertices, triangles, visual=visual, process=False, validate=False)
     text, files = export_obj(mesh, include_normals=False, include_texture=textured,
                              include_color=vertex_colours is not None, return_texture=True,
                              mtl_name=stem + ".mtl", digits=8)
@@ -302,6 +314,56 @@ def write_obj(path, vertices, triangles, uv=None, texture=None, vertex_colours=N
     for name, data in sorted(files.items()):
         written.append(write_never_overwrite(path.with_name(name), data, overwrite))
     return written
+
+
+GLB_METRES_PER_UNIT = 1e-3  # glTF's unit is the metre; the models' is the millimetre
+
+
+def write_glb(path, vertices, triangles, uv=None, texture=None, vertex_colours=None,
+              overwrite=False, metres_per_unit=GLB_METRES_PER_UNIT) -> list[pathlib.Path]:
+    """Writes a mesh as one binary glTF file (.glb), its texture map embedded as PNG.
+
+    One file a browser, Blender or a phone shows with its texture (the OBJ needs three). The
+    arrays are as `write_obj` takes them; the vertices are scaled to glTF's metres (model
+    millimetres × 1e-3) and keep the model's order, with smooth vertex normals; the material is
+    unlit-looking skin (metallic 0, roughness 1). Returns [path]; an existing file is an error
+    unless overwrite.
+    """
+    import trimesh
+    from PIL import Image
+    from trimesh.exchange.gltf import export_glb
+
+    path = pathlib.Path(path)
+    if path.suffix.lower() != ".glb":
+        raise ValueError(f"{path}: expected a .glb file name")
+    vertices, triangles, uv = _checked_mesh(path, vertices, triangles, uv, texture)
+    refuse_overwrite(path, overwrite)
+    if uv is not None:
+        material = trimesh.visual.material.PBRMaterial(
+            name=path.stem, baseColorTexture=Image.fromarray(to_uint8(texture, "texture")),
+            baseColorFactor=[255, 255, 255, 255], metallicFactor=0.0, roughnessFactor=1.0,
+            doubleSided=True)
+        visual = trimesh.visual.TextureVisuals(uv=uv, material=material)
+    elif vertex_colours is not None:
+        visual = trimesh.visual.ColorVisuals(
+            vertex_colors=_vertex_colours_uint8(vertex_colours, len(vertices)))
+    else:
+        visual = None
+    mesh = trimesh.Trimesh(vertices * metres_per_unit, triangles, visual=visual, process=False,
+                           validate=False)
+    return [write_never_overwrite(path, export_glb(mesh, include_normals=True), overwrite)]
+
+
+MESH_WRITERS = {".obj": write_obj, ".glb": write_glb}
+
+
+def write_mesh(path, vertices, triangles, uv=None, texture=None, vertex_colours=None,
+               overwrite=False) -> list[pathlib.Path]:
+    """`write_obj` or `write_glb`, by the file name's suffix."""
+    writer = MESH_WRITERS.get(pathlib.Path(path).suffix.lower())
+    if writer is None:
+        raise ValueError(f"{path}: a mesh file name ends in one of {sorted(MESH_WRITERS)}")
+    return writer(path, vertices, triangles, uv, texture, vertex_colours, overwrite=overwrite)
 
 
 def read_obj(path) -> ObjMesh:

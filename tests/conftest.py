@@ -90,3 +90,57 @@ def run_fit(tmp_path_factory):
         return proc.returncode, proc.stdout, proc.stderr
 
     return run
+
+
+def _read_glb(path):
+    """The first mesh primitive of a binary glTF file, decoded from the spec (glTF 2.0, §4.4
+    and §5.1) with numpy alone, as a check on the writer that does not go through trimesh:
+    dict of its attributes (POSITION, NORMAL, TEXCOORD_0, COLOR_0 as present), `indices` (F,3),
+    `image` (H,W,C uint8, the base colour texture, if any), `material` and `json`."""
+    import io as _io
+    import json
+    import struct
+
+    import numpy as np
+    from PIL import Image
+
+    data = pathlib.Path(path).read_bytes()
+    magic, version, length = struct.unpack_from("<4sII", data, 0)
+    assert magic == b"glTF" and version == 2 and length == len(data), (magic, version, length)
+    chunks, offset = {}, 12
+    while offset < length:
+        size, kind = struct.unpack_from("<I4s", data, offset)
+        chunks[kind] = data[offset + 8: offset + 8 + size]
+        offset += 8 + size
+    doc = json.loads(chunks[b"JSON"])
+    binary = chunks[b"BIN\x00"]
+    dtypes = {5121: np.uint8, 5123: np.uint16, 5125: np.uint32, 5126: np.float32}
+    widths = {"SCALAR": 1, "VEC2": 2, "VEC3": 3, "VEC4": 4}
+
+    def view_bytes(index):
+        view = doc["bufferViews"][index]
+        start = view.get("byteOffset", 0)
+        return binary[start: start + view["byteLength"]]
+
+    def accessor(index):
+        acc = doc["accessors"][index]
+        raw = view_bytes(acc["bufferView"])[acc.get("byteOffset", 0):]
+        width = widths[acc["type"]]
+        return np.frombuffer(raw, dtypes[acc["componentType"]],
+                             acc["count"] * width).reshape(acc["count"], width)
+
+    primitive = doc["meshes"][0]["primitives"][0]
+    out = {name: accessor(i) for name, i in primitive["attributes"].items()}
+    out["indices"] = accessor(primitive["indices"]).reshape(-1, 3)
+    out["json"] = doc
+    out["material"] = doc["materials"][primitive["material"]] if "material" in primitive else None
+    texture = (out["material"] or {}).get("pbrMetallicRoughness", {}).get("baseColorTexture")
+    if texture is not None:
+        image = doc["images"][doc["textures"][texture["index"]]["source"]]
+        out["image"] = np.asarray(Image.open(_io.BytesIO(view_bytes(image["bufferView"]))))
+    return out
+
+
+@pytest.fixture(scope="session")
+def read_glb():
+    return _read_glb

@@ -182,3 +182,44 @@ def test_loss_curves(tmp_path):
         io.save_loss_curves(path, curves)
     with pytest.raises(ValueError, match="no finite positive values"):
         io.render_curves({"zero": [0.0, -1.0]}, log_y=True)
+
+
+def test_glb_holds_the_mesh_in_metres_in_model_order_with_its_texture(tmp_path, read_glb):
+    """Read back by a decoder written from the glTF spec (conftest), not by trimesh: vertex k
+    is model vertex k in metres, the triangles as given, glTF's texture coordinates are OBJ's
+    with v flipped (glTF's origin is the image's top left), and the embedded PNG is the map."""
+    verts, tris, uv, texture = _textured_mesh()
+    assert [p.name for p in io.write_glb(tmp_path / "face.glb", verts, tris, uv, texture)] \
+        == ["face.glb"]
+    glb = read_glb(tmp_path / "face.glb")
+    np.testing.assert_allclose(glb["POSITION"], verts * 1e-3, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(glb["indices"], tris)
+    np.testing.assert_allclose(glb["TEXCOORD_0"], np.stack([uv[:, 0], 1 - uv[:, 1]], 1),
+                               atol=1e-6)
+    np.testing.assert_array_equal(glb["image"][..., :3], io.to_uint8(texture))
+    normals = glb["NORMAL"][np.unique(tris)]
+    np.testing.assert_allclose(np.linalg.norm(normals, axis=1), 1, atol=1e-5)
+    pbr = glb["material"]["pbrMetallicRoughness"]
+    assert pbr["metallicFactor"] == 0 and pbr["roughnessFactor"] == 1
+
+
+def test_glb_vertex_colours_refusals_and_write_mesh(tmp_path, read_glb):
+    verts, tris, uv, texture = _textured_mesh()
+    colours = RNG.uniform(size=(len(verts), 3))
+    io.write_mesh(tmp_path / "c.glb", verts, tris, vertex_colours=colours)
+    glb = read_glb(tmp_path / "c.glb")
+    assert "TEXCOORD_0" not in glb
+    np.testing.assert_array_equal(glb["COLOR_0"][:, :3], np.rint(colours * 255))
+    with pytest.raises(FileExistsError, match="c.glb.*refusing to overwrite"):
+        io.write_glb(tmp_path / "c.glb", verts, tris)
+    io.write_mesh(tmp_path / "c.glb", verts, tris, uv, texture, overwrite=True)
+    assert "TEXCOORD_0" in read_glb(tmp_path / "c.glb")
+    with pytest.raises(ValueError, match="uv must be"):
+        io.write_glb(tmp_path / "d.glb", verts, tris, uv[:3], texture)
+    with pytest.raises(ValueError, match="d.gltf.*expected a .glb"):
+        io.write_glb(tmp_path / "d.gltf", verts, tris)
+    with pytest.raises(ValueError, match="d.ply.*one of"):
+        io.write_mesh(tmp_path / "d.ply", verts, tris)
+    assert not any(tmp_path.glob("d.*"))
+    io.write_mesh(tmp_path / "m.obj", verts, tris, uv, texture)
+    np.testing.assert_allclose(io.read_obj(tmp_path / "m.obj").vertices, verts, atol=1e-7)
