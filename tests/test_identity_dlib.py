@@ -149,7 +149,10 @@ def test_space_to_depth_conv_equals_strided_conv(size, kernel, stride):
     g_ours = jax.grad(lambda p, x: jnp.sum(jnp.tanh(ours.apply(p, x)) * w), argnums=(0, 1))(params, x)
     g_ref = jax.grad(lambda p, x: jnp.sum(jnp.tanh(ref.apply(p, x)) * w), argnums=(0, 1))(params, x)
     for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+        # the kernel's gradient sums ~10k float32 products in another order than XLA's
+        # convolution (entries up to ~40): an absolute tolerance of the gradient's own scale
+        scale = float(np.abs(np.asarray(b)).max())
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5 * scale)
 
 
 @pytest.mark.parametrize("size,stride", [((4, 4), 2), ((3, 3), 2), ((1, 1), 1), ((5, 6), 1), ((8, 9), 2)])
