@@ -6,7 +6,8 @@
     python -m experiments.fit --frames=DIR --output_dir=outputs/person   # one shared identity
     python -m experiments.fit --frames=clip.mp4 --frame_step=5 --output_dir=outputs/person
 
-Per result it writes: mesh.obj + mesh.mtl + mesh.png (UV texture), params.npz (every parameter
+Per result it writes: mesh.obj + mesh.mtl + mesh.png (UV texture; --glb adds mesh.glb, the same
+in one binary glTF file, in metres), params.npz (every parameter
 block, vertices (N,3) mm in model coordinates, landmarks3d (68,3), landmarks2d in the photo, and
 the camera as OpenCV takes one: camera_matrix (3,3) in the photo's pixels, rotation (3,3) and
 translation (3,) from model to camera coordinates),
@@ -110,6 +111,9 @@ flags.DEFINE_float("lambda_light", 0.01, "λ_reg on light", lower_bound=0.0)
 flags.DEFINE_string("output_dir", None, "Where results go (one sub-folder per photo with "
                     "--images; the folder itself with --image/--frames).")
 flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
+flags.DEFINE_bool("glb", False, "Also write mesh.glb (with --frames also identity.glb): the "
+                  "textured mesh as one binary glTF file, in metres, that a browser, Blender or "
+                  "a phone shows as it is.")
 flags.DEFINE_bool("track", False, "--frames: after the joint fit of the keyframes (every "
                   "--frame_step-th frame, at most --max_frames), fit every other frame with the "
                   "joint shape and texture held (its expression, pose and light its own), in "
@@ -167,6 +171,15 @@ FACES_FILES = ("overlay.png", "faces.json")  # --all_faces: in each photo's fold
 OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
                 "side_by_side.png", "landmarks.png", "landmarks.json", "views.png", "loss.png",
                 "metrics.json")
+
+
+def result_files():
+    """What each result's folder gets (OUTPUT_FILES, and mesh.glb under --glb)."""
+    return OUTPUT_FILES + (("mesh.glb",) if FLAGS.glb else ())
+
+
+def sequence_files():
+    return SEQUENCE_FILES + (("identity.glb",) if FLAGS.glb else ())
 
 
 SHUTDOWN_WAIT_S = 48 * 3600  # --distributed: how long a finished process waits for the others
@@ -333,7 +346,17 @@ def spread_keyframes(names, images):
                       f"the person, {time.time() - t0:.0f}s", flush=True)
             yield np.zeros((8, 8, 3), np.float32) if image is None else image
 
-    for i, points in landmarks.follow_person(frames(), FLAGS.detector, FLAGS.face, names):
+    from_files = []
+
+    def given(i):
+        """A folder's frame with a landmark file beside it (fit then reads it too)."""
+        found = landmarks.landmark_file(names[i]) if isinstance(names, list) else None
+        if found is None:
+            return None
+        from_files.append(i)
+        return landmarks.load_landmarks(found)
+
+    for i, points in landmarks.follow_person(frames(), FLAGS.detector, FLAGS.face, names, given):
         if isinstance(points, ValueError):
             continue
         numbers.append(i)
@@ -346,8 +369,9 @@ def spread_keyframes(names, images):
     shown = ", ".join(f"{os.path.basename(names[numbers[k]])} (yaw {angles[k][0]:+.0f}°, pitch "
                       f"{angles[k][1]:+.0f}°)" for k in picks)
     yaws = np.array(angles)[:, 0]
-    print(f"--keyframes=spread: {len(chosen)} of {len(numbers)} frames with the person (yaw "
-          f"{yaws.min():+.0f}° to {yaws.max():+.0f}°): {shown}", flush=True)
+    files = f", {len(from_files)} from landmark files" if from_files else ""
+    print(f"--keyframes=spread: {len(chosen)} of {len(numbers)} frames with the person{files} "
+          f"(yaw {yaws.min():+.0f}° to {yaws.max():+.0f}°): {shown}", flush=True)
     return chosen
 
 
@@ -402,15 +426,16 @@ def read_video(path):
     return frames
 
 
-def check_outputs_free(folders, files=OUTPUT_FILES):
+def check_outputs_free(folders, files=None):
     if FLAGS.overwrite:
         return
+    files = result_files() if files is None else files
     for folder in folders:
         existing = [f for f in files if os.path.exists(os.path.join(folder, f))]
         if FLAGS.all_faces and files is FACES_FILES:  # how many faces is known once detected
             existing += [os.path.join(os.path.basename(face), f)
                          for face in sorted(glob.glob(os.path.join(folder, "face_*")))
-                         for f in OUTPUT_FILES if os.path.exists(os.path.join(face, f))][:3]
+                         for f in result_files() if os.path.exists(os.path.join(face, f))][:3]
         if existing:
             raise InputError(f"{folder} already holds {', '.join(existing)}; pass --overwrite "
                              "to replace them or choose another --output_dir")
@@ -460,6 +485,9 @@ def write_result(folder, pipeline, params, original, crop, transform, history, s
     over = FLAGS.overwrite or FLAGS.resume  # --resume: what an interrupted write left
     io.write_obj(os.path.join(folder, "mesh.obj"), verts, np.asarray(model.triangles),
                  np.asarray(model.uv), texture, overwrite=over)
+    if FLAGS.glb:
+        io.write_glb(os.path.join(folder, "mesh.glb"), verts, np.asarray(model.triangles),
+                     np.asarray(model.uv), texture, overwrite=over)
     lm2d_crop = np.asarray(fitting.project_landmarks(pipeline, params, None))
     # the fitted camera as other tools (OpenCV, Open3D, pyrender) take one, in the photo's pixels
     intrinsics, rotation, translation = camera.opencv_matrices(params.camera, pipeline.image_size)
@@ -698,14 +726,14 @@ def run():
             write_summary(share, summary_name(index, count))
             return
     if not FLAGS.resume:
-        check_outputs_free(folders, FACES_FILES if FLAGS.all_faces else OUTPUT_FILES)
+        check_outputs_free(folders, FACES_FILES if FLAGS.all_faces else result_files())
     faces = {}  # --image --all_faces: found before anything loads, so no face is one line
     if mode == "image" and FLAGS.all_faces:
         faces[FLAGS.image] = prepare_all(FLAGS.image, FLAGS.landmarks, FLAGS.image_size,
                                          FLAGS.detector)
         print(f"{FLAGS.image}: {len(faces[FLAGS.image])} face(s)", flush=True)
     if mode == "frames" and not FLAGS.resume:
-        check_outputs_free([FLAGS.output_dir], SEQUENCE_FILES)
+        check_outputs_free([FLAGS.output_dir], sequence_files())
     if FLAGS.track and not FLAGS.resume:
         # a video's frame count is known only once decoded: every frame folder already there
         existing = glob.glob(os.path.join(FLAGS.output_dir, "frame_*")) if video is not None \
@@ -866,14 +894,15 @@ def write_sequence(output_dir, numbered_folders, model):
     # the person the frames share (Eq. 13): their shape at a neutral expression, their texture
     first = next(f for n, f in numbered_folders if n == frames[0])
     neutral = morphable.vertices(model, rows[0]["shape"], np.zeros(model.num_expression))
-    io.write_obj(os.path.join(output_dir, "identity.obj"), np.asarray(neutral),
-                 np.asarray(model.triangles), np.asarray(model.uv),
-                 landmarks.load_image(os.path.join(first, "mesh.png")), overwrite=over)
-    written = SEQUENCE_FILES[:-1]
+    identity_mesh = (np.asarray(neutral), np.asarray(model.triangles), np.asarray(model.uv),
+                     landmarks.load_image(os.path.join(first, "mesh.png")))
+    io.write_obj(os.path.join(output_dir, "identity.obj"), *identity_mesh, overwrite=over)
+    if FLAGS.glb:
+        io.write_glb(os.path.join(output_dir, "identity.glb"), *identity_mesh, overwrite=over)
+    written = [f for f in sequence_files() if f != "overlay.mp4" or FLAGS.overlay_video]
     if FLAGS.overlay_video:
         fitted = set(frames)
         write_overlay_video(output_dir, [(n, f) for n, f in numbered_folders if n in fitted])
-        written = SEQUENCE_FILES
     print(f"wrote {output_dir}/: " + " ".join(written) + f" ({len(frames)} frames)", flush=True)
 
 
@@ -1000,7 +1029,7 @@ def fit_together(mode, kept, pipeline, config, start, photo_texture, key):
             results, prepared, folders, paths):
         metrics = write_result(folder, pipeline, params, original, crop, transform, history, path,
                                lm_crop)
-        print(f"wrote {folder}/: " + " ".join(OUTPUT_FILES), flush=True)
+        print(f"wrote {folder}/: " + " ".join(result_files()), flush=True)
         print(_summary(metrics), flush=True)
     if mode == "frames":
         print("shared shape and texture: identical in every frame's params.npz")

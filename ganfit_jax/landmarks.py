@@ -425,20 +425,24 @@ def detect_all_landmarks(image, detector="hog", upsample=1, name=None,
     return np.stack([_to_points(predictor(img, dlib.rectangle(*box))) for box in boxes])
 
 
-def follow_person(frames, detector="hog", face=0, names=None):
+def follow_person(frames, detector="hog", face=0, names=None, given=None):
     """One person's 68 landmarks through frames (a video's, or one person's photos), as `fit
     --frames` follows them: the first frame with a face gives the person (its `face`-th largest
     face) and their face descriptor; in each later frame, the face nearest where they were in the
     frame before among the faces that are that person where any is (`detect_landmarks`' `near`
     and `like`), so neither a larger face walking in nor a stranger standing in their place
     after a cut is taken for them. Yields (index, float32 (68, 2)) or (index, the ValueError of
-    a frame without a face), frame after frame; `names` (default 'frame i') name them in it."""
+    a frame without a face), frame after frame; `names` (default 'frame i') name them in it.
+    `given(i)`, where given, is frame i's landmarks from a file (None where there is none):
+    taken as they are, and the person followed on from them."""
     near = like = None
     for i, frame in enumerate(frames):
         name = f"frame {i}" if names is None else names[i]
+        points = None if given is None else given(i)
         try:
-            points = detect_landmarks(frame, detector, face=None if near is not None else face,
-                                      near=near, like=like, name=name)
+            if points is None:
+                points = detect_landmarks(frame, detector, face=None if near is not None
+                                          else face, near=near, like=like, name=name)
         except ValueError as e:
             yield i, e
             continue

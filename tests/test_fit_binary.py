@@ -7,6 +7,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from PIL import Image
 
 
 def read_summary(path):
@@ -23,15 +24,16 @@ def ffhq_photo(faces_dir):
     return faces_dir / "ffhq" / "FFHQ" / "00002.png"
 
 
-def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, tmp_path, run_fit):
+def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, tmp_path, run_fit,
+                                                          read_glb):
     out = tmp_path / "fit"
     code, stdout, stderr = run_fit(f"--image={ffhq_photo}", f"--output_dir={out}",
-                                   f"--model={sfm_dir / 'sfm_shape_3448.bin'}", *TINY)
+                                   f"--model={sfm_dir / 'sfm_shape_3448.bin'}", "--glb", *TINY)
     assert code == 0, stderr[-2000:]
     assert "stage 2 iter 2/2" in stdout and "eta" in stdout
     for name in ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
                  "side_by_side.png", "landmarks.png", "landmarks.json", "views.png", "loss.png",
-                 "metrics.json"):
+                 "metrics.json", "mesh.glb"):
         assert (out / name).stat().st_size > 0, name
     from ganfit_jax import landmarks
 
@@ -58,6 +60,25 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
     assert len(obj_vertices) == 3448
     np.testing.assert_allclose(np.array(obj_vertices[114].split()[1:4], float),
                                params["vertices"][114], atol=1e-3)  # model vertex order kept
+    # --glb: the same mesh and texture map in one file, in glTF's metres
+    glb = read_glb(out / "mesh.glb")
+    np.testing.assert_allclose(glb["POSITION"], params["vertices"] * 1e-3, rtol=1e-5, atol=1e-8)
+    np.testing.assert_array_equal(glb["image"], np.asarray(Image.open(out / "mesh.png")))
+    # the fit as a NoW prediction (export_now): photo .../ffhq/FFHQ/00002.png → ffhq/FFHQ/00002
+    import subprocess
+    import sys
+
+    now = tmp_path / "now"
+    proc = subprocess.run([sys.executable, "-m", "experiments.export_now", f"--fits={tmp_path}",
+                           f"--output_dir={now}", f"--model={sfm_dir / 'sfm_shape_3448.bin'}",
+                           "--noneutral"], cwd=pathlib.Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    now_vertices = [l.split()[1:4] for l in (now / "ffhq/FFHQ/00002.obj").read_text().splitlines()
+                    if l.startswith("v ")]
+    np.testing.assert_allclose(np.array(now_vertices, float), params["vertices"], atol=1e-3)
+    np.testing.assert_allclose(np.load(now / "ffhq/FFHQ/00002.npy")[4], params["landmarks3d"][33],
+                               atol=1e-3)  # the nose base
     before = (out / "params.npz").read_bytes()
     code, _, stderr = run_fit(f"--image={ffhq_photo}", f"--output_dir={out}",
                               f"--model={sfm_dir / 'sfm_shape_3448.bin'}", *TINY)

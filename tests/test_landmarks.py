@@ -339,6 +339,11 @@ def test_follow_person_keeps_to_them_past_a_larger_face_and_a_cut(faces_dir, dli
     assert nose[0] < 256 and nose[1] < 256 and nose[3] > 256, nose
     # by size alone the second frame's face is the stranger's
     assert landmarks.detect_landmarks(frames[1])[30, 0] > 256
+    # a landmark file for the faceless frame (`given`) is taken as it is, and followed on from
+    moved = followed[0] + np.float32([256, 0])
+    again = dict(landmarks.follow_person(frames, given=lambda i: moved if i == 2 else None))
+    np.testing.assert_array_equal(again[2], moved)
+    assert float(again[3][30, 0]) > 256
 
 
 def test_fit_frames_fits_the_followed_person_together(faces_dir, dlib_available, sfm_model):

@@ -144,7 +144,8 @@ def test_not_a_video_is_a_clear_error(tmp_path):
     assert inputs.video_frame_count(bad) is None
 
 
-def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path, run_fit):
+def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path, run_fit,
+                                                          read_glb):
     """Keyframes 0, 2, 4 fitted jointly (Eq. 13), then --track fits frames 1, 3, 5 with that
     shape and texture held, decoded as they go."""
     path, _ = clip
@@ -152,7 +153,7 @@ def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path
     code, stdout, stderr = run_fit(
         f"--frames={path}", "--frame_step=2", f"--output_dir={out}", "--track", "--batch_size=3",
         f"--model={sfm_dir / 'sfm_shape_3448.bin'}", "--identity=tiny", "--texture=direct",
-        "--stage1_iterations=6", "--iterations=2", "--chunk=2", "--image_size=64")
+        "--stage1_iterations=6", "--iterations=2", "--chunk=2", "--image_size=64", "--glb")
     assert code == 0, stderr[-2000:]
     assert "3 frame(s)" in stdout and "batch 1: 3 frame(s)" in stdout
     # the tracked frames' progress: of the video header's 6 frames, 3 are not keyframes
@@ -196,6 +197,8 @@ def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path
     np.testing.assert_allclose(person.vertices, np.asarray(neutral), atol=1e-4)
     np.testing.assert_array_equal(np.asarray(Image.open(out / "identity.png")),
                                   np.asarray(Image.open(out / "frame_000000" / "mesh.png")))
+    np.testing.assert_allclose(read_glb(out / "identity.glb")["POSITION"],
+                               np.asarray(neutral) * 1e-3, rtol=1e-5, atol=1e-8)  # --glb
     # overlay.mp4: every frame's overlay.png in order, at the clip's 10 fps
     assert inputs.video_frame_rate(out / "overlay.mp4") == pytest.approx(10)
     shown = inputs.read_video_frames(out / "overlay.mp4")
@@ -419,8 +422,11 @@ def test_spread_keyframes_are_the_poses_farthest_apart(source, faces_dir, sfm_di
     else:
         path = tmp_path / "frames"
         path.mkdir()
-        for i, frame in enumerate(frames):
+        for i, (frame, name) in enumerate(zip(frames, names)):
             Image.fromarray(frame).save(path / f"f{i:02d}.png")
+            if i % 2:  # landmark files beside some frames: spread reads them as fit does
+                shutil.copy(faces_dir / "ffhq" / "FFHQ" / name.replace(".png", ".npy"),
+                            path / f"f{i:02d}.npy")
         expected = ["f01", "f03", "f05"]
     out = tmp_path / "out"
     code, stdout, stderr = run_fit(
@@ -428,7 +434,8 @@ def test_spread_keyframes_are_the_poses_farthest_apart(source, faces_dir, sfm_di
         f"--model={sfm_dir / 'sfm_shape_3448.bin'}", "--identity=tiny", "--texture=direct",
         "--stage1_iterations=4", "--iterations=2", "--chunk=2", "--image_size=64")
     assert code == 0, stderr[-2000:]
-    assert "--keyframes=spread: 3 of 6 frames with the person" in stdout, stdout[-2000:]
+    files = ", 3 from landmark files" if source == "folder" else ""
+    assert f"--keyframes=spread: 3 of 6 frames with the person{files} (" in stdout, stdout[-2000:]
     fitted = sorted(d.name for d in out.iterdir() if (d / "metrics.json").exists())
     assert fitted == expected, (fitted, stdout[-2000:])
     shape = [np.load(out / n / "params.npz")["shape"] for n in expected]
