@@ -7,7 +7,8 @@
     python -m experiments.fit --frames=clip.mp4 --frame_step=5 --output_dir=outputs/person
 
 Per result it writes: mesh.obj + mesh.mtl + mesh.png (UV texture; --glb adds mesh.glb, the same
-in one binary glTF file, in metres), params.npz (every parameter
+in one binary glTF file, in metres; --depth adds depth.npy, depth.png and normals.png, the
+fitted surface's depth and normals in the photo's pixels), params.npz (every parameter
 block, vertices (N,3) mm in model coordinates, landmarks3d (68,3), landmarks2d in the photo, and
 the camera as OpenCV takes one: camera_matrix (3,3) in the photo's pixels, rotation (3,3) and
 translation (3,) from model to camera coordinates),
@@ -114,6 +115,11 @@ flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
 flags.DEFINE_bool("glb", False, "Also write mesh.glb (with --frames also identity.glb): the "
                   "textured mesh as one binary glTF file, in metres, that a browser, Blender or "
                   "a phone shows as it is.")
+flags.DEFINE_bool("depth", False, "Also write depth.npy (the photo's height × width, float32: "
+                  "the fitted face's depth in mm along the camera's axis, OpenCV's camera z, NaN "
+                  "off the face), depth.png (nearer brighter) and normals.png (camera-space "
+                  "normals as colours: red right, green up, blue towards the camera), rendered "
+                  "at the face's resolution in the photo (at most 2048 px).")
 flags.DEFINE_bool("track", False, "--frames: after the joint fit of the keyframes (every "
                   "--frame_step-th frame, at most --max_frames), fit every other frame with the "
                   "joint shape and texture held (its expression, pose and light its own), in "
@@ -167,6 +173,7 @@ common.require_positive("stage1_learning_rate")
 # --frames: in the output folder itself
 SEQUENCE_FILES = ("sequence.npz", "sequence.png", "identity.obj", "identity.mtl", "identity.png",
                   "overlay.mp4")
+DEPTH_FILES = ("depth.npy", "depth.png", "normals.png")
 FACES_FILES = ("overlay.png", "faces.json")  # --all_faces: in each photo's folder itself
 OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
                 "side_by_side.png", "landmarks.png", "landmarks.json", "views.png", "loss.png",
@@ -174,8 +181,10 @@ OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
 
 
 def result_files():
-    """What each result's folder gets (OUTPUT_FILES, and mesh.glb under --glb)."""
-    return OUTPUT_FILES + (("mesh.glb",) if FLAGS.glb else ())
+    """What each result's folder gets (OUTPUT_FILES, mesh.glb under --glb, the depth and normal
+    maps under --depth)."""
+    return (OUTPUT_FILES + (("mesh.glb",) if FLAGS.glb else ())
+            + (DEPTH_FILES if FLAGS.depth else ()))
 
 
 def sequence_files():
@@ -471,6 +480,51 @@ def fit_metrics(pipeline, params, landmarks_crop, transform, history):
     return out
 
 
+MAX_DEPTH_RESOLUTION = 2048
+
+
+def depth_resolution(transform):
+    """The square the geometry is rendered at for --depth: the crop's side in the photo's pixels
+    (a multiple of 64, so that photos of similar face sizes share a compiled program), at least
+    the working size and at most MAX_DEPTH_RESOLUTION."""
+    import numpy as np
+
+    side = transform.size / transform.scale
+    return int(min(MAX_DEPTH_RESOLUTION, max(transform.size, 64 * np.ceil(side / 64))))
+
+
+def write_depth(folder, verts, triangles, camera, transform, over):
+    """--depth: depth.npy, depth.png and normals.png in the photo's pixels (see the flag)."""
+    import numpy as np
+
+    from ganfit_jax import inputs, io, render
+
+    resolution = depth_resolution(transform)
+    # the fit's camera over the same square at another resolution: only the focal (in pixels)
+    # scales, the principal point stays at the square's centre
+    camera = np.asarray(camera, np.float32).copy()
+    camera[6] *= resolution / transform.size
+    depth, normals, mask = render.geometry_maps(verts, np.asarray(triangles), camera,
+                                                (resolution, resolution))
+    depth = inputs.map_to_original(np.asarray(depth), np.asarray(mask), transform)[..., 0]
+    normals = inputs.map_to_original(np.asarray(normals), np.asarray(mask), transform)
+    normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
+    with open(io.refuse_overwrite(os.path.join(folder, "depth.npy"), over), "wb") as f:
+        np.save(f, depth)
+    face = np.isfinite(depth)
+    shown = np.zeros(depth.shape, np.float32)
+    if face.any():
+        near, far = np.min(depth[face]), np.max(depth[face])
+        shown[face] = 1.0 - 0.85 * (depth[face] - near) / max(far - near, 1e-6)
+    io.save_image(os.path.join(folder, "depth.png"), np.repeat(shown[..., None], 3, -1),
+                  overwrite=over)
+    # the usual normal-map colours: OpenCV's (x right, y down, z forward) as (right, up, towards
+    # the camera)
+    colours = np.where(face[..., None], 0.5 + 0.5 * normals * np.array([1, -1, -1]), 0.0)
+    io.save_image(os.path.join(folder, "normals.png"), colours.astype(np.float32),
+                  overwrite=over)
+
+
 def write_result(folder, pipeline, params, original, crop, transform, history, source,
                  landmarks_crop=None):
     import jax.numpy as jnp
@@ -506,6 +560,8 @@ def write_result(folder, pipeline, params, original, crop, transform, history, s
     mask = np.asarray(aux["mask"])
     overlay = inputs.paste_back(original, render, mask, transform)
     io.save_image(os.path.join(folder, "overlay.png"), overlay, overwrite=over)
+    if FLAGS.depth:
+        write_depth(folder, verts, model.triangles, params.camera, transform, over)
     crop_overlay = crop * (1 - mask[..., None]) + render * mask[..., None]
     io.save_image(os.path.join(folder, "side_by_side.png"),
                   np.concatenate([crop, render, crop_overlay], axis=1), overwrite=over)

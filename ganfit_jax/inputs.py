@@ -121,6 +121,46 @@ def paste_back(original, crop_image, crop_mask, transform: CropTransform):
     return out
 
 
+def map_to_original(crop_map, crop_mask, transform: CropTransform):
+    """A per-pixel map of the crop's square (R,R,C) at any resolution R (depth, normals) → the
+    photo's pixels (H,W,C), NaN where the map does not cover them.
+
+    Each photo pixel takes the mean of the covered ones among its four bilinear neighbours,
+    weighted as bilinear interpolation would, and is covered when their weight is at least half:
+    a depth edge is never blended with the background (what `paste_back`'s alpha does to
+    colours) and the covered area keeps its shape."""
+    crop_map = np.asarray(crop_map, np.float64)
+    if crop_map.ndim == 2:
+        crop_map = crop_map[..., None]
+    if crop_map.ndim != 3 or crop_map.shape[0] != crop_map.shape[1]:
+        raise ValueError(f"crop_map: expected the crop's square, (R,R) or (R,R,C), got "
+                         f"{np.shape(crop_map)}")
+    if np.shape(crop_mask) != crop_map.shape[:2]:
+        raise ValueError(f"crop_mask: expected {crop_map.shape[:2]} like crop_map, got "
+                         f"{np.shape(crop_mask)}")
+    mask = np.asarray(crop_mask, bool) & np.all(np.isfinite(crop_map), axis=-1)
+    h, w = transform.original_hw
+    out = np.full((h, w, crop_map.shape[-1]), np.nan, np.float32)
+    x0, y0 = transform.origin
+    side = transform.size / transform.scale
+    left, top = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
+    right, bottom = min(w, int(np.ceil(x0 + side)) + 1), min(h, int(np.ceil(y0 + side)) + 1)
+    if left >= right or top >= bottom:
+        return out
+    ys, xs = np.mgrid[top:bottom, left:right]
+    resolution = crop_map.shape[0]
+    pts = transform.to_crop(np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], 1)) * (
+        resolution / transform.size)
+    inside = np.all((pts >= 0) & (pts < resolution), axis=1)
+    weight = bilinear(mask[..., None].astype(np.float64), pts)[:, 0] * inside
+    total = bilinear(np.where(mask[..., None], crop_map, 0.0), pts)
+    covered = weight >= 0.5
+    values = np.full(total.shape, np.nan)
+    values[covered] = total[covered] / weight[covered, None]
+    out[top:bottom, left:right] = values.reshape(bottom - top, right - left, -1)
+    return out
+
+
 def prefetch_map(fn, items, workers=2, ahead=8):
     """Yields (item, fn(item) or the exception it raised) in order, computing up to `ahead`
     results in background threads: decoding, landmark detection and cropping of the next photos

@@ -28,12 +28,13 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
                                                           read_glb):
     out = tmp_path / "fit"
     code, stdout, stderr = run_fit(f"--image={ffhq_photo}", f"--output_dir={out}",
-                                   f"--model={sfm_dir / 'sfm_shape_3448.bin'}", "--glb", *TINY)
+                                   f"--model={sfm_dir / 'sfm_shape_3448.bin'}", "--glb", "--depth",
+                                   *TINY)
     assert code == 0, stderr[-2000:]
     assert "stage 2 iter 2/2" in stdout and "eta" in stdout
     for name in ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
                  "side_by_side.png", "landmarks.png", "landmarks.json", "views.png", "loss.png",
-                 "metrics.json", "mesh.glb"):
+                 "metrics.json", "mesh.glb", "depth.npy", "depth.png", "normals.png"):
         assert (out / name).stat().st_size > 0, name
     from ganfit_jax import landmarks
 
@@ -56,6 +57,24 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
         @ params["camera_matrix"].T
     np.testing.assert_allclose(uvw[:, :2] / uvw[:, 2:], params["landmarks2d"][ok] - 0.5,
                                atol=0.05)
+    # --depth: in the photo's pixels, the camera-frame z of the 3D landmarks where the fitted
+    # camera puts them (the inner points the model defines; the nose's sides are steep, so a
+    # pixel's step there is millimetres)
+    depth = np.load(out / "depth.npy")
+    assert depth.shape == np.asarray(Image.open(ffhq_photo)).shape[:2] and depth.dtype == np.float32
+    inner = np.arange(17, 68)[ok[17:]]
+    assert len(inner) > 40
+    z = (params["landmarks3d"][inner] @ params["rotation"].T + params["translation"])[:, 2]
+    x, y = np.floor(params["landmarks2d"][inner]).astype(int).T
+    error = np.abs(depth[y, x] - z)  # NaN where a point lies in an open mouth
+    assert np.nanmedian(error) < 0.5 and np.mean(error < 1.5) > 0.8, error
+    face = np.isfinite(depth)
+    changed = np.any(np.asarray(Image.open(out / "overlay.png")) != np.asarray(
+        Image.open(ffhq_photo).convert("RGB")), -1)
+    assert (face & changed).sum() > 0.9 * face.sum() and face.sum() > 0.9 * changed.sum()
+    normals = np.asarray(Image.open(out / "normals.png"), np.float64) / 255
+    tip = list(inner).index(30)  # the nose tip (iBUG 31) faces the camera: blue
+    assert normals[y[tip], x[tip], 2] > 0.9
     obj_vertices = [l for l in (out / "mesh.obj").read_text().splitlines() if l.startswith("v ")]
     assert len(obj_vertices) == 3448
     np.testing.assert_allclose(np.array(obj_vertices[114].split()[1:4], float),

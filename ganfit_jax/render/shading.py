@@ -444,3 +444,34 @@ def render(vertices, triangles, uv, colours_or_texture, camera, light, image_siz
     aux = dict(triangle_ids=triangle_ids, mask=mask.astype(image.dtype), depth=pixel_depth,
                bary=bary)
     return image, aux
+
+
+@functools.partial(jax.jit, static_argnames=("image_size", "near"))
+def geometry_maps(vertices, triangles, camera, image_size, near=rasterize_lib.DEFAULT_NEAR):
+    """The visible surface's depth and normal at every pixel centre (a G-buffer; no shading).
+
+    What DECA's `--saveDepth` and most depth/normal pseudo-ground truth are: per pixel, the
+    depth along the viewing axis (mm; OpenCV's camera z, as `camera.opencv_matrices` gives the
+    camera) and the interpolated vertex normal in OpenCV's camera frame (x right, y down, z
+    forward, unit length; a surface facing the camera has z < 0). Both are NaN where no triangle
+    covers the pixel centre. Depth is exact on every triangle (the perspective-correct
+    barycentrics are the 3D point's own, and depth is linear over the triangle in 3D).
+
+    Returns:
+      depth (H,W) float32, normals (H,W,3) float32, mask (H,W) bool.
+    """
+    vertices = jnp.asarray(vertices, jnp.float32)
+    triangles = jnp.asarray(triangles, jnp.int32)
+    pixels, depth = camera_lib.project(camera, vertices, image_size)
+    triangle_ids, _ = rasterize_lib.rasterize(pixels, depth, triangles, image_size, near=near)
+    bary = rasterize_lib.barycentrics(pixels, depth, triangles, triangle_ids)
+    right, up, forward = camera_lib.axes(camera)
+    to_opencv = jnp.stack([right, -up, forward])  # rows: the camera's axes in world coordinates
+    normals = vertex_normals(vertices, triangles) @ to_opencv.T
+    values = interpolate(jnp.concatenate([depth[:, None], normals], axis=1), triangles,
+                         triangle_ids, bary)
+    mask = triangle_ids >= 0
+    unit = values[..., 1:] / jnp.maximum(jnp.linalg.norm(values[..., 1:], axis=-1,
+                                                         keepdims=True), _EPS)
+    return (jnp.where(mask, values[..., 0], jnp.nan),
+            jnp.where(mask[..., None], unit, jnp.nan), mask)
