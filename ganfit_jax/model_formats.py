@@ -1,9 +1,10 @@
 """Loaders for the publishers' 3DMM files other than eos' .bin (which lives in morphable.py).
 
 Each loader returns `morphable.make_model(...)`: mean in millimetres, identity basis scaled to
-standard deviations (so GANFIT's shape prior, Eq. 9, is a plain squared norm), triangles 0-based
-and counter-clockwise seen from outside, per-vertex uv (zeros where the publisher ships none),
-landmark_indices (68,) with -1 (none of these files names iBUG vertices; pass `landmarks=`).
+standard deviations (so the shape prior, Reg of GANFIT's Eq. 12, is a plain squared norm),
+triangles 0-based and counter-clockwise seen from outside, per-vertex uv (zeros where the
+publisher ships none), landmark_indices (68,) with -1 (none of these files names iBUG vertices;
+pass `landmarks=`).
 
 What each publisher ships, and the evidence for it:
 
