@@ -8,7 +8,8 @@
 
 Per result it writes: mesh.obj + mesh.mtl + mesh.png (UV texture; --glb adds mesh.glb, the same
 in one binary glTF file, in metres; --depth adds depth.npy, depth.png and normals.png, the
-fitted surface's depth and normals in the photo's pixels), params.npz (every parameter
+fitted surface's depth and normals in the photo's pixels; --photo_texture adds
+photo_texture.png, the photo unwrapped into the UV layout), params.npz (every parameter
 block, vertices (N,3) mm in model coordinates, landmarks3d (68,3), landmarks2d in the photo, and
 the camera as OpenCV takes one: camera_matrix (3,3) in the photo's pixels, rotation (3,3) and
 translation (3,) from model to camera coordinates),
@@ -120,6 +121,10 @@ flags.DEFINE_bool("depth", False, "Also write depth.npy (the photo's height × w
                   "off the face), depth.png (nearer brighter) and normals.png (camera-space "
                   "normals as colours: red right, green up, blue towards the camera), rendered "
                   "at the face's resolution in the photo (at most 2048 px).")
+flags.DEFINE_bool("photo_texture", False, "Also write photo_texture.png: the photo's own "
+                  "colours in the model's UV layout (512², or mesh.png's size when larger), as eos' isomap and DECA's "
+                  "uv_texture_gt give them; alpha 255 where the photo shows the texel, 128 "
+                  "filled from its mirror texel, 0 unseen.")
 flags.DEFINE_bool("track", False, "--frames: after the joint fit of the keyframes (every "
                   "--frame_step-th frame, at most --max_frames), fit every other frame with the "
                   "joint shape and texture held (its expression, pose and light its own), in "
@@ -182,9 +187,10 @@ OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
 
 def result_files():
     """What each result's folder gets (OUTPUT_FILES, mesh.glb under --glb, the depth and normal
-    maps under --depth)."""
+    maps under --depth, photo_texture.png under --photo_texture)."""
     return (OUTPUT_FILES + (("mesh.glb",) if FLAGS.glb else ())
-            + (DEPTH_FILES if FLAGS.depth else ()))
+            + (DEPTH_FILES if FLAGS.depth else ())
+            + (("photo_texture.png",) if FLAGS.photo_texture else ()))
 
 
 def sequence_files():
@@ -481,6 +487,7 @@ def fit_metrics(pipeline, params, landmarks_crop, transform, history):
 
 
 MAX_DEPTH_RESOLUTION = 2048
+PHOTO_TEXTURE_SIZE = 512  # --photo_texture's UV map, or mesh.png's size when that is larger
 
 
 def depth_resolution(transform):
@@ -493,17 +500,40 @@ def depth_resolution(transform):
     return int(min(MAX_DEPTH_RESOLUTION, max(transform.size, 64 * np.ceil(side / 64))))
 
 
+def camera_at_face_resolution(transform, camera):
+    """(R, the fit's camera over the crop's square rendered at R × R): only the focal (in
+    pixels) scales, the principal point stays at the square's centre."""
+    import numpy as np
+
+    resolution = depth_resolution(transform)
+    camera = np.asarray(camera, np.float32).copy()
+    camera[6] *= resolution / transform.size
+    return resolution, camera
+
+
+def write_photo_texture(folder, model, verts, camera, original, transform, size, over):
+    """--photo_texture: photo_texture.png, the photo's colours in the model's UV layout (size ×
+    size), seen from the fitted camera at the face's own resolution in the photo; alpha 255
+    where the photo shows the texel, 128 filled from its mirror texel, 0 unseen."""
+    import numpy as np
+
+    from ganfit_jax import inputs, io
+    from ganfit_jax.texture import unwrap
+
+    resolution, camera = camera_at_face_resolution(transform, camera)
+    square = inputs.crop_square(original, transform, resolution)
+    uv_map, seen = unwrap.unwrap(model, verts, camera, square, size)
+    io.save_image(os.path.join(folder, "photo_texture.png"),
+                  np.concatenate([uv_map, seen[..., None]], -1), overwrite=over)
+
+
 def write_depth(folder, verts, triangles, camera, transform, over):
     """--depth: depth.npy, depth.png and normals.png in the photo's pixels (see the flag)."""
     import numpy as np
 
     from ganfit_jax import inputs, io, render
 
-    resolution = depth_resolution(transform)
-    # the fit's camera over the same square at another resolution: only the focal (in pixels)
-    # scales, the principal point stays at the square's centre
-    camera = np.asarray(camera, np.float32).copy()
-    camera[6] *= resolution / transform.size
+    resolution, camera = camera_at_face_resolution(transform, camera)
     depth, normals, mask = render.geometry_maps(verts, np.asarray(triangles), camera,
                                                 (resolution, resolution))
     depth = inputs.map_to_original(np.asarray(depth), np.asarray(mask), transform)[..., 0]
@@ -562,6 +592,10 @@ def write_result(folder, pipeline, params, original, crop, transform, history, s
     io.save_image(os.path.join(folder, "overlay.png"), overlay, overwrite=over)
     if FLAGS.depth:
         write_depth(folder, verts, model.triangles, params.camera, transform, over)
+    if FLAGS.photo_texture:
+        size = max(PHOTO_TEXTURE_SIZE, *texture.shape[:2]) if texture.ndim == 3 \
+            else PHOTO_TEXTURE_SIZE  # a per-vertex texture model has no map
+        write_photo_texture(folder, model, verts, params.camera, original, transform, size, over)
     crop_overlay = crop * (1 - mask[..., None]) + render * mask[..., None]
     io.save_image(os.path.join(folder, "side_by_side.png"),
                   np.concatenate([crop, render, crop_overlay], axis=1), overwrite=over)
@@ -797,6 +831,9 @@ def run():
         check_outputs_free(existing)
 
     model = load_model(FLAGS.model or default_model_path())
+    if FLAGS.photo_texture and not np.any(np.asarray(model.uv)):
+        raise InputError(f"--photo_texture: the model {FLAGS.model or default_model_path()} "
+                         "has no UV coordinates to unwrap the photo into")
     key = jax.random.PRNGKey(FLAGS.seed)
     k_tex, k_id, k_fit = jax.random.split(key, 3)
     texture_model = load_texture(FLAGS.texture, k_tex)

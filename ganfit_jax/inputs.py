@@ -67,6 +67,19 @@ def crop_face(image, landmarks, size=224, margin=1.6):
         raise ValueError(f"landmarks: none of the points lies inside the {w}×{h} image "
                          "(landmarks of another image, or of another size of it?)")
     transform = CropTransform(origin=(x0, y0), scale=size / side, size=size, original_hw=(h, w))
+    return crop_square(image, transform), transform.to_crop(landmarks).astype(np.float32), \
+        transform
+
+
+def crop_square(image, transform: CropTransform, size=None):
+    """The photo's square of `transform` resampled to size × size (default: the transform's own
+    working size; another size gives the same square at another resolution, e.g. the face at
+    its own resolution in the photo). Parts outside the photo are edge-replicated."""
+    image = np.asarray(image, np.float32)
+    h, w = image.shape[:2]
+    size = transform.size if size is None else int(size)
+    x0, y0 = transform.origin
+    side = transform.size / transform.scale
     # Only the square and the bilinear filter's reach around it (widened by the downscale) are
     # read: padding and converting a whole 12 MP photo took ~3 s of a loader thread.
     reach = side / size + 2.0
@@ -78,8 +91,7 @@ def crop_face(image, landmarks, size=224, margin=1.6):
     pil = Image.fromarray(np.clip(window * 255.0 + 0.5, 0, 255).astype(np.uint8))
     box = (x0 - left, y0 - top, x0 - left + side, y0 - top + side)
     crop = pil.resize((size, size), Image.Resampling.BILINEAR, box=box)
-    crop = np.asarray(crop, np.float32) / 255.0
-    return crop, transform.to_crop(landmarks).astype(np.float32), transform
+    return np.asarray(crop, np.float32) / 255.0
 
 
 def bilinear(image, xy):

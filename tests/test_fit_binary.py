@@ -29,12 +29,13 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
     out = tmp_path / "fit"
     code, stdout, stderr = run_fit(f"--image={ffhq_photo}", f"--output_dir={out}",
                                    f"--model={sfm_dir / 'sfm_shape_3448.bin'}", "--glb", "--depth",
-                                   *TINY)
+                                   "--photo_texture", *TINY)
     assert code == 0, stderr[-2000:]
     assert "stage 2 iter 2/2" in stdout and "eta" in stdout
     for name in ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
                  "side_by_side.png", "landmarks.png", "landmarks.json", "views.png", "loss.png",
-                 "metrics.json", "mesh.glb", "depth.npy", "depth.png", "normals.png"):
+                 "metrics.json", "mesh.glb", "depth.npy", "depth.png", "normals.png",
+                 "photo_texture.png"):
         assert (out / name).stat().st_size > 0, name
     from ganfit_jax import landmarks
 
@@ -75,6 +76,25 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
     normals = np.asarray(Image.open(out / "normals.png"), np.float64) / 255
     tip = list(inner).index(30)  # the nose tip (iBUG 31) faces the camera: blue
     assert normals[y[tip], x[tip], 2] > 0.9
+    # --photo_texture: each texel the photo shows has the photo's colour where the fitted camera
+    # (OpenCV's, in the photo's pixels) sees that texel's surface point
+    from ganfit_jax import inputs, morphable
+    from ganfit_jax.texture import unwrap
+
+    unwrapped = np.asarray(Image.open(out / "photo_texture.png"), np.float64) / 255
+    assert unwrapped.shape == (512, 512, 4)
+    assert set(np.unique(np.rint(unwrapped[..., 3] * 255))) <= {0, 128, 255}
+    seen = unwrapped[..., 3] == 1
+    assert seen.mean() > 0.2
+    ids, bary = (np.asarray(a) for a in unwrap.uv_texel_surface(
+        morphable.load(sfm_dir / "sfm_shape_3448.bin"), 512))
+    corners = params["vertices"][np.asarray(
+        morphable.load(sfm_dir / "sfm_shape_3448.bin").triangles)[ids[seen]]]
+    points = np.einsum("tk,tkd->td", bary[seen], corners)
+    uvw = (points @ params["rotation"].T + params["translation"]) @ params["camera_matrix"].T
+    photo = np.asarray(Image.open(ffhq_photo).convert("RGB"), np.float64) / 255
+    expected = inputs.bilinear(photo, uvw[:, :2] / uvw[:, 2:] + 0.5)
+    assert np.median(np.abs(unwrapped[seen][:, :3] - expected)) < 0.015  # 2 px off: 0.03
     obj_vertices = [l for l in (out / "mesh.obj").read_text().splitlines() if l.startswith("v ")]
     assert len(obj_vertices) == 3448
     np.testing.assert_allclose(np.array(obj_vertices[114].split()[1:4], float),
