@@ -464,11 +464,13 @@ def check_outputs_free(folders, files=None):
 def fit_metrics(pipeline, params, landmarks_crop, transform, history):
     """How well the fit reproduces the photo: landmark error (pixels of the original photo and %
     of the inter-ocular distance, over the landmarks the model defines) and the identity cosine
-    between render and photo at the start and end of stage 2 (1 − L_id)."""
+    between render and photo at the start and end of stage 2 (1 − L_id); and where the fitted
+    camera sits around the face (`camera.orbit_angles` in degrees, as sequence.npz has them per
+    frame), so a data set's profiles can be sorted out of summary.csv."""
     import jax.numpy as jnp
     import numpy as np
 
-    from ganfit_jax import fitting, landmarks
+    from ganfit_jax import camera, fitting, landmarks
 
     pred = np.asarray(fitting.project_landmarks(pipeline, params, jnp.asarray(landmarks_crop)))
     pred, truth = transform.to_original(pred), transform.to_original(landmarks_crop)
@@ -477,6 +479,8 @@ def fit_metrics(pipeline, params, landmarks_crop, transform, history):
     iod = float(landmarks.interocular_distance(truth))
     out = dict(landmark_error_px=float(err.mean()), landmark_error_iod=float(err.mean() / iod),
                landmarks_compared=int(ok.sum()), interocular_px=iod)
+    for name, angle in zip(POSE_COLUMNS, camera.orbit_angles(params.camera)):
+        out[name] = float(np.degrees(angle))
     stage2 = history.get(2, {})
     if "identity" in stage2 and len(stage2["identity"]):
         out["identity_cosine_start"] = float(1 - stage2["identity"][0])
@@ -650,8 +654,9 @@ def summary_name(index, count):
     return "summary.csv" if count == 1 else f"summary_process{index}_of_{count}.csv"
 
 
+POSE_COLUMNS = ("camera_yaw_deg", "camera_pitch_deg", "camera_roll_deg")
 SUMMARY_COLUMNS = ("photo", "folder", "landmark_error_px", "landmark_error_iod_percent",
-                   "identity_cosine_start", "identity_cosine_end")
+                   "identity_cosine_start", "identity_cosine_end") + POSE_COLUMNS
 
 
 def write_summary(share, name):
@@ -679,7 +684,8 @@ def write_summary(share, name):
                              landmark_error_px=m["landmark_error_px"],
                              landmark_error_iod_percent=100 * m["landmark_error_iod"],
                              identity_cosine_start=m.get("identity_cosine_start", ""),
-                             identity_cosine_end=m.get("identity_cosine_end", "")))
+                             identity_cosine_end=m.get("identity_cosine_end", ""),
+                             **{k: m.get(k, "") for k in POSE_COLUMNS}))  # older fits: none
     table = text_io.StringIO()
     writer = csv.DictWriter(table, SUMMARY_COLUMNS, lineterminator="\n")
     writer.writeheader()

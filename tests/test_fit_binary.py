@@ -279,6 +279,17 @@ def test_folder_of_photos_in_batches_skips_bad_ones(faces_dir, sfm_dir, tmp_path
         assert float(row["landmark_error_px"]) == pytest.approx(metrics["landmark_error_px"])
         assert float(row["landmark_error_iod_percent"]) == pytest.approx(
             100 * metrics["landmark_error_iod"])
+        # where the fitted camera sits, as the closed-form camera on the photo's landmarks puts it
+        from ganfit_jax import camera, landmarks, morphable
+
+        model = morphable.load(sfm_dir / "sfm_shape_3448.bin")
+        yaw, pitch = camera.head_pose_from_landmarks(
+            morphable.landmarks3d(model, model.mean),
+            landmarks.load_landmarks(pathlib.Path(row["photo"]).with_suffix(".npy")))
+        assert float(row["camera_yaw_deg"]) == pytest.approx(metrics["camera_yaw_deg"])
+        assert abs(metrics["camera_yaw_deg"] - yaw) < 10 and abs(
+            metrics["camera_pitch_deg"] - pitch) < 10, (metrics, yaw, pitch)
+        assert row["camera_roll_deg"] != ""
     # each photo got its own fit: different cameras, one shared compiled shape
     cams = [np.load(out / n / "params.npz")["camera"] for n in ("00003", "00004", "00005")]
     assert np.abs(cams[0] - cams[1]).max() > 1.0 and np.abs(cams[1] - cams[2]).max() > 1.0
