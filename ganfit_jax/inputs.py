@@ -108,21 +108,31 @@ def bilinear(image, xy):
             + (1 - fx) * fy * image[y1, x0] + fx * fy * image[y1, x1])
 
 
-def paste_back(original, crop_image, crop_mask, transform: CropTransform):
-    """Composites a crop-sized render (and its mask) onto the original photo."""
-    original = np.asarray(original, np.float32)
-    h, w = original.shape[:2]
-    out = original.copy()
-    # Only pixels whose centre falls in the crop's square can change: a 12 MP photo sampled
-    # whole took ~13 s for a face of a few hundred pixels.
+def square_window(transform: CropTransform, hw=None):
+    """((top, bottom, left, right) of the photo's pixels whose centre may fall in the crop's
+    square, those centres in crop pixels (K,2) row after row), or None when the square misses
+    the photo (of `hw`, default the transform's). Only these pixels are touched: a 12 MP photo
+    sampled whole took ~13 s for a face of a few hundred pixels."""
+    h, w = transform.original_hw if hw is None else hw
     x0, y0 = transform.origin
     side = transform.size / transform.scale
     left, top = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
     right, bottom = min(w, int(np.ceil(x0 + side)) + 1), min(h, int(np.ceil(y0 + side)) + 1)
     if left >= right or top >= bottom:
-        return out
+        return None
     ys, xs = np.mgrid[top:bottom, left:right]
-    pts = transform.to_crop(np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], 1))
+    return (top, bottom, left, right), transform.to_crop(
+        np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], 1))
+
+
+def paste_back(original, crop_image, crop_mask, transform: CropTransform):
+    """Composites a crop-sized render (and its mask) onto the original photo."""
+    original = np.asarray(original, np.float32)
+    out = original.copy()
+    window = square_window(transform, original.shape[:2])
+    if window is None:
+        return out
+    (top, bottom, left, right), pts = window
     size = transform.size
     inside = ((pts[:, 0] >= 0) & (pts[:, 0] < size) & (pts[:, 1] >= 0) & (pts[:, 1] < size))
     colour = bilinear(np.asarray(crop_image, np.float32), pts)
@@ -151,18 +161,13 @@ def map_to_original(crop_map, crop_mask, transform: CropTransform):
         raise ValueError(f"crop_mask: expected {crop_map.shape[:2]} like crop_map, got "
                          f"{np.shape(crop_mask)}")
     mask = np.asarray(crop_mask, bool) & np.all(np.isfinite(crop_map), axis=-1)
-    h, w = transform.original_hw
-    out = np.full((h, w, crop_map.shape[-1]), np.nan, np.float32)
-    x0, y0 = transform.origin
-    side = transform.size / transform.scale
-    left, top = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
-    right, bottom = min(w, int(np.ceil(x0 + side)) + 1), min(h, int(np.ceil(y0 + side)) + 1)
-    if left >= right or top >= bottom:
+    out = np.full(tuple(transform.original_hw) + crop_map.shape[-1:], np.nan, np.float32)
+    window = square_window(transform)
+    if window is None:
         return out
-    ys, xs = np.mgrid[top:bottom, left:right]
+    (top, bottom, left, right), pts = window
     resolution = crop_map.shape[0]
-    pts = transform.to_crop(np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], 1)) * (
-        resolution / transform.size)
+    pts = pts * (resolution / transform.size)
     inside = np.all((pts >= 0) & (pts < resolution), axis=1)
     weight = bilinear(mask[..., None].astype(np.float64), pts)[:, 0] * inside
     total = bilinear(np.where(mask[..., None], crop_map, 0.0), pts)
