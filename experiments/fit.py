@@ -662,7 +662,8 @@ SUMMARY_COLUMNS = ("photo", "folder", "landmark_error_px", "landmark_error_iod_p
 def write_summary(share, name):
     """--images: one row per photo of `share` ((photo, folder) pairs) whose fit is finished
     (its metrics.json; from earlier runs too under --resume), in the folder's order, so the worst
-    fits of thousands can be sorted in a spreadsheet instead of opening every folder."""
+    fits of thousands can be sorted in a spreadsheet instead of opening every folder; and
+    summary.png, the worst of them to look at (`write_contact_sheet`)."""
     import csv
     import io as text_io
     import statistics
@@ -692,6 +693,8 @@ def write_summary(share, name):
     writer.writerows(rows)
     path = os.path.join(FLAGS.output_dir, name)
     io.write_never_overwrite(path, table.getvalue(), FLAGS.overwrite or FLAGS.resume)
+    if rows:
+        write_contact_sheet(rows, os.path.splitext(path)[0] + ".png")
     text = f"wrote {path}: {len(rows)} of {len(share)} photo(s) fitted"
     if FLAGS.all_faces:
         text = (f"wrote {path}: {len(rows)} face(s) of "
@@ -704,6 +707,26 @@ def write_summary(share, name):
                  f"{os.path.basename(str(worst['photo']))} "
                  f"({worst['landmark_error_iod_percent']:.2f}%)")
     print(text, flush=True)
+
+
+SHEET_TILES = 48  # summary.png: the worst fits of a data set, however large
+
+
+def write_contact_sheet(rows, path):
+    """summary.png beside summary.csv: the SHEET_TILES worst fits by landmark error, worst
+    first, each its side_by_side.png (crop | render | overlay) under its name and error."""
+    from ganfit_jax import io, landmarks
+
+    worst = sorted(rows, key=lambda r: -r["landmark_error_iod_percent"])[:SHEET_TILES]
+    labels = []
+    for r in worst:
+        name = os.path.splitext(os.path.basename(str(r["photo"])))[0]
+        if FLAGS.all_faces:
+            name += "/" + os.path.basename(r["folder"])
+        labels.append(f"{name}: {r['landmark_error_iod_percent']:.2f}%")
+    sheet = io.contact_sheet([landmarks.load_image(os.path.join(r["folder"], "side_by_side.png"))
+                              for r in worst], labels, columns=4)
+    io.save_image(path, sheet, overwrite=FLAGS.overwrite or FLAGS.resume)
 
 
 def _summary(m):
@@ -811,7 +834,8 @@ def run():
         if count > 1:
             print(f"process {index} of {count}: {len(paths)} photo(s)", flush=True)
         if not FLAGS.resume:
-            check_outputs_free([FLAGS.output_dir], (summary_name(index, count),))
+            name = summary_name(index, count)
+            check_outputs_free([FLAGS.output_dir], (name, os.path.splitext(name)[0] + ".png"))
         if FLAGS.resume:  # after the split: each host looks at its own photos' folders
             done = [finished(f) for f in folders]
             print(f"--resume: {sum(done)} of {len(paths)} photo(s) already fitted, "

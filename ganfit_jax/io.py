@@ -106,6 +106,32 @@ def draw_points(image, point_sets, radius=None):
     return np.asarray(canvas)
 
 
+def contact_sheet(images, labels, columns=4, tile_height=128, label_height=16, gap=6):
+    """One uint8 image of `images` (float [0,1] or uint8 H×W×3, any sizes) in rows of `columns`,
+    each scaled to `tile_height` pixels high (aspect kept, the widest sets the column width) with
+    its label drawn in a strip above it, `gap` white pixels between columns, in order: a data
+    set's fits reviewed at a glance."""
+    from PIL import Image, ImageDraw
+
+    images = [Image.fromarray(to_uint8(image, "contact_sheet image")) for image in images]
+    if not images or len(images) != len(labels):
+        raise ValueError(f"contact_sheet: expected as many labels as images (at least one), got "
+                         f"{len(images)} images and {len(labels)} labels")
+    tiles = [im.resize((max(1, round(im.width * tile_height / im.height)), tile_height),
+                       Image.Resampling.BILINEAR) for im in images]
+    width = max(t.width for t in tiles)
+    rows = -(-len(tiles) // columns)
+    columns = min(columns, len(tiles))
+    sheet = Image.new("RGB", (columns * width + (columns - 1) * gap,
+                              rows * (tile_height + label_height)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (tile, label) in enumerate(zip(tiles, labels)):
+        x, y = (k % columns) * (width + gap), (k // columns) * (tile_height + label_height)
+        draw.text((x + 3, y + 2), str(label), fill=(0, 0, 0))
+        sheet.paste(tile, (x, y + label_height))
+    return np.asarray(sheet)
+
+
 def write_video(path, frames, fps, overwrite=False, crf=18) -> int:
     """Writes an iterable of H×W×3 images (float [0,1] or uint8, all one size) as an H.264 MP4
     at `fps` frames per second (PyAV's FFmpeg; yuv420p, which players need, so an odd width or

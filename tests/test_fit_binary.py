@@ -290,6 +290,15 @@ def test_folder_of_photos_in_batches_skips_bad_ones(faces_dir, sfm_dir, tmp_path
         assert abs(metrics["camera_yaw_deg"] - yaw) < 10 and abs(
             metrics["camera_pitch_deg"] - pitch) < 10, (metrics, yaw, pitch)
         assert row["camera_roll_deg"] != ""
+    # summary.png: the fits worst first, each its side_by_side.png under its name and error
+    sheet = np.asarray(Image.open(out / "summary.png"), np.float64)
+    worst = max(summary, key=lambda r: float(r["landmark_error_iod_percent"]))
+    tile = Image.open(pathlib.Path(worst["folder"]) / "side_by_side.png")
+    tile = np.asarray(tile.resize((round(tile.width * 128 / tile.height), 128),
+                                  Image.Resampling.BILINEAR), np.float64)
+    assert sheet.shape == (128 + 16, 3 * tile.shape[1] + 2 * 6, 3)  # three photos in one row
+    np.testing.assert_allclose(sheet[16:, :tile.shape[1]], tile, atol=1)
+    assert sheet[:16, :tile.shape[1]].min() < 100  # its label, dark on white
     # each photo got its own fit: different cameras, one shared compiled shape
     cams = [np.load(out / n / "params.npz")["camera"] for n in ("00003", "00004", "00005")]
     assert np.abs(cams[0] - cams[1]).max() > 1.0 and np.abs(cams[1] - cams[2]).max() > 1.0

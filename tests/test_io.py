@@ -223,3 +223,20 @@ def test_glb_vertex_colours_refusals_and_write_mesh(tmp_path, read_glb):
     assert not any(tmp_path.glob("d.*"))
     io.write_mesh(tmp_path / "m.obj", verts, tris, uv, texture)
     np.testing.assert_allclose(io.read_obj(tmp_path / "m.obj").vertices, verts, atol=1e-7)
+
+
+def test_contact_sheet_places_tiles_in_order_under_their_labels():
+    from ganfit_jax import io
+
+    red, blue = np.zeros((20, 40, 3)), np.zeros((10, 10, 3))
+    red[..., 0], blue[..., 2] = 1.0, 1.0
+    sheet = io.contact_sheet([red, blue, red], ["a", "b", "c"], columns=2, tile_height=10,
+                             label_height=12, gap=3)
+    # every tile 10 px high, the widest (red: 20 px) sets the column width; two rows
+    assert sheet.shape == (2 * (12 + 10), 20 + 3 + 20, 3) and sheet.dtype == np.uint8
+    assert (sheet[12:22, 0:20] == [255, 0, 0]).all()  # red, scaled to 20 × 10
+    assert (sheet[12:22, 23:33] == [0, 0, 255]).all() and (sheet[12:22, 33:] == 255).all()
+    assert (sheet[34:44, 0:20] == [255, 0, 0]).all() and (sheet[34:, 20:] == 255).all()
+    assert sheet[:12, :20].min() < 128  # the label "a", dark on white
+    with pytest.raises(ValueError, match="as many labels"):
+        io.contact_sheet([red], ["a", "b"])
