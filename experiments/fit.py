@@ -122,9 +122,9 @@ flags.DEFINE_bool("depth", False, "Also write depth.npy (the photo's height × w
                   "normals as colours: red right, green up, blue towards the camera), rendered "
                   "at the face's resolution in the photo (at most 2048 px).")
 flags.DEFINE_bool("photo_texture", False, "Also write photo_texture.png: the photo's own "
-                  "colours in the model's UV layout (512², or mesh.png's size when larger), as eos' isomap and DECA's "
-                  "uv_texture_gt give them; alpha 255 where the photo shows the texel, 128 "
-                  "filled from its mirror texel, 0 unseen.")
+                  "colours in the model's UV layout (512², or mesh.png's size when larger), as "
+                  "eos' isomap and DECA's uv_texture_gt give them; alpha 255 where the photo "
+                  "shows the texel, 128 filled from its mirror texel, 0 unseen.")
 flags.DEFINE_bool("track", False, "--frames: after the joint fit of the keyframes (every "
                   "--frame_step-th frame, at most --max_frames), fit every other frame with the "
                   "joint shape and texture held (its expression, pose and light its own), in "

@@ -183,7 +183,7 @@ def test_render_takes_a_fits_params_as_they_stand(ffhq_photo, sfm_dir, tmp_path,
                                   "track_iterations_alone", "all_faces_frames",
                                   "all_faces_and_face", "all_faces_no_face",
                                   "all_faces_bad_landmarks", "list_names_a_missing_photo",
-                                  "spread_without_max_frames"])
+                                  "spread_without_max_frames", "photo_texture_without_uv"])
 def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fit):
     out = tmp_path / "out"
     image, extra, expect = ffhq_photo, [], None
@@ -229,6 +229,13 @@ def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fi
         lm = tmp_path / "faces.npy"
         np.save(lm, np.stack([face, face - 5000]))
         extra, expect = ["--all_faces", f"--landmarks={lm}"], "faces.npy (face 1)"
+    elif case == "photo_texture_without_uv":  # as the BFM loaders give a model: no UV layout
+        from ganfit_jax import morphable
+
+        sfm = morphable.load(sfm_dir / "sfm_shape_3448.bin")
+        morphable.save_npz(sfm.replace(uv=np.zeros_like(np.asarray(sfm.uv))), tmp_path / "nouv.npz")
+        model, extra = f"--model={tmp_path / 'nouv.npz'}", ["--photo_texture"]
+        expect = "nouv.npz has no UV coordinates"
     source = f"--image={image}"
     if case == "list_names_a_missing_photo":
         (tmp_path / "split.txt").write_text(f"# test split\n{ffhq_photo}\n\nmissing.jpg\n")
