@@ -40,6 +40,9 @@ flags.DEFINE_float("background", 1.0, "background grey level in [0,1]",
 flags.DEFINE_enum("texture_sampling", "pixel", ["pixel", "vertex"], "UV map lookup mode")
 flags.DEFINE_bool("save_depth", False, "also save depth maps (.npy, mm, 0 on background)")
 flags.DEFINE_bool("save_mask", False, "also save foreground masks (.npy, float32)")
+flags.DEFINE_bool("save_normals", False, "also save normal maps (.npy, float32 H×W×3: unit "
+                  "normals in OpenCV's camera frame, x right, y down, z forward; NaN on "
+                  "background; render.geometry_maps)")
 flags.DEFINE_string("texture_map", None, "a UV map (PNG) to render with; default: the texture in "
                     "--params, or, for a fit's params.npz, the mesh.png beside it")
 flags.DEFINE_string("expression_from", None, "a params.npz whose expression replaces --params' "
@@ -125,8 +128,9 @@ def orbit_camera(base_camera, yaw_degrees):
 
 
 def render_views(model, params, yaws, image_size, distance, light=None, background=1.0,
-                 texture_sampling="pixel"):
-    """Yields (yaw, image, aux) for each yaw; library code kept here free of file I/O."""
+                 texture_sampling="pixel", normals=False):
+    """Yields (yaw, image, aux) for each yaw; library code kept here free of file I/O.
+    `normals`: aux also holds `normals`, the visible surface's (`render.geometry_maps`)."""
     import jax
     import jax.numpy as jnp
 
@@ -156,8 +160,13 @@ def render_views(model, params, yaws, image_size, distance, light=None, backgrou
 
     @jax.jit
     def one(cam):
-        return render.render(verts, model.triangles, model.uv, appearance, cam, light, image_size,
-                             background=background, texture_sampling=texture_sampling)
+        image, aux = render.render(verts, model.triangles, model.uv, appearance, cam, light,
+                                   image_size, background=background,
+                                   texture_sampling=texture_sampling)
+        if normals:
+            aux["normals"] = render.geometry_maps(verts, model.triangles, cam,
+                                                  camera_lib.image_hw(image_size))[1]
+        return image, aux
 
     for yaw in yaws:
         image, aux = one(jnp.asarray(orbit_camera(base, yaw)))
@@ -213,7 +222,8 @@ def main(argv):
     yaws = list(dict.fromkeys(yaws))  # a view asked twice is rendered once
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     suffixes = [".png"] + (["_depth.npy"] if FLAGS.save_depth else []) + (
-        ["_mask.npy"] if FLAGS.save_mask else [])
+        ["_mask.npy"] if FLAGS.save_mask else []) + (
+        ["_normals.npy"] if FLAGS.save_normals else [])
     existing = [p for yaw in yaws for p in (_stem(FLAGS.output_dir, yaw) + s for s in suffixes)
                 if os.path.exists(p)]
     if existing and not FLAGS.overwrite:  # refuse before rendering anything
@@ -221,7 +231,8 @@ def main(argv):
                               "--overwrite to replace them")
     names = []
     for yaw, image, aux in render_views(model, params, yaws, FLAGS.image_size, FLAGS.distance,
-                                        light, FLAGS.background, FLAGS.texture_sampling):
+                                        light, FLAGS.background, FLAGS.texture_sampling,
+                                        FLAGS.save_normals):
         stem = _stem(FLAGS.output_dir, yaw)
         png = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
         _write(stem + ".png", lambda p: Image.fromarray(png).save(p), FLAGS.overwrite)
@@ -229,6 +240,8 @@ def main(argv):
             _write(stem + "_depth.npy", lambda p: np.save(p, aux["depth"]), FLAGS.overwrite)
         if FLAGS.save_mask:
             _write(stem + "_mask.npy", lambda p: np.save(p, aux["mask"]), FLAGS.overwrite)
+        if FLAGS.save_normals:
+            _write(stem + "_normals.npy", lambda p: np.save(p, aux["normals"]), FLAGS.overwrite)
         names.append(stem + ".png")
         logging.info("wrote %s (%.1f%% foreground)", stem + ".png", 100 * aux["mask"].mean())
     print("\n".join(names))

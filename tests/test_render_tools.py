@@ -59,11 +59,12 @@ def test_render_experiment_writes_views_and_refuses_to_overwrite(sfm_dir, tmp_pa
              light=np.array([0, 0, 2000, 1, 1, 1, 0.2, 0.2, 0.2], np.float32))
     out = tmp_path / "out"
     args = ["--model", model, "--params", str(params), "--output_dir", str(out),
-            "--views=-30,0", "--turntable", "2", "--image_size", "48", "--save_depth", "--save_mask"]
+            "--views=-30,0", "--turntable", "2", "--image_size", "48", "--save_depth",
+            "--save_mask", "--save_normals"]
     result = _run(args)
     assert result.returncode == 0, result.stderr[-2000:]
     names = sorted(os.listdir(out))
-    assert len(names) == 3 * 3  # yaws -30, 0 and the turntable's 0 (once), 180
+    assert len(names) == 3 * 4  # yaws -30, 0 and the turntable's 0 (once), 180
     from PIL import Image
 
     image = np.asarray(Image.open(out / "yaw+0000.0.png"))
@@ -72,6 +73,12 @@ def test_render_experiment_writes_views_and_refuses_to_overwrite(sfm_dir, tmp_pa
     assert image.shape == (48, 48, 3) and mask.shape == depth.shape == (48, 48)
     assert 0.2 < mask.mean() < 0.95 and np.all(depth[mask > 0] > 600)
     assert np.all(image[mask == 0] == 255)  # white background
+    # normals where the mask is, NaN elsewhere; seen from the front, the face looks back (z < 0)
+    normals = np.load(out / "yaw+0000.0_normals.npy")
+    covered = np.isfinite(normals).all(-1)
+    assert normals.shape == (48, 48, 3) and np.array_equal(covered, mask > 0)
+    np.testing.assert_allclose(np.linalg.norm(normals[covered], axis=-1), 1, atol=1e-4)
+    assert np.median(normals[covered][:, 2]) < -0.7
     before = os.path.getmtime(out / "yaw+0000.0.png")
     result = _run(args)
     assert result.returncode != 0 and "--overwrite" in result.stderr
