@@ -28,6 +28,7 @@ import sys
 from absl import app, flags
 
 from experiments import common
+from ganfit_jax import evaluation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("fits", None, "The output folder of `fit --images` (searched at any depth "
@@ -43,10 +44,7 @@ flags.DEFINE_bool("neutral", True, "The fitted shape at a neutral expression (No
 flags.DEFINE_bool("overwrite", False, "Replace existing files.")
 flags.mark_flags_as_required(["fits", "output_dir"])
 
-# NoW's seven alignment landmarks as iBUG-68 indices (0-based), in the order of its scans' .pp
-# files: eye corners right-outer, right-inner, left-inner, left-outer; nose base; mouth corners
-# right, left (the 51 inner points' 19, 22, 25, 28, 16, 31, 37, as DECA and MICA export them).
-NOW_LANDMARKS = (36, 39, 42, 45, 33, 48, 54)
+NOW_LANDMARKS = evaluation.NOW_LANDMARKS_IBUG
 
 
 def now_name(source):

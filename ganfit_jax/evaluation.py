@@ -590,6 +590,118 @@ def error_map(reconstruction_vertices, num_vertices, evaluation: Evaluation, fil
 
 
 # --------------------------------------------------------------------------------------------
+# The NoW benchmark's protocol (Sanyal et al., CVPR 2019), validation set run locally
+# --------------------------------------------------------------------------------------------
+
+
+# NoW's seven alignment landmarks as iBUG-68 indices (0-based), in the order of its scans' .pp
+# files: eye corners right-outer, right-inner, left-inner, left-outer; nose base; mouth corners
+# right, left (the 51 inner points' 19, 22, 25, 28, 16, 31, 37, as DECA and MICA export them).
+NOW_LANDMARKS_IBUG = (36, 39, 42, 45, 33, 48, 54)
+
+
+def now_face_region(scan_landmarks):
+    """(centre (3,), radius) of the sphere NoW's evaluation keeps of a scan, from its 7
+    landmarks (eye corners right-outer, right-inner, left-inner, left-outer; nose base; mouth
+    corners): the centre 30% of the way from the nose base up to the point between the inner eye
+    corners, the radius 1.4 × the mean of the outer-eye-corner distance and that nose length."""
+    lm = _as_points(scan_landmarks, "scan_landmarks")
+    if len(lm) != 7:
+        raise ValueError(f"scan_landmarks: NoW has 7 landmarks, got {len(lm)}")
+    nose_base, bridge = lm[4], 0.5 * (lm[1] + lm[2])
+    centre = nose_base + 0.3 * (bridge - nose_base)
+    radius = 1.4 * 0.5 * (np.linalg.norm(lm[0] - lm[3]) + np.linalg.norm(bridge - nose_base))
+    return centre, float(radius)
+
+
+def surface_icp(points, mesh_vertices, mesh_triangles, max_iterations=30, tolerance=1e-4):
+    """The similarity (scale, rotation, translation) that moves a mesh onto `points` (M,3),
+    minimising the points' distances to its surface: each iteration pairs every point with the
+    exact closest point of the moved mesh's triangles (`closest_points_on_mesh`) and takes the
+    point-to-plane step against that triangle's plane (Chen & Medioni 1992, linearised in a
+    small rotation and scale change; exact at a perfect fit, where nearest-vertex pairing and
+    vertex normals would leave a bias on a coarse mesh), until the mean distance changes by less
+    than `tolerance` (relative). Returns (the accumulated transform to apply to the mesh's
+    vertices, mean distance per iteration)."""
+    verts = _as_points(mesh_vertices, "mesh_vertices")
+    triangles = _as_triangles(mesh_triangles, len(verts), "mesh_triangles")
+    transform, errors = Similarity(), []
+    for _ in range(max_iterations):
+        moved = transform(verts)
+        closest, distance, face = closest_points_on_mesh(points, moved, triangles)
+        errors.append(float(distance.mean()))
+        if len(errors) > 1 and abs(errors[-2] - errors[-1]) <= max(tolerance * errors[-1], 1e-9):
+            break
+        a, b, c = (moved[triangles[face, k]] for k in range(3))
+        n = np.cross(b - a, c - a)
+        n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-300)
+        residual = np.sum((closest - points) * n, axis=1)
+        centre = closest.mean(axis=0)
+        q = closest - centre
+        # the moved closest point s R q + centre + t ≈ q + w × q + ds q + centre + t
+        system = np.concatenate([np.cross(q, n), n, np.sum(q * n, axis=1, keepdims=True)], 1)
+        x, *_ = np.linalg.lstsq(system, -residual, rcond=None)
+        scale, rotation = 1.0 + x[6], _rotation_from_vector(x[:3])
+        transform = transform.then(
+            Similarity(scale, rotation, centre + x[3:6] - scale * rotation @ centre))
+    return transform, np.asarray(errors)
+
+
+NOW_FIT_POINTS = 20000  # scan points the refinement fits (a fixed subset); all are scored
+
+
+def now_scan_errors(scan_vertices, scan_landmarks, mesh_vertices, mesh_triangles, mesh_landmarks,
+                    refine=True, max_iterations=30):
+    """NoW's scan-to-mesh errors of one reconstruction: (distances (M,) mm of the scan's
+    vertices inside `now_face_region` to the closest point of the reconstruction's surface, the
+    reconstruction's vertices as aligned to the scan (N,3)).
+
+    The reconstruction is brought to the scan by the similarity that best maps its 7 landmarks
+    onto the scan's (NoW's Procrustes step), then, with `refine`, by the similarity that best
+    fits its surface to the cropped scan (NoW minimises the scan-to-mesh distance over scale,
+    rotation and translation; here `surface_icp` on at most NOW_FIT_POINTS of the scan's
+    points, a fixed subset). Units are the scan's: a reconstruction in any unit is scaled to
+    it by the alignment."""
+    scan = _as_points(scan_vertices, "scan_vertices")
+    verts = _as_points(mesh_vertices, "mesh_vertices")
+    triangles = _as_triangles(mesh_triangles, len(verts), "mesh_triangles")
+    if np.shape(mesh_landmarks) != (7, 3):
+        raise ValueError(f"mesh_landmarks: expected NoW's 7 landmarks (7,3), got "
+                         f"{np.shape(mesh_landmarks)}")
+    centre, radius = now_face_region(scan_landmarks)
+    points = scan[np.linalg.norm(scan - centre, axis=1) <= radius]
+    if len(points) < 10:
+        raise ValueError(f"only {len(points)} scan vertices lie within {radius:.1f} of the face "
+                         "centre the landmarks give: landmarks of another scan?")
+    aligned = umeyama(mesh_landmarks, scan_landmarks, with_scale=True)(verts)
+    if refine:
+        subset = points
+        if len(points) > NOW_FIT_POINTS:
+            subset = points[np.random.default_rng(0).choice(len(points), NOW_FIT_POINTS,
+                                                            replace=False)]
+        transform, _ = surface_icp(subset, aligned, triangles, max_iterations)
+        aligned = transform(aligned)
+    return scan_to_mesh_distances(points, aligned, triangles), aligned
+
+
+def read_pp(path):
+    """The points (K,3) of a MeshLab PickedPoints file (.pp, XML; NoW's scan landmarks), in the
+    file's order."""
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.parse(str(path)).getroot()
+        points = [[float(p.attrib[k]) for k in "xyz"] for p in root.iter("point")]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such landmark file") from None
+    except (ElementTree.ParseError, KeyError, ValueError) as e:
+        raise ValueError(f"{path}: not a MeshLab .pp file ({type(e).__name__}: {e})") from None
+    if not points:
+        raise ValueError(f"{path}: holds no <point>")
+    return np.asarray(points, np.float64)
+
+
+# --------------------------------------------------------------------------------------------
 # Mesh files: OBJ (trimesh) and VRML (MICC ships its scans as both)
 # --------------------------------------------------------------------------------------------
 

@@ -1,0 +1,169 @@
+"""The NoW benchmark's scan-to-mesh error (Sanyal et al., CVPR 2019) on its validation set, here.
+
+    python -m experiments.fit --images=NOW/imagepathsvalidation.txt --output_dir=outputs/now_val
+    python -m experiments.export_now --fits=outputs/now_val --output_dir=outputs/now_predicted
+    python -m experiments.evaluate_now --dataset=NOW --predictions=outputs/now_predicted
+
+NoW's validation scans are public (its test scans are not: the test set is scored by its
+authors from an `export_now` submission). Its own evaluation (github.com/soubhiksanyal/
+now_evaluation) needs psbody-mesh and chumpy; this is the same protocol on NumPy/SciPy
+(`evaluation.now_scan_errors`): for each photo of the list (NOW/imagepathsvalidation.txt, lines
+SUBJECT/CHALLENGE/NAME.jpg), the subject's scan (NOW/scans/SUBJECT/*.obj) is cropped to the
+sphere its 7 landmarks (NOW/scans_lmks_onlypp/SUBJECT/*.pp) give, the prediction
+(PREDICTIONS/SUBJECT/CHALLENGE/NAME.obj and its 7 landmarks NAME.npy, as `export_now` writes
+them) is aligned to the scan by those landmarks and then by the scan-to-mesh fit (scale,
+rotation, translation), and every cropped scan vertex's distance to the prediction's surface is
+an error. As NoW reports: the median, mean and standard deviation of all the errors together,
+per challenge (neutral, expressions, occlusions, selfie) and over all; a photo without a
+prediction is counted as missing. Writes PREDICTIONS/now_errors.json (per photo and per
+challenge) and prints the table, with progress and an ETA as it goes.
+
+The optimiser differs from NoW's (point-to-plane ICP with scale, not chumpy's dogleg on the exact
+scan-to-mesh distance), so numbers can differ from the official script's in the second digit.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+from absl import app, flags
+
+from experiments import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("dataset", None, "The NoW folder: imagepathsvalidation.txt, scans/SUBJECT/"
+                    "*.obj, scans_lmks_onlypp/SUBJECT/*.pp.")
+flags.DEFINE_string("predictions", None, "export_now's output folder: SUBJECT/CHALLENGE/NAME.obj "
+                    "and NAME.npy (the 7 landmarks).")
+flags.DEFINE_string("image_list", None, "The photos to score (default DATASET/"
+                    "imagepathsvalidation.txt).")
+flags.DEFINE_enum("challenge", "", ["", "multiview_neutral", "multiview_expressions",
+                                    "multiview_occlusions", "selfie"],
+                  "Score one challenge only (default: all).")
+flags.DEFINE_bool("refine", True, "Refine the landmark alignment by the scan-to-mesh fit, as NoW "
+                  "does (--norefine: landmarks only).")
+flags.DEFINE_string("output", None, "Where the JSON goes (default PREDICTIONS/now_errors.json).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing output.")
+flags.mark_flags_as_required(["dataset", "predictions"])
+
+
+def photo_names(image_list, challenge=""):
+    """(SUBJECT, CHALLENGE, NAME) of each photo of NoW's list, in its order."""
+    with open(image_list, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    names = []
+    for k, line in enumerate(lines):
+        parts = line.replace("\\", "/").split("/")
+        if len(parts) < 3:
+            raise ValueError(f"{image_list}:{k + 1}: {line!r} is not SUBJECT/CHALLENGE/NAME.jpg")
+        if not challenge or parts[-2] == challenge:
+            names.append((parts[-3], parts[-2], os.path.splitext(parts[-1])[0]))
+    if not names:
+        raise ValueError(f"{image_list}: no photo" + (f" of {challenge}" if challenge else ""))
+    return names
+
+
+def subject_scan(dataset, subject):
+    """(scan vertices, the scan's 7 landmarks) of one subject."""
+    from ganfit_jax import evaluation
+
+    found = {}
+    for folder, pattern in (("scans", "*.obj"), ("scans_lmks_onlypp", "*.pp")):
+        paths = sorted(glob.glob(os.path.join(dataset, folder, subject, pattern)))
+        if not paths:
+            raise ValueError(f"--dataset={dataset}: no {folder}/{subject}/{pattern}")
+        found[folder] = paths[0]
+    vertices, _ = evaluation.load_mesh(found["scans"])
+    landmarks = evaluation.read_pp(found["scans_lmks_onlypp"])
+    if landmarks.shape != (7, 3):
+        raise ValueError(f"{found['scans_lmks_onlypp']}: NoW's scans have 7 landmarks, got "
+                         f"{len(landmarks)}")
+    return vertices, landmarks
+
+
+def summary(errors):
+    import numpy as np
+
+    if not errors:
+        return dict(median=None, mean=None, std=None, points=0)
+    d = np.concatenate(errors)
+    return dict(median=float(np.median(d)), mean=float(d.mean()), std=float(d.std()),
+                points=int(d.size))
+
+
+def evaluate(dataset, predictions, names, refine=True, log=print):
+    """{'photos': [...], 'challenges': {name: summary}, 'all': summary} (see the docstring)."""
+    import numpy as np
+
+    from ganfit_jax import evaluation
+
+    scans, rows, errors, t0 = {}, [], {}, time.time()
+    for k, (subject, challenge, name) in enumerate(names):
+        row = dict(subject=subject, challenge=challenge, name=name)
+        stem = os.path.join(predictions, subject, challenge, name)
+        if not (os.path.exists(stem + ".obj") and os.path.exists(stem + ".npy")):
+            row["missing"] = True
+        else:
+            if subject not in scans:
+                scans = {subject: subject_scan(dataset, subject)}  # the list runs by subject
+            scan, scan_landmarks = scans[subject]
+            vertices, triangles = evaluation.load_mesh(stem + ".obj")
+            landmarks = np.load(stem + ".npy")
+            try:
+                d, _ = evaluation.now_scan_errors(scan, scan_landmarks, vertices, triangles,
+                                                  landmarks, refine=refine)
+            except ValueError as e:
+                raise ValueError(f"{stem}.obj: {e}") from None
+            errors.setdefault(challenge, []).append(d)
+            row.update(median=float(np.median(d)), mean=float(d.mean()), points=int(d.size))
+        rows.append(row)
+        if log and ((k + 1) % 20 == 0 or k + 1 == len(names)):
+            rate = (k + 1) / max(time.time() - t0, 1e-9)
+            eta = (len(names) - k - 1) / rate
+            log(f"{k + 1}/{len(names)} photos, {rate:.2f}/s, eta {eta:.0f}s")
+    challenges = {}
+    for challenge in dict.fromkeys(c for _, c, _ in names):
+        mine = [r for r in rows if r["challenge"] == challenge]
+        challenges[challenge] = dict(summary(errors.get(challenge, [])), photos=len(mine),
+                                     missing=sum("missing" in r for r in mine))
+    every = [d for ds in errors.values() for d in ds]
+    return dict(photos=rows, challenges=challenges,
+                all=dict(summary(every), photos=len(rows),
+                         missing=sum("missing" in r for r in rows)))
+
+
+def table(result):
+    def cell(value):
+        return "    -" if value is None else f"{value:5.2f}"
+
+    lines = ["challenge               photos  missing  median  mean    std  (mm)"]
+    for name, s in list(result["challenges"].items()) + [("all", result["all"])]:
+        lines.append(f"{name:<23} {s['photos']:>6}  {s['missing']:>7}  {cell(s['median'])}  "
+                     f"{cell(s['mean'])}  {cell(s['std'])}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    from ganfit_jax import io
+
+    for flag in ("dataset", "predictions"):
+        if not os.path.isdir(getattr(FLAGS, flag)):
+            raise ValueError(f"--{flag}={getattr(FLAGS, flag)}: no such folder")
+    image_list = FLAGS.image_list or os.path.join(FLAGS.dataset, "imagepathsvalidation.txt")
+    if not os.path.exists(image_list):
+        raise ValueError(f"{image_list}: no such image list (pass --image_list)")
+    output = FLAGS.output or os.path.join(FLAGS.predictions, "now_errors.json")
+    io.refuse_overwrite(output, FLAGS.overwrite)
+    result = evaluate(FLAGS.dataset, FLAGS.predictions, photo_names(image_list, FLAGS.challenge),
+                      FLAGS.refine, log=lambda line: print(line, flush=True))
+    print(table(result), flush=True)
+    io.write_never_overwrite(output, json.dumps(result, indent=1), FLAGS.overwrite)
+    print(f"wrote {output}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(common.input_errors_as_one_line(main))
