@@ -410,3 +410,18 @@ def test_icp_correspondence_rejection_ignores_parts_the_target_lacks(sfm_face):
     err = lambda r: np.abs(r.transform(moved)[partial.indices] - partial.vertices).max()
     # pairs within 3 mm of the crop border remain, so not exactly 0, but far better than without
     assert err(robust) < 0.1 and err(plain) > 5 * err(robust), (err(robust), err(plain))
+
+
+def test_surface_icp_undoes_a_known_similarity_from_surface_points(sfm_model):
+    """Points on a face's surface (not its vertices) and the face moved by a known similarity:
+    surface_icp's transform puts the moved face back where the points are."""
+    verts = np.asarray(sfm_model.mean, np.float64)
+    tris = np.asarray(sfm_model.triangles)
+    surface, _ = trimesh.remesh.subdivide(verts, tris)
+    rng = np.random.default_rng(1)
+    rotation = _random_rotation(rng, 4.0)
+    moved = 1.03 * verts @ rotation.T + np.array([2.0, -1.5, 3.0])
+    transform, errors = ev.surface_icp(surface, moved, tris)
+    assert errors[0] > 1.0 and errors[-1] < 1e-4, errors
+    np.testing.assert_allclose(transform(moved), verts, atol=1e-3)
+    assert transform.scale == pytest.approx(1 / 1.03, rel=1e-5)
