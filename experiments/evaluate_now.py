@@ -16,7 +16,8 @@ rotation, translation), and every cropped scan vertex's distance to the predicti
 an error. As NoW reports: the median, mean and standard deviation of all the errors together,
 per challenge (neutral, expressions, occlusions, selfie) and over all; a photo without a
 prediction is counted as missing. Writes PREDICTIONS/now_errors.json (per photo and per
-challenge) and prints the table, with progress and an ETA as it goes.
+challenge) and now_errors.png (NoW's cumulative error curve per challenge) and prints the table,
+with progress and an ETA as it goes.
 
 The optimiser differs from NoW's (point-to-plane ICP with scale, not chumpy's dogleg on the exact
 scan-to-mesh distance), so numbers can differ from the official script's in the second digit.
@@ -84,14 +85,20 @@ def subject_scan(dataset, subject):
     return vertices, landmarks
 
 
+CUMULATIVE_MM = tuple(0.25 * k for k in range(41))  # NoW's cumulative error curve, 0-10 mm
+
+
 def summary(errors):
+    """Median, mean, std and count of all the errors together, and the fraction of them within
+    each of CUMULATIVE_MM (NoW's cumulative error curve)."""
     import numpy as np
 
     if not errors:
-        return dict(median=None, mean=None, std=None, points=0)
-    d = np.concatenate(errors)
+        return dict(median=None, mean=None, std=None, points=0, cumulative=None)
+    d = np.sort(np.concatenate(errors))
+    within = np.searchsorted(d, CUMULATIVE_MM, side="right") / d.size
     return dict(median=float(np.median(d)), mean=float(d.mean()), std=float(d.std()),
-                points=int(d.size))
+                points=int(d.size), cumulative=[float(f) for f in within])
 
 
 def evaluate(dataset, predictions, names, refine=True, log=print):
@@ -157,12 +164,21 @@ def main(argv):
     if not os.path.exists(image_list):
         raise ValueError(f"{image_list}: no such image list (pass --image_list)")
     output = FLAGS.output or os.path.join(FLAGS.predictions, "now_errors.json")
-    io.refuse_overwrite(output, FLAGS.overwrite)
+    plot = os.path.splitext(output)[0] + ".png"
+    for path in (output, plot):
+        io.refuse_overwrite(path, FLAGS.overwrite)
     result = evaluate(FLAGS.dataset, FLAGS.predictions, photo_names(image_list, FLAGS.challenge),
                       FLAGS.refine, log=lambda line: print(line, flush=True))
     print(table(result), flush=True)
     io.write_never_overwrite(output, json.dumps(result, indent=1), FLAGS.overwrite)
-    print(f"wrote {output}", flush=True)
+    curves = {name: [100 * f for f in s["cumulative"]]
+              for name, s in list(result["challenges"].items()) + [("all", result["all"])]
+              if s["cumulative"] is not None}
+    if curves:
+        io.save_image(plot, io.render_curves(curves, steps=CUMULATIVE_MM, x_label="error (mm)",
+                                             title="NoW: % of scan points within the error"),
+                      overwrite=FLAGS.overwrite)
+    print(f"wrote {output}" + (f" and {plot}" if curves else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,12 @@ def test_now_errors_vanish_for_the_scans_own_surface_and_count_the_crop(now_data
     assert result["all"]["points"] == 2 * inside
     assert result["challenges"]["multiview_expressions"]["median"] is None
     assert result["challenges"]["selfie"]["points"] == inside
+    # without refinement, the cumulative curve crosses 50% at the median
+    curve = {r: np.array(s["cumulative"]) for r, s in rough["challenges"].items()
+             if s["cumulative"] is not None}["selfie"]
+    median = rough["challenges"]["selfie"]["median"]
+    below, above = int(median // 0.25), int(median // 0.25) + 1
+    assert curve[below] <= 0.5 <= curve[above], (median, curve[below], curve[above])
 
 
 def test_the_binary_writes_the_table_and_refuses_to_overwrite(now_data):
@@ -111,6 +117,10 @@ def test_the_binary_writes_the_table_and_refuses_to_overwrite(now_data):
     assert "selfie" in proc.stdout and "1/1 photos" in proc.stdout
     result = json.loads(out.read_text())
     assert [r["name"] for r in result["photos"]] == ["IMG_2"]
+    # the cumulative error curve: every point within 0.25 mm once the fit is refined
+    cumulative = result["challenges"]["selfie"]["cumulative"]
+    assert len(cumulative) == 41 and cumulative[1] == 1.0 and cumulative == sorted(cumulative)
+    assert (root / "errors.png").stat().st_size > 0
     before = out.read_bytes()
     proc = run(f"--predictions={root / 'pred'}", f"--output={out}")
     assert proc.returncode == 1 and "--overwrite" in proc.stderr and out.read_bytes() == before
