@@ -13,7 +13,8 @@ annotation's bounding-box area, in %. Photos are grouped by |yaw| into [0Â°, 30Â
 The landmarks fit followed (its `landmarks.json`: dlib's, unless given) are scored the same way,
 so the table shows what fitting the model adds to, or takes from, its input. A photo without a
 fit (dlib found no face: most of the profiles) is counted as missing per group, not scored.
-Writes `aflw2000.json` (per photo and per group) and prints the table.
+Writes `aflw2000.json` (per photo and per group, and the cumulative error distribution, CED)
+and `aflw2000.png` (the CED curves of the fit and of its input) and prints the table.
 
 The fit must not read the annotations: `fit` looks for .pts/.npy/.json landmark files beside a
 photo, never .mat, so it detects with dlib here.
@@ -113,7 +114,24 @@ def evaluate(data_dir, fits):
     balanced = {key: (float(np.mean([g[key] for g in groups]))
                       if all(g[key] is not None for g in groups) else None)
                 for key in ("fit_nme", "input_nme")}
-    return dict(photos=rows, groups=groups, balanced=balanced)
+    return dict(photos=rows, groups=groups, balanced=balanced, ced=ced(rows))
+
+
+CED_PERCENT = tuple(0.25 * k for k in range(41))  # NME thresholds of the CED curve, 0-10%
+
+
+def ced(rows):
+    """The cumulative error distribution landmark papers plot: for each of CED_PERCENT, the
+    fraction of all the photos (a photo without a fit counts as never within) whose NME is at
+    most that, for the fit and for the landmarks it followed."""
+    import numpy as np
+
+    out = {}
+    for key in ("fit_nme", "input_nme"):
+        values = np.array([r.get(key, np.inf) for r in rows], np.float64)
+        values[np.isnan(values)] = np.inf
+        out[key] = [float(np.mean(values <= t)) for t in CED_PERCENT]
+    return out
 
 
 def table(result):
@@ -138,11 +156,18 @@ def main(argv):
         if not os.path.isdir(getattr(FLAGS, flag)):
             raise ValueError(f"--{flag}={getattr(FLAGS, flag)}: no such folder")
     output = FLAGS.output or os.path.join(FLAGS.fits, "aflw2000.json")
-    io.refuse_overwrite(output, FLAGS.overwrite)
+    plot = os.path.splitext(output)[0] + ".png"
+    for path in (output, plot):
+        io.refuse_overwrite(path, FLAGS.overwrite)
     result = evaluate(FLAGS.data_dir, FLAGS.fits)
     print(table(result), flush=True)
     io.write_never_overwrite(output, json.dumps(result, indent=1), FLAGS.overwrite)
-    print(f"wrote {output}", flush=True)
+    curves = {"fit": [100 * f for f in result["ced"]["fit_nme"]],
+              "landmarks followed": [100 * f for f in result["ced"]["input_nme"]]}
+    io.save_image(plot, io.render_curves(curves, steps=CED_PERCENT, x_label="NME (%)",
+                                         title="AFLW2000-3D: % of photos within the NME"),
+                  overwrite=FLAGS.overwrite)
+    print(f"wrote {output} and {plot}", flush=True)
 
 
 if __name__ == "__main__":

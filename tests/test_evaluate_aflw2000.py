@@ -69,6 +69,12 @@ def test_nme_by_yaw_group_for_the_fit_and_its_input(tmp_path):
     assert groups[2]["fit_nme"] is None and result["balanced"]["fit_nme"] is None
     assert re.search(r"\[0, 30\)\s+1\s+1\s+" + f"{expected['image00002'][0]:.2f}", proc.stdout)
     assert re.search(r"\[60, 90\]\s+1\s+0\s+-", proc.stdout), proc.stdout
+    # the CED over all three photos: the unfitted one never within, each fit from its own NME
+    thresholds = [0.25 * k for k in range(41)]
+    first, second = sorted(v[0] for v in expected.values())
+    for t, fraction in zip(thresholds, result["ced"]["fit_nme"]):
+        assert abs(fraction - ((t >= first) + (t >= second)) / 3) < 1e-12, (t, fraction)
+    assert (fits / "aflw2000.png").stat().st_size > 0
     # nothing replaced unless asked; a missing folder is one line
     before = (fits / "aflw2000.json").read_bytes()
     proc = evaluate(f"--data_dir={data}", f"--fits={fits}")
