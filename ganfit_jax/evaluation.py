@@ -623,6 +623,7 @@ def surface_icp(points, mesh_vertices, mesh_triangles, max_iterations=30, tolera
     vertex normals would leave a bias on a coarse mesh), until the mean distance changes by less
     than `tolerance` (relative). Returns (the accumulated transform to apply to the mesh's
     vertices, mean distance per iteration)."""
+    points = _as_points(points, "points")
     verts = _as_points(mesh_vertices, "mesh_vertices")
     triangles = _as_triangles(mesh_triangles, len(verts), "mesh_triangles")
     transform, errors = Similarity(), []
