@@ -21,7 +21,8 @@ fitted frame's expression, camera, head-pose angles, light and landmarks in fram
 shared shape and texture once), sequence.png (pose and expression over the frames) and
 overlay.mp4 (the frames' overlays as a video). With
 --all_faces, every face of a photo is a result in its own folder face_00, face_01, ... (largest
-first), and the photo's folder gets overlay.png (every face pasted back) and faces.json. Existing
+first), and the photo's folder gets overlay.png (every face pasted back) and faces.json. The
+output folder gets flags.txt (every flag as this run had it; --flagfile reads it back). Existing
 outputs are never replaced unless --overwrite.
 """
 
@@ -566,6 +567,7 @@ def write_result(folder, pipeline, params, original, crop, transform, history, s
 
     from ganfit_jax import camera, fitting, inputs, io, landmarks, morphable
 
+    write_run_flags()
     os.makedirs(folder, exist_ok=True)
     model = pipeline.model
     verts = np.asarray(morphable.vertices(model, params.shape, params.expression))
@@ -747,6 +749,31 @@ def history_slice(history, i):
 # ------------------------------------------------------------------------------------------
 
 
+RUN_FLAGS = "flags.txt"
+_run_flags_written = []  # once per process
+
+
+def write_run_flags():
+    """OUTPUT_DIR/flags.txt: every flag of this binary as this run had it, defaults included
+    (so a later change of a default does not change the rerun), in absl's flag-file form:
+    `fit --flagfile=OUT/flags.txt --output_dir=OTHER` fits the same way again (later flags
+    override the file's). Written with the first result (by process 0 of a --distributed run),
+    so a run that fails on its input leaves nothing and an interrupted one has it."""
+    import jax
+
+    from ganfit_jax import io
+
+    if _run_flags_written or jax.process_index() != 0:
+        return
+    own = sorted(FLAGS.get_key_flags_for_module(sys.argv[0]), key=lambda f: f.name)
+    lines = [f"# python -m experiments.fit, {time.strftime('%Y-%m-%d %H:%M:%S')}"]
+    lines += [line for line in (f.serialize() for f in own) if line]  # None serialises to ''
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    io.write_never_overwrite(os.path.join(FLAGS.output_dir, RUN_FLAGS), "\n".join(lines) + "\n",
+                             overwrite=True)  # refused up front unless --overwrite or --resume
+    _run_flags_written.append(True)
+
+
 def run():
     import jax
     import numpy as np
@@ -859,6 +886,12 @@ def run():
         existing = glob.glob(os.path.join(FLAGS.output_dir, "frame_*")) if video is not None \
             else [folder for _, folder in tracked]
         check_outputs_free(existing)
+
+    run_flags = os.path.join(FLAGS.output_dir, RUN_FLAGS)
+    if jax.process_index() == 0 and os.path.exists(run_flags) and not (FLAGS.overwrite
+                                                                       or FLAGS.resume):
+        raise InputError(f"{run_flags} already exists (an earlier run's); pass --overwrite to "
+                         "replace it or choose another --output_dir")
 
     model = load_model(FLAGS.model or default_model_path())
     if FLAGS.photo_texture and not np.any(np.asarray(model.uv)):

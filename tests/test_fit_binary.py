@@ -37,6 +37,13 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
                  "metrics.json", "mesh.glb", "depth.npy", "depth.png", "normals.png",
                  "photo_texture.png"):
         assert (out / name).stat().st_size > 0, name
+    # flags.txt: every flag of the binary as this run had it, in absl's --flagfile form
+    given = (out / "flags.txt").read_text().splitlines()
+    assert given[0].startswith("# python -m experiments.fit")
+    for line in (f"--image={ffhq_photo}", "--iterations=2", "--image_size=64", "--glb",
+                 "--identity=tiny", "--nooverwrite", "--lambda_id=2.0"):
+        assert line in given, (line, given)
+    assert all(l.startswith("--") for l in given[1:]) and len(given) > 40
     from ganfit_jax import landmarks
 
     # the landmarks the fit followed (here the .npy beside the photo), as --landmarks reads them
