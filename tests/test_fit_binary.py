@@ -343,7 +343,8 @@ def test_folder_of_photos_in_batches_skips_bad_ones(faces_dir, sfm_dir, tmp_path
 def test_compilation_cache_is_filled_and_reused(ffhq_photo, sfm_dir, tmp_path, run_fit):
     """--compilation_cache (default $XDG_CACHE_HOME/ganfit_jax/xla): the first fit writes its
     compiled programs there, a second fit of the same shapes loads every one of them (JAX logs
-    each hit) and gives the same result.
+    each hit) and gives the same result; the second run reads its flags from the first one's
+    flags.txt (`--flagfile`), so that file reproduces the fit.
 
     Which programs get written depends on their compile time (>= 1 s), so a program near that
     line may be written by one run and not the other: the test asks that the first run's
@@ -357,8 +358,10 @@ def test_compilation_cache_is_filled_and_reused(ffhq_photo, sfm_dir, tmp_path, r
     cache = tmp_path / "xdg" / "ganfit_jax" / "xla"
     entries = sorted(p.name for p in cache.iterdir())
     assert any(name.startswith("jit_step") for name in entries), entries
-    code, _, stderr = run_fit(f"--output_dir={tmp_path / 'b'}", f"--compilation_cache={cache}",
-                              *args, cache_home=tmp_path / "unused",
+    # the second run takes the first one's flags.txt (every flag as it ran), then its own
+    code, _, stderr = run_fit(f"--flagfile={tmp_path / 'a' / 'flags.txt'}",
+                              f"--output_dir={tmp_path / 'b'}", f"--compilation_cache={cache}",
+                              cache_home=tmp_path / "unused",
                               env={"JAX_DEBUG_LOG_MODULES": "jax._src.compiler"})
     assert code == 0, stderr[-2000:]
     for name in entries:
