@@ -19,6 +19,9 @@ prediction is counted as missing. Writes PREDICTIONS/now_errors.json (per photo 
 challenge) and now_errors.png (NoW's cumulative error curve per challenge) and prints the table,
 with progress and an ETA as it goes.
 
+`--metrical` runs NoW's metrical protocol (Zielonka et al., MICA, ECCV 2022), which judges the
+reconstruction's size too: predictions taken in `--predicted_mesh_unit`, both alignments rigid.
+
 The optimiser differs from NoW's (point-to-plane ICP with scale, not chumpy's dogleg on the exact
 scan-to-mesh distance), so numbers can differ from the official script's in the second digit.
 """
@@ -46,6 +49,11 @@ flags.DEFINE_enum("challenge", "", ["", "multiview_neutral", "multiview_expressi
                   "Score one challenge only (default: all).")
 flags.DEFINE_bool("refine", True, "Refine the landmark alignment by the scan-to-mesh fit, as NoW "
                   "does (--norefine: landmarks only).")
+flags.DEFINE_bool("metrical", False, "NoW's metrical protocol (MICA, ECCV 2022): the size is "
+                  "judged too, the alignments rigid without scale; predictions in "
+                  "--predicted_mesh_unit.")
+flags.DEFINE_enum("predicted_mesh_unit", "mm", ["mm", "cm", "m"], "--metrical: the predictions' "
+                  "unit (export_now writes millimetres).")
 flags.DEFINE_string("output", None, "Where the JSON goes (default PREDICTIONS/now_errors.json).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing output.")
 flags.mark_flags_as_required(["dataset", "predictions"])
@@ -101,7 +109,10 @@ def summary(errors):
                 points=int(d.size), cumulative=[float(f) for f in within])
 
 
-def evaluate(dataset, predictions, names, refine=True, log=print):
+UNIT_MM = {"mm": 1.0, "cm": 10.0, "m": 1000.0}
+
+
+def evaluate(dataset, predictions, names, refine=True, log=print, metrical=False, unit="mm"):
     """{'photos': [...], 'challenges': {name: summary}, 'all': summary} (see the docstring)."""
     import numpy as np
 
@@ -121,7 +132,8 @@ def evaluate(dataset, predictions, names, refine=True, log=print):
             landmarks = np.load(stem + ".npy")
             try:
                 d, _ = evaluation.now_scan_errors(scan, scan_landmarks, vertices, triangles,
-                                                  landmarks, refine=refine)
+                                                  landmarks, refine=refine, metrical=metrical,
+                                                  mesh_unit_mm=UNIT_MM[unit])
             except ValueError as e:
                 raise ValueError(f"{stem}.obj: {e}") from None
             errors.setdefault(challenge, []).append(d)
@@ -168,7 +180,8 @@ def main(argv):
     for path in (output, plot):
         io.refuse_overwrite(path, FLAGS.overwrite)
     result = evaluate(FLAGS.dataset, FLAGS.predictions, photo_names(image_list, FLAGS.challenge),
-                      FLAGS.refine, log=lambda line: print(line, flush=True))
+                      FLAGS.refine, log=lambda line: print(line, flush=True),
+                      metrical=FLAGS.metrical, unit=FLAGS.predicted_mesh_unit)
     print(table(result), flush=True)
     io.write_never_overwrite(output, json.dumps(result, indent=1), FLAGS.overwrite)
     curves = {name: [100 * f for f in s["cumulative"]]

@@ -614,8 +614,10 @@ def now_face_region(scan_landmarks):
     return centre, float(radius)
 
 
-def surface_icp(points, mesh_vertices, mesh_triangles, max_iterations=30, tolerance=1e-4):
-    """The similarity (scale, rotation, translation) that moves a mesh onto `points` (M,3),
+def surface_icp(points, mesh_vertices, mesh_triangles, max_iterations=30, tolerance=1e-4,
+                with_scale=True):
+    """The similarity (scale, rotation, translation; rigid without `with_scale`) that moves a
+    mesh onto `points` (M,3),
     minimising the points' distances to its surface: each iteration pairs every point with the
     exact closest point of the moved mesh's triangles (`closest_points_on_mesh`) and takes the
     point-to-plane step against that triangle's plane (Chen & Medioni 1992, linearised in a
@@ -640,9 +642,10 @@ def surface_icp(points, mesh_vertices, mesh_triangles, max_iterations=30, tolera
         centre = closest.mean(axis=0)
         q = closest - centre
         # the moved closest point s R q + centre + t ≈ q + w × q + ds q + centre + t
-        system = np.concatenate([np.cross(q, n), n, np.sum(q * n, axis=1, keepdims=True)], 1)
-        x, *_ = np.linalg.lstsq(system, -residual, rcond=None)
-        scale, rotation = 1.0 + x[6], _rotation_from_vector(x[:3])
+        columns = [np.cross(q, n), n] + ([np.sum(q * n, axis=1, keepdims=True)]
+                                         if with_scale else [])
+        x, *_ = np.linalg.lstsq(np.concatenate(columns, 1), -residual, rcond=None)
+        scale, rotation = (1.0 + x[6] if with_scale else 1.0), _rotation_from_vector(x[:3])
         transform = transform.then(
             Similarity(scale, rotation, centre + x[3:6] - scale * rotation @ centre))
     return transform, np.asarray(errors)
@@ -652,7 +655,7 @@ NOW_FIT_POINTS = 20000  # scan points the refinement fits (a fixed subset); all 
 
 
 def now_scan_errors(scan_vertices, scan_landmarks, mesh_vertices, mesh_triangles, mesh_landmarks,
-                    refine=True, max_iterations=30):
+                    refine=True, max_iterations=30, metrical=False, mesh_unit_mm=1.0):
     """NoW's scan-to-mesh errors of one reconstruction: (distances (M,) mm of the scan's
     vertices inside `now_face_region` to the closest point of the reconstruction's surface, the
     reconstruction's vertices as aligned to the scan (N,3)).
@@ -662,7 +665,9 @@ def now_scan_errors(scan_vertices, scan_landmarks, mesh_vertices, mesh_triangles
     fits its surface to the cropped scan (NoW minimises the scan-to-mesh distance over scale,
     rotation and translation; here `surface_icp` on at most NOW_FIT_POINTS of the scan's
     points, a fixed subset). Units are the scan's: a reconstruction in any unit is scaled to
-    it by the alignment."""
+    it by the alignment. `metrical`: NoW's metrical protocol (Zielonka et al., MICA, ECCV
+    2022), which judges the size too: the reconstruction is taken in millimetres (its unit ×
+    `mesh_unit_mm`) and both alignments are rigid, without scale."""
     scan = _as_points(scan_vertices, "scan_vertices")
     verts = _as_points(mesh_vertices, "mesh_vertices")
     triangles = _as_triangles(mesh_triangles, len(verts), "mesh_triangles")
@@ -674,13 +679,16 @@ def now_scan_errors(scan_vertices, scan_landmarks, mesh_vertices, mesh_triangles
     if len(points) < 10:
         raise ValueError(f"only {len(points)} scan vertices lie within {radius:.1f} of the face "
                          "centre the landmarks give: landmarks of another scan?")
-    aligned = umeyama(mesh_landmarks, scan_landmarks, with_scale=True)(verts)
+    unit = mesh_unit_mm if metrical else 1.0
+    aligned = umeyama(np.asarray(mesh_landmarks, np.float64) * unit, scan_landmarks,
+                      with_scale=not metrical)(verts * unit)
     if refine:
         subset = points
         if len(points) > NOW_FIT_POINTS:
             subset = points[np.random.default_rng(0).choice(len(points), NOW_FIT_POINTS,
                                                             replace=False)]
-        transform, _ = surface_icp(subset, aligned, triangles, max_iterations)
+        transform, _ = surface_icp(subset, aligned, triangles, max_iterations,
+                                   with_scale=not metrical)
         aligned = transform(aligned)
     return scan_to_mesh_distances(points, aligned, triangles), aligned
 

@@ -102,6 +102,29 @@ def test_now_errors_vanish_for_the_scans_own_surface_and_count_the_crop(now_data
     assert curve[below] <= 0.5 <= curve[above], (median, curve[below], curve[above])
 
 
+def test_the_metrical_protocol_judges_size_and_takes_the_unit(now_data):
+    """IMG_1 is the scan's face in metres: exact once taken in metres, 1000× too small in mm.
+    A face 10% too large is exact up to scale, and millimetres off in the metrical protocol."""
+    from experiments import evaluate_now
+
+    root, scan_v, landmarks7 = now_data
+    names = [(SUBJECT, "multiview_neutral", "IMG_1")]
+    metres = evaluate_now.evaluate(root / "NOW", root / "pred", names, log=None, metrical=True,
+                                   unit="m")
+    assert metres["photos"][0]["mean"] < 1e-4, metres["photos"][0]
+    wrong = evaluate_now.evaluate(root / "NOW", root / "pred", names, log=None, metrical=True,
+                                  unit="mm")
+    assert wrong["photos"][0]["median"] > 20
+    verts, tris = evaluation.load_mesh(root / "pred" / SUBJECT / "multiview_neutral" /
+                                       "IMG_1.obj")
+    large, large_marks = 1100 * verts, 1100 * np.load(root / "pred" / SUBJECT /
+                                                      "multiview_neutral" / "IMG_1.npy")
+    for metrical, low, high in ((False, 0, 1e-4), (True, 0.5, 20.0)):  # metrical: 1.24
+        d, _ = evaluation.now_scan_errors(scan_v, landmarks7, large, tris, large_marks,
+                                          metrical=metrical)
+        assert low <= np.median(d) <= high, (metrical, np.median(d))
+
+
 def test_the_binary_writes_the_table_and_refuses_to_overwrite(now_data):
     root, _, _ = now_data
 
