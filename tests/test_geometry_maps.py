@@ -47,6 +47,8 @@ def test_depth_and_normals_of_a_sphere_match_its_ray_intersections():
     assert cosine.min() > np.cos(np.deg2rad(2.0)), np.degrees(np.arccos(cosine.min()))
     np.testing.assert_allclose(np.linalg.norm(normals[mask], axis=-1), 1.0, atol=1e-5)
     assert (normals[inner][:, 2] < 0).all()  # facing the camera
+    with pytest.raises(ValueError, match=r"vertices: expected \(N,3\)"):
+        render.geometry_maps(verts[:, :2], faces, cam, (48, 64))
 
 
 def test_map_to_original_samples_a_linear_map_exactly_and_keeps_its_outline():

@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ganfit_jax import camera as camera_lib
 from ganfit_jax.morphable import vertex_normals
@@ -446,7 +447,6 @@ def render(vertices, triangles, uv, colours_or_texture, camera, light, image_siz
     return image, aux
 
 
-@functools.partial(jax.jit, static_argnames=("image_size", "near"))
 def geometry_maps(vertices, triangles, camera, image_size, near=rasterize_lib.DEFAULT_NEAR):
     """The visible surface's depth and normal at every pixel centre (a G-buffer; no shading).
 
@@ -460,6 +460,15 @@ def geometry_maps(vertices, triangles, camera, image_size, near=rasterize_lib.DE
     Returns:
       depth (H,W) float32, normals (H,W,3) float32, mask (H,W) bool.
     """
+    if np.ndim(vertices) != 2 or np.shape(vertices)[1] != 3:
+        raise ValueError(f"vertices: expected (N,3), got {np.shape(vertices)}")
+    if np.ndim(triangles) != 2 or np.shape(triangles)[1] != 3:
+        raise ValueError(f"triangles: expected (F,3), got {np.shape(triangles)}")
+    return _geometry_maps(vertices, triangles, camera, camera_lib.image_hw(image_size), near)
+
+
+@functools.partial(jax.jit, static_argnames=("image_size", "near"))
+def _geometry_maps(vertices, triangles, camera, image_size, near):
     vertices = jnp.asarray(vertices, jnp.float32)
     triangles = jnp.asarray(triangles, jnp.int32)
     pixels, depth = camera_lib.project(camera, vertices, image_size)
