@@ -32,6 +32,9 @@ flags.DEFINE_string("output_dir", None, "folder for the PNGs (created if absent)
 flags.DEFINE_list("views", ["0"], "yaw angles in degrees (positive: camera towards the subject's left)")
 flags.DEFINE_integer("turntable", 0, "if > 0, also render this many views evenly over 360°",
                      lower_bound=0)
+flags.DEFINE_bool("turntable_video", False, "also write turntable.mp4: the --turntable views "
+                  "in order as one H.264 video at --fps")
+flags.DEFINE_float("fps", 25.0, "--turntable_video's frame rate", lower_bound=0.1)
 flags.DEFINE_integer("image_size", 256, "square image size in pixels", lower_bound=8)
 flags.DEFINE_float("distance", 800.0, "camera distance (mm) from the face centre")
 flags.DEFINE_list("light", None, "9 values: x,y,z (world mm), light rgb, ambient rgb")
@@ -187,7 +190,7 @@ def main(argv):
     del argv
     from PIL import Image
 
-    from ganfit_jax import morphable
+    from ganfit_jax import io, morphable
 
     if not FLAGS.model:
         raise app.UsageError("--model is required (a file loadable by ganfit_jax.morphable.load)")
@@ -217,8 +220,10 @@ def main(argv):
     except ValueError:
         raise ValueError(f"--views: expected comma-separated yaw angles in degrees, got "
                          f"{FLAGS.views}") from None
-    if FLAGS.turntable > 0:
-        yaws += [360.0 * k / FLAGS.turntable for k in range(FLAGS.turntable)]
+    if FLAGS.turntable_video and FLAGS.turntable < 2:
+        raise ValueError("--turntable_video needs --turntable=N (N ≥ 2 views over 360°)")
+    turntable = [360.0 * k / FLAGS.turntable for k in range(FLAGS.turntable)]
+    yaws += turntable
     yaws = list(dict.fromkeys(yaws))  # a view asked twice is rendered once
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     suffixes = [".png"] + (["_depth.npy"] if FLAGS.save_depth else []) + (
@@ -226,10 +231,13 @@ def main(argv):
         ["_normals.npy"] if FLAGS.save_normals else [])
     existing = [p for yaw in yaws for p in (_stem(FLAGS.output_dir, yaw) + s for s in suffixes)
                 if os.path.exists(p)]
+    video = os.path.join(FLAGS.output_dir, "turntable.mp4")
+    if FLAGS.turntable_video and os.path.exists(video):
+        existing.append(video)
     if existing and not FLAGS.overwrite:  # refuse before rendering anything
         raise FileExistsError(f"{existing[0]} exists ({len(existing)} outputs in all); pass "
                               "--overwrite to replace them")
-    names = []
+    names, frames = [], {}
     for yaw, image, aux in render_views(model, params, yaws, FLAGS.image_size, FLAGS.distance,
                                         light, FLAGS.background, FLAGS.texture_sampling,
                                         FLAGS.save_normals):
@@ -243,7 +251,13 @@ def main(argv):
         if FLAGS.save_normals:
             _write(stem + "_normals.npy", lambda p: np.save(p, aux["normals"]), FLAGS.overwrite)
         names.append(stem + ".png")
+        if FLAGS.turntable_video and yaw in turntable:
+            frames[yaw] = png
         logging.info("wrote %s (%.1f%% foreground)", stem + ".png", 100 * aux["mask"].mean())
+    if FLAGS.turntable_video:
+        io.write_video(video, (frames[yaw] for yaw in turntable), FLAGS.fps,
+                       overwrite=FLAGS.overwrite)
+        names.append(video)
     print("\n".join(names))
 
 

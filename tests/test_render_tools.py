@@ -83,6 +83,21 @@ def test_render_experiment_writes_views_and_refuses_to_overwrite(sfm_dir, tmp_pa
     result = _run(args)
     assert result.returncode != 0 and "--overwrite" in result.stderr
     assert os.path.getmtime(out / "yaw+0000.0.png") == before
+    # --turntable_video: the turntable's views in order as one video
+    video_args = ["--model", model, "--params", str(params), "--output_dir", str(tmp_path / "v"),
+                  "--turntable", "4", "--image_size", "48", "--turntable_video", "--fps=10"]
+    result = _run(video_args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from ganfit_jax import inputs
+
+    frames = [f for _, f in inputs.read_video_frames(tmp_path / "v" / "turntable.mp4")]
+    assert len(frames) == 4 and frames[0].shape == (48, 48, 3)
+    for k, yaw in enumerate(("+0000.0", "+0090.0", "+0180.0", "+0270.0")):
+        view = np.asarray(Image.open(tmp_path / "v" / f"yaw{yaw}.png"), np.float64) / 255
+        others = [np.abs(frames[j] - view).mean() for j in range(4)]
+        assert int(np.argmin(others)) == k and others[k] < 0.03, (yaw, others)
+    result = _run(["--model", model, "--output_dir", str(tmp_path / "w"), "--turntable_video"])
+    assert result.returncode == 1 and "--turntable_video needs --turntable" in result.stderr
     bad = tmp_path / "bad.npz"
     np.savez(bad, shape=np.zeros(5))
     result = _run(["--model", model, "--params", str(bad), "--output_dir", str(tmp_path / "b")])
