@@ -143,3 +143,39 @@ def input_errors_as_one_line(main):
             sys.exit(1)
 
     return wrapped
+
+
+def require_folders(*names):
+    """A ValueError naming the first of these flags whose value is not an existing folder."""
+    from absl import flags
+
+    for name in names:
+        value = getattr(flags.FLAGS, name)
+        if not os.path.isdir(value):
+            raise ValueError(f"--{name}={value}: no such folder")
+
+
+def report_paths(output, overwrite):
+    """An evaluation's (JSON, its PNG beside it), both refused before any work unless
+    `overwrite`."""
+    from ganfit_jax import io
+
+    plot = os.path.splitext(output)[0] + ".png"
+    for path in (output, plot):
+        io.refuse_overwrite(path, overwrite)
+    return output, plot
+
+
+def write_report(paths, result, curves, steps, x_label, title, overwrite):
+    """`result` as JSON and `curves` ({name: values at `steps`}) drawn as the PNG beside it
+    (none when no curve has values); says what it wrote."""
+    import json
+
+    from ganfit_jax import io
+
+    output, plot = paths
+    io.write_never_overwrite(output, json.dumps(result, indent=1), overwrite)
+    if curves:
+        io.save_image(plot, io.render_curves(curves, steps=steps, x_label=x_label, title=title),
+                      overwrite=overwrite)
+    print(f"wrote {output}" + (f" and {plot}" if curves else ""), flush=True)

@@ -22,7 +22,6 @@ photo, never .mat, so it detects with dlib here.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags
@@ -150,24 +149,15 @@ def table(result):
 
 def main(argv):
     del argv
-    from ganfit_jax import io
-
-    for flag in ("data_dir", "fits"):
-        if not os.path.isdir(getattr(FLAGS, flag)):
-            raise ValueError(f"--{flag}={getattr(FLAGS, flag)}: no such folder")
-    output = FLAGS.output or os.path.join(FLAGS.fits, "aflw2000.json")
-    plot = os.path.splitext(output)[0] + ".png"
-    for path in (output, plot):
-        io.refuse_overwrite(path, FLAGS.overwrite)
+    common.require_folders("data_dir", "fits")
+    paths = common.report_paths(FLAGS.output or os.path.join(FLAGS.fits, "aflw2000.json"),
+                                FLAGS.overwrite)
     result = evaluate(FLAGS.data_dir, FLAGS.fits)
     print(table(result), flush=True)
-    io.write_never_overwrite(output, json.dumps(result, indent=1), FLAGS.overwrite)
     curves = {"fit": [100 * f for f in result["ced"]["fit_nme"]],
               "landmarks followed": [100 * f for f in result["ced"]["input_nme"]]}
-    io.save_image(plot, io.render_curves(curves, steps=CED_PERCENT, x_label="NME (%)",
-                                         title="AFLW2000-3D: % of photos within the NME"),
-                  overwrite=FLAGS.overwrite)
-    print(f"wrote {output} and {plot}", flush=True)
+    common.write_report(paths, result, curves, CED_PERCENT, "NME (%)",
+                        "AFLW2000-3D: % of photos within the NME", FLAGS.overwrite)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ scan-to-mesh distance), so numbers can differ from the official script's in the 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import time
 
@@ -167,31 +166,21 @@ def table(result):
 
 def main(argv):
     del argv
-    from ganfit_jax import io
-
-    for flag in ("dataset", "predictions"):
-        if not os.path.isdir(getattr(FLAGS, flag)):
-            raise ValueError(f"--{flag}={getattr(FLAGS, flag)}: no such folder")
+    common.require_folders("dataset", "predictions")
     image_list = FLAGS.image_list or os.path.join(FLAGS.dataset, "imagepathsvalidation.txt")
     if not os.path.exists(image_list):
         raise ValueError(f"{image_list}: no such image list (pass --image_list)")
-    output = FLAGS.output or os.path.join(FLAGS.predictions, "now_errors.json")
-    plot = os.path.splitext(output)[0] + ".png"
-    for path in (output, plot):
-        io.refuse_overwrite(path, FLAGS.overwrite)
+    paths = common.report_paths(
+        FLAGS.output or os.path.join(FLAGS.predictions, "now_errors.json"), FLAGS.overwrite)
     result = evaluate(FLAGS.dataset, FLAGS.predictions, photo_names(image_list, FLAGS.challenge),
                       FLAGS.refine, log=lambda line: print(line, flush=True),
                       metrical=FLAGS.metrical, unit=FLAGS.predicted_mesh_unit)
     print(table(result), flush=True)
-    io.write_never_overwrite(output, json.dumps(result, indent=1), FLAGS.overwrite)
     curves = {name: [100 * f for f in s["cumulative"]]
               for name, s in list(result["challenges"].items()) + [("all", result["all"])]
               if s["cumulative"] is not None}
-    if curves:
-        io.save_image(plot, io.render_curves(curves, steps=CUMULATIVE_MM, x_label="error (mm)",
-                                             title="NoW: % of scan points within the error"),
-                      overwrite=FLAGS.overwrite)
-    print(f"wrote {output}" + (f" and {plot}" if curves else ""), flush=True)
+    common.write_report(paths, result, curves, CUMULATIVE_MM, "error (mm)",
+                        "NoW: % of scan points within the error", FLAGS.overwrite)
 
 
 if __name__ == "__main__":
