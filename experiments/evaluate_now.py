@@ -53,6 +53,10 @@ flags.DEFINE_bool("metrical", False, "NoW's metrical protocol (MICA, ECCV 2022):
                   "--predicted_mesh_unit.")
 flags.DEFINE_enum("predicted_mesh_unit", "mm", ["mm", "cm", "m"], "--metrical: the predictions' "
                   "unit (export_now writes millimetres).")
+flags.DEFINE_string("alignment_dir", None, "Also write, per scored photo, SUBJECT/CHALLENGE/"
+                    "NAME.obj (the prediction as aligned to its scan, the scan's frame) and "
+                    "NAME_errors.ply (the cropped scan's points coloured by their error, 0 to "
+                    "ERROR_COLOUR_MM): to look at an alignment or where a face is off.")
 flags.DEFINE_string("output", None, "Where the JSON goes (default PREDICTIONS/now_errors.json).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing output.")
 flags.mark_flags_as_required(["dataset", "predictions"])
@@ -111,8 +115,26 @@ def summary(errors):
 UNIT_MM = {"mm": 1.0, "cm": 10.0, "m": 1000.0}
 
 
-def evaluate(dataset, predictions, names, refine=True, log=print, metrical=False, unit="mm"):
-    """{'photos': [...], 'challenges': {name: summary}, 'all': summary} (see the docstring)."""
+ERROR_COLOUR_MM = 5.0  # --alignment_dir's colour scale: 0 mm dark blue to this yellow
+
+
+def write_alignment(stem, aligned, triangles, points, errors):
+    """--alignment_dir: STEM.obj (the aligned prediction) and STEM_errors.ply (the scored scan
+    points coloured by error)."""
+    import trimesh
+
+    from ganfit_jax import evaluation, io
+
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    io.write_obj(stem + ".obj", aligned, triangles, overwrite=True)  # refused up front
+    colours = (255 * evaluation.colormap(errors, 0.0, ERROR_COLOUR_MM)).round().astype("uint8")
+    trimesh.PointCloud(points, colors=colours).export(stem + "_errors.ply")
+
+
+def evaluate(dataset, predictions, names, refine=True, log=print, metrical=False, unit="mm",
+             alignment_dir=None):
+    """{'photos': [...], 'challenges': {name: summary}, 'all': summary} (see the docstring);
+    with `alignment_dir`, each scored photo's alignment and errors as files there."""
     import numpy as np
 
     from ganfit_jax import evaluation
@@ -130,11 +152,14 @@ def evaluate(dataset, predictions, names, refine=True, log=print, metrical=False
             vertices, triangles = evaluation.load_mesh(stem + ".obj")
             landmarks = np.load(stem + ".npy")
             try:
-                d, _ = evaluation.now_scan_errors(scan, scan_landmarks, vertices, triangles,
-                                                  landmarks, refine=refine, metrical=metrical,
-                                                  mesh_unit_mm=UNIT_MM[unit])
+                d, aligned = evaluation.now_scan_errors(
+                    scan, scan_landmarks, vertices, triangles, landmarks, refine=refine,
+                    metrical=metrical, mesh_unit_mm=UNIT_MM[unit])
             except ValueError as e:
                 raise ValueError(f"{stem}.obj: {e}") from None
+            if alignment_dir:
+                write_alignment(os.path.join(alignment_dir, subject, challenge, name), aligned,
+                                triangles, evaluation.now_scan_crop(scan, scan_landmarks), d)
             errors.setdefault(challenge, []).append(d)
             row.update(median=float(np.median(d)), mean=float(d.mean()), points=int(d.size))
         rows.append(row)
@@ -172,9 +197,14 @@ def main(argv):
         raise ValueError(f"{image_list}: no such image list (pass --image_list)")
     paths = common.report_paths(
         FLAGS.output or os.path.join(FLAGS.predictions, "now_errors.json"), FLAGS.overwrite)
+    aligned = FLAGS.alignment_dir
+    if aligned and os.path.isdir(aligned) and os.listdir(aligned) and not FLAGS.overwrite:
+        raise ValueError(f"--alignment_dir={FLAGS.alignment_dir} is not empty; pass --overwrite "
+                         "or choose another folder")
     result = evaluate(FLAGS.dataset, FLAGS.predictions, photo_names(image_list, FLAGS.challenge),
                       FLAGS.refine, log=lambda line: print(line, flush=True),
-                      metrical=FLAGS.metrical, unit=FLAGS.predicted_mesh_unit)
+                      metrical=FLAGS.metrical, unit=FLAGS.predicted_mesh_unit,
+                      alignment_dir=FLAGS.alignment_dir)
     print(table(result), flush=True)
     curves = {name: [100 * f for f in s["cumulative"]]
               for name, s in list(result["challenges"].items()) + [("all", result["all"])]

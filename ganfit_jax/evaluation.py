@@ -614,6 +614,17 @@ def now_face_region(scan_landmarks):
     return centre, float(radius)
 
 
+def now_scan_crop(scan_vertices, scan_landmarks):
+    """The scan's vertices (M,3) inside `now_face_region`: the points NoW scores."""
+    scan = _as_points(scan_vertices, "scan_vertices")
+    centre, radius = now_face_region(scan_landmarks)
+    points = scan[np.linalg.norm(scan - centre, axis=1) <= radius]
+    if len(points) < 10:
+        raise ValueError(f"only {len(points)} scan vertices lie within {radius:.1f} of the face "
+                         "centre the landmarks give: landmarks of another scan?")
+    return points
+
+
 def surface_icp(points, mesh_vertices, mesh_triangles, max_iterations=30, tolerance=1e-4,
                 with_scale=True):
     """The similarity (scale, rotation, translation; rigid without `with_scale`) that moves a
@@ -674,11 +685,7 @@ def now_scan_errors(scan_vertices, scan_landmarks, mesh_vertices, mesh_triangles
     if np.shape(mesh_landmarks) != (7, 3):
         raise ValueError(f"mesh_landmarks: expected NoW's 7 landmarks (7,3), got "
                          f"{np.shape(mesh_landmarks)}")
-    centre, radius = now_face_region(scan_landmarks)
-    points = scan[np.linalg.norm(scan - centre, axis=1) <= radius]
-    if len(points) < 10:
-        raise ValueError(f"only {len(points)} scan vertices lie within {radius:.1f} of the face "
-                         "centre the landmarks give: landmarks of another scan?")
+    points = now_scan_crop(scan, scan_landmarks)
     unit = mesh_unit_mm if metrical else 1.0
     aligned = umeyama(np.asarray(mesh_landmarks, np.float64) * unit, scan_landmarks,
                       with_scale=not metrical)(verts * unit)

@@ -113,7 +113,7 @@ def test_the_metrical_protocol_judges_size_and_takes_the_unit(now_data):
                                    unit="m")
     assert metres["photos"][0]["mean"] < 1e-4, metres["photos"][0]
     wrong = evaluate_now.evaluate(root / "NOW", root / "pred", names, log=None, metrical=True,
-                                  unit="mm")
+                                  unit="mm", refine=False)  # a fit to a speck would be slow
     assert wrong["photos"][0]["median"] > 20
     verts, tris = evaluation.load_mesh(root / "pred" / SUBJECT / "multiview_neutral" /
                                        "IMG_1.obj")
@@ -125,7 +125,7 @@ def test_the_metrical_protocol_judges_size_and_takes_the_unit(now_data):
         assert low <= np.median(d) <= high, (metrical, np.median(d))
 
 
-def test_the_binary_writes_the_table_and_refuses_to_overwrite(now_data):
+def test_the_binary_writes_the_table_and_refuses_to_overwrite(now_data, sfm_dir):
     root, _, _ = now_data
 
     def run(*args):
@@ -135,7 +135,8 @@ def test_the_binary_writes_the_table_and_refuses_to_overwrite(now_data):
                               env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
     out = root / "errors.json"
-    proc = run(f"--predictions={root / 'pred'}", f"--output={out}", "--challenge=selfie")
+    proc = run(f"--predictions={root / 'pred'}", f"--output={out}", "--challenge=selfie",
+               f"--alignment_dir={root / 'aligned'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "selfie" in proc.stdout and "1/1 photos" in proc.stdout
     result = json.loads(out.read_text())
@@ -144,6 +145,20 @@ def test_the_binary_writes_the_table_and_refuses_to_overwrite(now_data):
     cumulative = result["challenges"]["selfie"]["cumulative"]
     assert len(cumulative) == 41 and cumulative[1] == 1.0 and cumulative == sorted(cumulative)
     assert (root / "errors.png").stat().st_size > 0
+    # --alignment_dir: the prediction where the alignment put it, on the SFM mean the scan was
+    # made from, and the scored points coloured by their (here ~0) error
+    import trimesh
+
+    from ganfit_jax import morphable
+
+    aligned, _ = evaluation.load_mesh(root / "aligned" / SUBJECT / "selfie" / "IMG_2.obj")
+    sfm = morphable.load(pathlib.Path(sfm_dir) / "sfm_shape_3448.bin")
+    np.testing.assert_allclose(aligned, np.asarray(sfm.mean), atol=1e-3)
+    cloud = trimesh.load(root / "aligned" / SUBJECT / "selfie" / "IMG_2_errors.ply")
+    assert len(cloud.vertices) == result["photos"][0]["points"]
+    dark = (255 * evaluation.colormap(np.zeros(1), 0.0, 5.0)).round()[0, :3]
+    np.testing.assert_allclose(np.asarray(cloud.colors)[:, :3], np.broadcast_to(dark, (len(
+        cloud.vertices), 3)), atol=1)
     before = out.read_bytes()
     proc = run(f"--predictions={root / 'pred'}", f"--output={out}")
     assert proc.returncode == 1 and "--overwrite" in proc.stderr and out.read_bytes() == before
