@@ -179,3 +179,12 @@ def write_report(paths, result, curves, steps, x_label, title, overwrite):
         io.save_image(plot, io.render_curves(curves, steps=steps, x_label=x_label, title=title),
                       overwrite=overwrite)
     print(f"wrote {output}" + (f" and {plot}" if curves else ""), flush=True)
+
+
+def fraction_within(values, thresholds):
+    """For each threshold, the fraction of `values` at most that (a cumulative error curve;
+    inf counts as never within)."""
+    import numpy as np
+
+    values = np.sort(np.asarray(values, np.float64).ravel())
+    return [float(f) for f in np.searchsorted(values, thresholds, side="right") / values.size]

@@ -129,7 +129,7 @@ def ced(rows):
     for key in ("fit_nme", "input_nme"):
         values = np.array([r.get(key, np.inf) for r in rows], np.float64)
         values[np.isnan(values)] = np.inf
-        out[key] = [float(np.mean(values <= t)) for t in CED_PERCENT]
+        out[key] = common.fraction_within(values, CED_PERCENT)
     return out
 
 

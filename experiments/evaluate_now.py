@@ -106,10 +106,9 @@ def summary(errors):
 
     if not errors:
         return dict(median=None, mean=None, std=None, points=0, cumulative=None)
-    d = np.sort(np.concatenate(errors))
-    within = np.searchsorted(d, CUMULATIVE_MM, side="right") / d.size
+    d = np.concatenate(errors)
     return dict(median=float(np.median(d)), mean=float(d.mean()), std=float(d.std()),
-                points=int(d.size), cumulative=[float(f) for f in within])
+                points=int(d.size), cumulative=common.fraction_within(d, CUMULATIVE_MM))
 
 
 UNIT_MM = {"mm": 1.0, "cm": 10.0, "m": 1000.0}
@@ -139,16 +138,16 @@ def evaluate(dataset, predictions, names, refine=True, log=print, metrical=False
 
     from ganfit_jax import evaluation
 
-    scans, rows, errors, t0 = {}, [], {}, time.time()
+    scan_of, rows, errors, t0 = None, [], {}, time.time()  # the list runs subject by subject
     for k, (subject, challenge, name) in enumerate(names):
         row = dict(subject=subject, challenge=challenge, name=name)
         stem = os.path.join(predictions, subject, challenge, name)
         if not (os.path.exists(stem + ".obj") and os.path.exists(stem + ".npy")):
             row["missing"] = True
         else:
-            if subject not in scans:
-                scans = {subject: subject_scan(dataset, subject)}  # the list runs by subject
-            scan, scan_landmarks = scans[subject]
+            if scan_of is None or scan_of[0] != subject:
+                scan_of = (subject, *subject_scan(dataset, subject))
+            _, scan, scan_landmarks = scan_of
             vertices, triangles = evaluation.load_mesh(stem + ".obj")
             landmarks = np.load(stem + ".npy")
             try:

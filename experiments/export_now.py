@@ -44,7 +44,6 @@ flags.DEFINE_bool("neutral", True, "The fitted shape at a neutral expression (No
 flags.DEFINE_bool("overwrite", False, "Replace existing files.")
 flags.mark_flags_as_required(["fits", "output_dir"])
 
-NOW_LANDMARKS = evaluation.NOW_LANDMARKS_IBUG
 
 
 def now_name(source):
@@ -82,7 +81,7 @@ def now_prediction(model, params, neutral=True):
 
     expression = np.zeros(model.num_expression) if neutral else params["expression"]
     verts = np.asarray(morphable.vertices(model, params["shape"], expression), np.float64)
-    points = np.asarray(morphable.landmarks3d(model, verts))[list(NOW_LANDMARKS)]
+    points = np.asarray(morphable.landmarks3d(model, verts))[list(evaluation.NOW_LANDMARKS_IBUG)]
     return verts, points
 
 
@@ -93,7 +92,7 @@ def check_model(model, model_path, params, path):
         raise ValueError(f"{path}: fitted with {shape.shape[0]} shape coefficients on "
                          f"{verts.shape[0]} vertices, but --model={model_path} has "
                          f"{model.num_shape} on {model.num_vertices}; pass the fit's --model")
-    missing = [i + 1 for i in NOW_LANDMARKS if model.landmark_indices[i] < 0]
+    missing = [i + 1 for i in evaluation.NOW_LANDMARKS_IBUG if model.landmark_indices[i] < 0]
     if missing:
         raise ValueError(f"--model={model_path} defines no vertex for iBUG-68 point(s) "
                          f"{missing} (1-based), which NoW aligns by")

@@ -491,18 +491,18 @@ def fit_metrics(pipeline, params, landmarks_crop, transform, history):
     return out
 
 
-MAX_DEPTH_RESOLUTION = 2048
+MAX_FACE_RESOLUTION = 2048
 PHOTO_TEXTURE_SIZE = 512  # --photo_texture's UV map, or mesh.png's size when that is larger
 
 
-def depth_resolution(transform):
-    """The square the geometry is rendered at for --depth: the crop's side in the photo's pixels
+def face_resolution(transform):
+    """The square --depth and --photo_texture render at: the crop's side in the photo's pixels
     (a multiple of 64, so that photos of similar face sizes share a compiled program), at least
-    the working size and at most MAX_DEPTH_RESOLUTION."""
+    the working size and at most MAX_FACE_RESOLUTION."""
     import numpy as np
 
     side = transform.size / transform.scale
-    return int(min(MAX_DEPTH_RESOLUTION, max(transform.size, 64 * np.ceil(side / 64))))
+    return int(min(MAX_FACE_RESOLUTION, max(transform.size, 64 * np.ceil(side / 64))))
 
 
 def camera_at_face_resolution(transform, camera):
@@ -510,7 +510,7 @@ def camera_at_face_resolution(transform, camera):
     pixels) scales, the principal point stays at the square's centre."""
     import numpy as np
 
-    resolution = depth_resolution(transform)
+    resolution = face_resolution(transform)
     camera = np.asarray(camera, np.float32).copy()
     camera[6] *= resolution / transform.size
     return resolution, camera
@@ -656,6 +656,11 @@ def summary_name(index, count):
     return "summary.csv" if count == 1 else f"summary_process{index}_of_{count}.csv"
 
 
+def sheet_name(summary):
+    """summary.png beside summary.csv (or summary_processI_of_N.png)."""
+    return os.path.splitext(summary)[0] + ".png"
+
+
 POSE_COLUMNS = ("camera_yaw_deg", "camera_pitch_deg", "camera_roll_deg")
 SUMMARY_COLUMNS = ("photo", "folder", "landmark_error_px", "landmark_error_iod_percent",
                    "identity_cosine_start", "identity_cosine_end") + POSE_COLUMNS
@@ -696,7 +701,7 @@ def write_summary(share, name):
     path = os.path.join(FLAGS.output_dir, name)
     io.write_never_overwrite(path, table.getvalue(), FLAGS.overwrite or FLAGS.resume)
     if rows:
-        write_contact_sheet(rows, os.path.splitext(path)[0] + ".png")
+        write_contact_sheet(rows, sheet_name(path))
     text = f"wrote {path}: {len(rows)} of {len(share)} photo(s) fitted"
     if FLAGS.all_faces:
         text = (f"wrote {path}: {len(rows)} face(s) of "
@@ -862,7 +867,7 @@ def run():
             print(f"process {index} of {count}: {len(paths)} photo(s)", flush=True)
         if not FLAGS.resume:
             name = summary_name(index, count)
-            check_outputs_free([FLAGS.output_dir], (name, os.path.splitext(name)[0] + ".png"))
+            check_outputs_free([FLAGS.output_dir], (name, sheet_name(name)))
         if FLAGS.resume:  # after the split: each host looks at its own photos' folders
             done = [finished(f) for f in folders]
             print(f"--resume: {sum(done)} of {len(paths)} photo(s) already fitted, "
@@ -887,11 +892,8 @@ def run():
             else [folder for _, folder in tracked]
         check_outputs_free(existing)
 
-    run_flags = os.path.join(FLAGS.output_dir, RUN_FLAGS)
-    if jax.process_index() == 0 and os.path.exists(run_flags) and not (FLAGS.overwrite
-                                                                       or FLAGS.resume):
-        raise InputError(f"{run_flags} already exists (an earlier run's); pass --overwrite to "
-                         "replace it or choose another --output_dir")
+    if jax.process_index() == 0 and not FLAGS.resume:  # process 0 alone writes it
+        check_outputs_free([FLAGS.output_dir], (RUN_FLAGS,))
 
     model = load_model(FLAGS.model or default_model_path())
     if FLAGS.photo_texture and not np.any(np.asarray(model.uv)):
