@@ -93,10 +93,9 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
     assert set(np.unique(np.rint(unwrapped[..., 3] * 255))) <= {0, 128, 255}
     seen = unwrapped[..., 3] == 1
     assert seen.mean() > 0.2
-    ids, bary = (np.asarray(a) for a in unwrap.uv_texel_surface(
-        morphable.load(sfm_dir / "sfm_shape_3448.bin"), 512))
-    corners = params["vertices"][np.asarray(
-        morphable.load(sfm_dir / "sfm_shape_3448.bin").triangles)[ids[seen]]]
+    sfm = morphable.load(sfm_dir / "sfm_shape_3448.bin")
+    ids, bary = (np.asarray(a) for a in unwrap.uv_texel_surface(sfm, 512))
+    corners = params["vertices"][np.asarray(sfm.triangles)[ids[seen]]]
     points = np.einsum("tk,tkd->td", bary[seen], corners)
     uvw = (points @ params["rotation"].T + params["translation"]) @ params["camera_matrix"].T
     photo = np.asarray(Image.open(ffhq_photo).convert("RGB"), np.float64) / 255
@@ -288,18 +287,18 @@ def test_folder_of_photos_in_batches_skips_bad_ones(faces_dir, sfm_dir, tmp_path
     summary = read_summary(out / "summary.csv")
     assert [os.path.basename(r["photo"]) for r in summary] == ["00003.png", "00004.png",
                                                               "00005.png"]
+    from ganfit_jax import camera, landmarks, morphable
+
+    model = morphable.load(sfm_dir / "sfm_shape_3448.bin")
+    mean_landmarks = morphable.landmarks3d(model, model.mean)
     for row in summary:
         metrics = json.loads((pathlib.Path(row["folder"]) / "metrics.json").read_text())
         assert float(row["landmark_error_px"]) == pytest.approx(metrics["landmark_error_px"])
         assert float(row["landmark_error_iod_percent"]) == pytest.approx(
             100 * metrics["landmark_error_iod"])
         # where the fitted camera sits, as the closed-form camera on the photo's landmarks puts it
-        from ganfit_jax import camera, landmarks, morphable
-
-        model = morphable.load(sfm_dir / "sfm_shape_3448.bin")
-        yaw, pitch = camera.head_pose_from_landmarks(
-            morphable.landmarks3d(model, model.mean),
-            landmarks.load_landmarks(pathlib.Path(row["photo"]).with_suffix(".npy")))
+        given = landmarks.load_landmarks(pathlib.Path(row["photo"]).with_suffix(".npy"))
+        yaw, pitch = camera.head_pose_from_landmarks(mean_landmarks, given)
         assert float(row["camera_yaw_deg"]) == pytest.approx(metrics["camera_yaw_deg"])
         assert abs(metrics["camera_yaw_deg"] - yaw) < 10 and abs(
             metrics["camera_pitch_deg"] - pitch) < 10, (metrics, yaw, pitch)
