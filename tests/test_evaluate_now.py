@@ -67,11 +67,11 @@ def now_data(sfm_dir, tmp_path_factory):
 
 
 def test_now_errors_vanish_for_the_scans_own_surface_and_count_the_crop(now_data):
-    from experiments import evaluate_now
+    from experiments import now_protocol  # no absl flags: safe to import in the test process
 
     root, scan_v, landmarks7 = now_data
-    names = evaluate_now.photo_names(root / "NOW" / "imagepathsvalidation.txt")
-    result = evaluate_now.evaluate(root / "NOW", root / "pred", names, log=None)
+    names = now_protocol.photo_names(root / "NOW" / "imagepathsvalidation.txt")
+    result = now_protocol.evaluate(root / "NOW", root / "pred", names, log=None)
     rows = {r["name"]: r for r in result["photos"]}
     # NoW's sphere, from its definition: 30% from the nose base to between the inner eye corners,
     # radius 1.4 × the mean of the outer eye corners' distance and that nose length
@@ -86,7 +86,7 @@ def test_now_errors_vanish_for_the_scans_own_surface_and_count_the_crop(now_data
     assert rows["IMG_1"]["mean"] < 1e-4, rows["IMG_1"]
     # landmarks off by up to 4 mm: the scan-to-mesh fit brings the surface back
     assert rows["IMG_2"]["median"] < 1e-3, rows["IMG_2"]
-    rough = evaluate_now.evaluate(root / "NOW", root / "pred", names, refine=False, log=None)
+    rough = now_protocol.evaluate(root / "NOW", root / "pred", names, refine=False, log=None)
     assert {r["name"]: r for r in rough["photos"]}["IMG_2"]["median"] > 0.3
     assert rows["IMG_3"] == dict(subject=SUBJECT, challenge="multiview_expressions",
                                  name="IMG_3", missing=True)
@@ -105,14 +105,14 @@ def test_now_errors_vanish_for_the_scans_own_surface_and_count_the_crop(now_data
 def test_the_metrical_protocol_judges_size_and_takes_the_unit(now_data):
     """IMG_1 is the scan's face in metres: exact once taken in metres, 1000× too small in mm.
     A face 10% too large is exact up to scale, and millimetres off in the metrical protocol."""
-    from experiments import evaluate_now
+    from experiments import now_protocol  # no absl flags: safe to import in the test process
 
     root, scan_v, landmarks7 = now_data
     names = [(SUBJECT, "multiview_neutral", "IMG_1")]
-    metres = evaluate_now.evaluate(root / "NOW", root / "pred", names, log=None, metrical=True,
+    metres = now_protocol.evaluate(root / "NOW", root / "pred", names, log=None, metrical=True,
                                    unit="m")
     assert metres["photos"][0]["mean"] < 1e-4, metres["photos"][0]
-    wrong = evaluate_now.evaluate(root / "NOW", root / "pred", names, log=None, metrical=True,
+    wrong = now_protocol.evaluate(root / "NOW", root / "pred", names, log=None, metrical=True,
                                   unit="mm", refine=False)  # a fit to a speck would be slow
     assert wrong["photos"][0]["median"] > 20
     verts, tris = evaluation.load_mesh(root / "pred" / SUBJECT / "multiview_neutral" /
