@@ -12,7 +12,8 @@ working size to --image_size, so the 0° view frames the face as the fit's rende
 person's face with another's expression or head pose. Without --params the mean face is rendered with
 the model's texture mean (if any), else a uniform skin tone, lit by a light beside the camera.
 Views are yaw angles (degrees) of a camera orbiting the face at --distance mm; a params camera
-is used as the 0° view and orbited about its target. Existing outputs are never overwritten
+is used as the 0° view and orbited about its target. --shape_only renders the shape alone, grey
+(a turntable of the fitted geometry, without the texture that hides its errors). Existing outputs are never overwritten
 unless --overwrite.
 """
 
@@ -46,6 +47,9 @@ flags.DEFINE_bool("save_mask", False, "also save foreground masks (.npy, float32
 flags.DEFINE_bool("save_normals", False, "also save normal maps (.npy, float32 H×W×3: unit "
                   "normals in OpenCV's camera frame, x right, y down, z forward; NaN on "
                   "background; render.geometry_maps)")
+flags.DEFINE_bool("shape_only", False, "render the shape alone, grey and untextured, lit from "
+                  "above left of the camera (render.shape_shading), instead of its texture and "
+                  "the params' light: how the geometry itself looks")
 flags.DEFINE_string("texture_map", None, "a UV map (PNG) to render with; default: the texture in "
                     "--params, or, for a fit's params.npz, the mesh.png beside it")
 flags.DEFINE_string("expression_from", None, "a params.npz whose expression replaces --params' "
@@ -131,9 +135,10 @@ def orbit_camera(base_camera, yaw_degrees):
 
 
 def render_views(model, params, yaws, image_size, distance, light=None, background=1.0,
-                 texture_sampling="pixel", normals=False):
+                 texture_sampling="pixel", normals=False, shape_only=False):
     """Yields (yaw, image, aux) for each yaw; library code kept here free of file I/O.
-    `normals`: aux also holds `normals`, the visible surface's (`render.geometry_maps`)."""
+    `normals`: aux also holds `normals`, the visible surface's (`render.geometry_maps`).
+    `shape_only`: the image is that surface's grey shading (`render.shape_shading`)."""
     import jax
     import jax.numpy as jnp
 
@@ -166,9 +171,13 @@ def render_views(model, params, yaws, image_size, distance, light=None, backgrou
         image, aux = render.render(verts, model.triangles, model.uv, appearance, cam, light,
                                    image_size, background=background,
                                    texture_sampling=texture_sampling)
-        if normals:
+        if normals or shape_only:
             aux["normals"] = render.geometry_maps(verts, model.triangles, cam,
                                                   camera_lib.image_hw(image_size))[1]
+        if shape_only:
+            grey = render.shape_shading(aux["normals"])
+            image = jnp.where(jnp.isnan(grey)[..., None], jnp.asarray(background, jnp.float32),
+                              jnp.repeat(grey[..., None], 3, axis=-1))
         return image, aux
 
     for yaw in yaws:
@@ -240,7 +249,7 @@ def main(argv):
     names, frames = [], {}
     for yaw, image, aux in render_views(model, params, yaws, FLAGS.image_size, FLAGS.distance,
                                         light, FLAGS.background, FLAGS.texture_sampling,
-                                        FLAGS.save_normals):
+                                        FLAGS.save_normals, FLAGS.shape_only):
         stem = _stem(FLAGS.output_dir, yaw)
         png = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
         _write(stem + ".png", lambda p: Image.fromarray(png).save(p), FLAGS.overwrite)

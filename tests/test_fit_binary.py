@@ -32,7 +32,7 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
                                    "--photo_texture", *TINY)
     assert code == 0, stderr[-2000:]
     assert "stage 2 iter 2/2" in stdout and "eta" in stdout
-    for name in ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png",
+    for name in ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png", "shape.png",
                  "side_by_side.png", "landmarks.png", "landmarks.json", "views.png", "loss.png",
                  "metrics.json", "mesh.glb", "depth.npy", "depth.png", "normals.png",
                  "photo_texture.png"):
@@ -83,6 +83,23 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
     normals = np.asarray(Image.open(out / "normals.png"), np.float64) / 255
     tip = list(inner).index(30)  # the nose tip (iBUG 31) faces the camera: blue
     assert normals[y[tip], x[tip], 2] > 0.9
+    # shape.png: the photo itself off the face, the grey shading of the same normals on it
+    from ganfit_jax import render
+
+    photo = np.asarray(Image.open(ffhq_photo).convert("RGB"), np.float64) / 255
+    shape = np.asarray(Image.open(out / "shape.png"), np.float64) / 255
+    assert shape.shape == photo.shape
+    np.testing.assert_array_equal(shape[~face], photo[~face])
+    assert np.ptp(shape[face], axis=-1).max() == 0  # grey: R = G = B
+    camera_normals = 2 * normals[face] - 1
+    camera_normals *= np.array([1, -1, -1]) / np.linalg.norm(camera_normals, axis=-1,
+                                                               keepdims=True)
+    expected = np.asarray(render.shape_shading(camera_normals))
+    assert np.median(np.abs(shape[face][:, 0] - expected)) < 2 / 255  # normals.png is 8-bit
+    # views.png: the textured views above, the same views of the shape alone (grey) below
+    views = np.asarray(Image.open(out / "views.png"), np.float64)
+    assert views.shape == (128, 192, 3)
+    assert np.ptp(views[64:], axis=-1).max() == 0 and (views[64:] < 250).mean() > 0.2
     # --photo_texture: each texel the photo shows has the photo's colour where the fitted camera
     # (OpenCV's, in the photo's pixels) sees that texel's surface point
     from ganfit_jax import inputs, morphable
@@ -149,8 +166,12 @@ def test_render_takes_a_fits_params_as_they_stand(ffhq_photo, sfm_dir, tmp_path,
     from PIL import Image
 
     fit, model = tmp_path / "fit", f"--model={sfm_dir / 'sfm_shape_3448.bin'}"
-    code, _, stderr = run_fit(f"--image={ffhq_photo}", f"--output_dir={fit}", model, *TINY)
+    code, _, stderr = run_fit(f"--image={ffhq_photo}", f"--output_dir={fit}", model, *TINY,
+                              "--noshape_image")
     assert code == 0, stderr[-2000:]
+    # --noshape_image: no shape.png, views.png without its grey row
+    assert not (fit / "shape.png").exists()
+    assert np.asarray(Image.open(fit / "views.png")).shape == (64, 192, 3)
     base = [model, f"--params={fit / 'params.npz'}", "--background=0", "--save_mask"]
     views = {}
     for name, size, extra in (("same", 64, []), ("twice", 128, []),

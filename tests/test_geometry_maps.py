@@ -1,4 +1,5 @@
-"""render.geometry_maps (depth and normals per pixel) against a ray-traced sphere, and
+"""render.geometry_maps (depth and normals per pixel) against a ray-traced sphere,
+render.shape_shading (grey shading of those normals) against its formula worked out by hand, and
 inputs.map_to_original (a crop-square map into the photo's pixels) against the function it
 samples."""
 
@@ -78,3 +79,37 @@ def test_map_to_original_samples_a_linear_map_exactly_and_keeps_its_outline():
     assert area == pytest.approx(np.pi * (80 / transform.scale) ** 2, rel=0.02)
     with pytest.raises(ValueError, match="crop_map"):
         inputs.map_to_original(np.zeros((10, 12)), np.ones((10, 12), bool), transform)
+
+
+def test_shape_shading_matches_blinn_phong_worked_by_hand_and_keeps_nan():
+    from ganfit_jax import render
+
+    towards_light = np.array([-1.0, -1.0, -1.0]) / np.sqrt(3)
+    away = -towards_light
+    # the bisector of the light and the viewer (0, 0, -1) makes half their angle with each
+    half_angle = np.arccos(-towards_light[2]) / 2
+    normals = np.array([towards_light, away, [0.0, 0.0, -1.0], [np.nan] * 3])
+    grey = np.asarray(render.shape_shading(normals, light=(-2.0, -2.0, -2.0), albedo=0.6,
+                                           ambient=0.25, specular=0.1, shininess=8.0))
+    assert grey[0] == pytest.approx(0.6 + 0.1 * np.cos(half_angle) ** 8, abs=1e-6)
+    assert grey[1] == pytest.approx(0.6 * 0.25, abs=1e-6)  # faces away: ambient only
+    # facing the viewer: n·l = 1/√3, n·h = cos(half_angle)
+    assert grey[2] == pytest.approx(0.6 * (0.25 + 0.75 / np.sqrt(3))
+                                    + 0.1 * np.cos(half_angle) ** 8, abs=1e-6)
+    assert np.isnan(grey[3])
+    with pytest.raises(ValueError, match=r"normals: expected \(\.\.\., 3\)"):
+        render.shape_shading(np.zeros((4, 2)))
+
+
+def test_shape_shading_of_a_sphere_is_brightest_where_its_normal_bisects_light_and_view():
+    from ganfit_jax import render
+
+    verts, faces, centre, cam, camera = sphere_view()
+    _, normals, mask = (np.asarray(a) for a in render.geometry_maps(
+        verts.astype(np.float32), faces, cam, (96, 128)))
+    grey = np.asarray(render.shape_shading(normals, specular=0.0))
+    assert np.isnan(grey[~mask]).all() and np.isfinite(grey[mask]).all()
+    brightest = normals[np.unravel_index(np.nanargmax(grey), grey.shape)]
+    light = np.asarray(render.SHAPE_LIGHT) / np.linalg.norm(render.SHAPE_LIGHT)
+    # without a highlight the brightest point faces the light (to the sphere's tessellation)
+    assert np.degrees(np.arccos(brightest @ light)) < 4.0

@@ -96,6 +96,16 @@ def test_render_experiment_writes_views_and_refuses_to_overwrite(sfm_dir, tmp_pa
         view = np.asarray(Image.open(tmp_path / "v" / f"yaw{yaw}.png"), np.float64) / 255
         others = [np.abs(frames[j] - view).mean() for j in range(4)]
         assert int(np.argmin(others)) == k and others[k] < 0.03, (yaw, others)
+    # --shape_only: the grey shading of the same view's normals, the background elsewhere
+    from ganfit_jax import render
+
+    result = _run(["--model", model, "--params", str(params), "--output_dir",
+                   str(tmp_path / "s"), "--image_size", "48", "--shape_only", "--background=0"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    grey = np.asarray(Image.open(tmp_path / "s" / "yaw+0000.0.png"), np.float64) / 255
+    np.testing.assert_array_equal(grey[~covered], 0.0)
+    expected = np.asarray(render.shape_shading(normals[covered]))
+    np.testing.assert_allclose(grey[covered], np.repeat(expected[:, None], 3, 1), atol=0.6 / 255)
     result = _run(["--model", model, "--output_dir", str(tmp_path / "w"), "--turntable_video"])
     assert result.returncode == 1 and "--turntable_video needs --turntable" in result.stderr
     bad = tmp_path / "bad.npz"

@@ -9,14 +9,16 @@ Primitives, composable on their own (nvdiffrast-style), plus one entry point:
   phong          point light + ambient, diffuse and specular
   render         all of the above: (image, aux)
   geometry_maps  depth and normal per pixel (a G-buffer), NaN off the mesh
+  shape_shading  grey shading of those normals: the shape without its texture
 """
 
 from ganfit_jax.render.mesh_utils import subdivide
 from ganfit_jax.render.raster import DEFAULT_NEAR, barycentrics, rasterize
-from ganfit_jax.render.shading import (DEFAULT_SHININESS, DEFAULT_SPECULAR, geometry_maps,
+from ganfit_jax.render.shading import (DEFAULT_SHININESS, DEFAULT_SPECULAR, SHAPE_LIGHT,
+                                       geometry_maps,
                                        interpolate, phong, render, sample_texture,
-                                       vertex_normals)
+                                       shape_shading, vertex_normals)
 
 __all__ = ["rasterize", "barycentrics", "interpolate", "sample_texture", "phong", "render",
-           "vertex_normals", "geometry_maps", "subdivide", "DEFAULT_NEAR", "DEFAULT_SPECULAR",
-           "DEFAULT_SHININESS"]
+           "vertex_normals", "geometry_maps", "shape_shading", "subdivide", "DEFAULT_NEAR",
+           "DEFAULT_SPECULAR", "DEFAULT_SHININESS", "SHAPE_LIGHT"]

@@ -447,6 +447,45 @@ def render(vertices, triangles, uv, colours_or_texture, camera, light, image_siz
     return image, aux
 
 
+# Towards the light in OpenCV's camera frame (x right, y down, z forward): above and left of
+# the camera, so that the face's relief casts its shading down and to the right as in most
+# papers' figures of reconstructed shapes.
+SHAPE_LIGHT = (-0.35, -0.45, -1.0)
+
+
+def shape_shading(normals, light=SHAPE_LIGHT, albedo=0.72, ambient=0.3, specular=0.12,
+                  shininess=24.0):
+    """Grey "clay" shading of a normal map: the fitted shape without its texture, the way DECA's
+    `shape_images` and 3DDFA's overlays show a reconstruction (a texture hides the geometry's
+    errors; shading alone shows them).
+
+      I = albedo · (ambient + (1 − ambient) · max(0, n·l)) + k_s · max(0, n·h)^α · [n·l > 0]
+
+    Blinn-Phong with a distant light and a distant viewer straight down the camera's axis
+    (v = (0, 0, −1)), h = (l + v)/|l + v|, everything in OpenCV's camera frame as
+    `geometry_maps` gives the normals, so the result depends on the normals alone.
+
+    Args:
+      normals: (..., 3) unit normals in OpenCV's camera frame (a surface facing the camera has
+        z < 0); NaN where there is no surface.
+      light: (3,) the direction towards the light, same frame (normalised here).
+
+    Returns:
+      (...) grey levels in [0, 1], NaN where the normals are NaN.
+    """
+    normals = jnp.asarray(normals, jnp.float32)
+    if normals.ndim < 1 or normals.shape[-1] != 3:
+        raise ValueError(f"normals: expected (..., 3), got shape {normals.shape}")
+    light = jnp.asarray(light, jnp.float32)
+    light = light / jnp.linalg.norm(light)
+    half = light + jnp.array([0.0, 0.0, -1.0])
+    half = half / jnp.linalg.norm(half)
+    lambert = normals @ light
+    highlight = jnp.where(lambert > 0, jnp.maximum(normals @ half, 0.0) ** shininess, 0.0)
+    grey = albedo * (ambient + (1 - ambient) * jnp.maximum(lambert, 0.0)) + specular * highlight
+    return jnp.where(jnp.isnan(lambert), jnp.nan, jnp.clip(grey, 0.0, 1.0))
+
+
 def geometry_maps(vertices, triangles, camera, image_size, near=rasterize_lib.DEFAULT_NEAR):
     """The visible surface's depth and normal at every pixel centre (a G-buffer; no shading).
 
