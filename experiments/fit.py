@@ -17,14 +17,16 @@ overlay.png (render on the photo), shape.png (the fitted shape alone, grey, on t
 own resolution), side_by_side.png (photo | render | overlay), landmarks.png
 (the landmarks followed, green, and the fitted model's, red, on the crop), landmarks.json (the
 former in the photo's pixels, as --landmarks reads them), views.png (three other viewpoints,
-textured and as grey shape) and loss.png. With --frames, the output folder also gets sequence.npz (every
-fitted frame's expression, camera, head-pose angles, light and landmarks in frame order, the
-shared shape and texture once), sequence.png (pose and expression over the frames) and
+textured and as grey shape) and loss.png. With --frames, the output folder also gets
+sequence.npz (every fitted frame's expression, camera, head-pose angles, light and landmarks in
+frame order, the shared shape and texture once), sequence.png (pose and expression over the frames) and
 overlay.mp4 (the frames' overlays as a video). With
 --all_faces, every face of a photo is a result in its own folder face_00, face_01, ... (largest
 first), and the photo's folder gets overlay.png (every face pasted back) and faces.json. The
 output folder gets flags.txt (every flag as this run had it; --flagfile reads it back). Existing
-outputs are never replaced unless --overwrite.
+outputs are never replaced unless --overwrite. --face_mask (a file, or a folder of masks named as
+the photos) keeps what covers the face (hair, hands, glasses) out of the pixel loss and out of
+the texture's start: those texels take their mirror texel's colour.
 """
 
 from __future__ import annotations
@@ -64,6 +66,17 @@ flags.DEFINE_enum("keyframes", "uniform", ["uniform", "spread"],
                  "by dlib first, even where a landmark file lies beside a frame).")
 flags.DEFINE_string("landmarks", None, "68 iBUG landmarks for --image (.pts, .npy (68,2) or "
                     ".json). Default: a file of the same stem beside the image, else dlib.")
+flags.DEFINE_string("face_mask", None, "Which of the photo's pixels the pixel loss (Eq. 10) "
+                    "compares: a face mask, 1 on the face, 0 on hair, hands, glasses and the "
+                    "background (a face parser's output), in the upright photo's pixels. A file "
+                    "(--image), or a folder holding STEM.png or STEM.npy for each photo or frame "
+                    "(--images, --frames=DIR; a photo without one is compared wherever the face "
+                    "covers it, and reported). Values: 0/1, 0/255 or [0, 1] weights; a label map "
+                    "with --mask_labels.")
+flags.DEFINE_list("mask_labels", None, "--face_mask files are label maps: the labels of the "
+                  "face (integers), 'celebamask' (CelebAMask-HQ's skin, brows, eyes, nose, mouth "
+                  "and lips: 1,2,3,4,5,10,11,12,13, as face-parsing.PyTorch labels them) or "
+                  "'nonzero'.")
 flags.DEFINE_string("model", None, "3DMM (.npz or any format morphable.load knows). Default: "
                     "checkpoints/sfm.npz, else $GANFIT_ASSETS/sfm (../shared/assets/sfm).")
 flags.DEFINE_string("identity", "dlib", "Identity network: dlib | tiny | none | arcface-r50 "
@@ -270,8 +283,66 @@ def load_identity_net(name, weights, key):
         raise InputError(f"--identity={name}: {e}") from None
 
 
+class Prepared(typing.NamedTuple):
+    """A photo (or frame) ready to fit: the photo, its working crop, the crop's landmarks, the
+    crop's CropTransform and the crop's pixel weights (--face_mask; None without)."""
+
+    image: typing.Any
+    crop: typing.Any
+    landmarks: typing.Any
+    transform: typing.Any
+    pixel_weight: typing.Any = None
+
+
+def mask_labels():
+    """--mask_labels as load_pixel_weight takes it: None, a name, or integers."""
+    if not FLAGS.mask_labels:
+        return None
+    if len(FLAGS.mask_labels) == 1 and FLAGS.mask_labels[0] in ("celebamask", "nonzero"):
+        return FLAGS.mask_labels[0]
+    try:
+        return [int(v) for v in FLAGS.mask_labels]
+    except ValueError:
+        raise InputError(f"--mask_labels: expected integers, 'celebamask' or 'nonzero', got "
+                         f"{','.join(FLAGS.mask_labels)}") from None
+
+
+def face_mask_file(path):
+    """--face_mask's file for photo or frame `path`: the flag itself when it is a file, else
+    STEM.png or STEM.npy in its folder; None when there is none."""
+    if os.path.isfile(FLAGS.face_mask):
+        return FLAGS.face_mask
+    stem = os.path.splitext(os.path.basename(str(path)))[0]
+    for ext in (".png", ".npy"):
+        candidate = os.path.join(FLAGS.face_mask, stem + ext)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def pixel_weight(path, image, transform):
+    """The working crop's pixel weights from --face_mask (None without the flag; ones, reported,
+    for a photo without a mask file, so that every target of a batch has weights)."""
+    import numpy as np
+
+    from ganfit_jax import inputs
+
+    if not FLAGS.face_mask:
+        return None
+    mask = face_mask_file(path)
+    if mask is None:
+        print(f"{path}: no face mask in {FLAGS.face_mask} (STEM.png or STEM.npy); every pixel "
+              "the face covers is compared", flush=True)
+        return np.ones((transform.size, transform.size), np.float32)
+    try:
+        weight = inputs.load_pixel_weight(mask, image.shape[:2], mask_labels())
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(f"{e} (--face_mask for {path})") from None
+    return inputs.crop_pixel_weight(weight, transform)
+
+
 def prepare(path, landmarks_path, size, detector, near=None, face=0, like=None):
-    """Photo → (original image, working crop, crop landmarks, CropTransform). Detected
+    """Photo → Prepared (the photo, working crop, crop landmarks, CropTransform, weights). Detected
     landmarks are those of the face nearest the point `near`, if given, else of the `face`-th
     largest; among the faces that are the person whose descriptor is `like`, where any is."""
     from ganfit_jax import inputs, landmarks
@@ -287,7 +358,7 @@ def prepare(path, landmarks_path, size, detector, near=None, face=0, like=None):
         crop, lm_crop, transform = inputs.crop_face(image, lm, size)
     except ValueError as e:
         raise InputError(f"{landmarks_path or path}: {e}") from None
-    return image, crop, lm_crop, transform
+    return Prepared(image, crop, lm_crop, transform, pixel_weight(path, image, transform))
 
 
 def prepare_all(path, landmarks_path, size, detector):
@@ -311,7 +382,8 @@ def prepare_all(path, landmarks_path, size, detector):
             crop, lm_crop, transform = inputs.crop_face(image, lm, size)
         except ValueError as e:
             raise InputError(f"{landmarks_path or path} (face {k}): {e}") from None
-        items.append((image, crop, lm_crop, transform))
+        items.append(Prepared(image, crop, lm_crop, transform,
+                              pixel_weight(path, image, transform)))
     if not items:
         raise InputError(f"{path}: every face's eyes are closer than --min_interocular="
                          f"{FLAGS.min_interocular:g} px")
@@ -333,7 +405,7 @@ def prepare_frame(frame, name, size, detector, near=None, face=0, like=None):
     except ValueError as e:
         raise InputError(str(e)) from None
     crop, lm_crop, transform = inputs.crop_face(image, lm, size)
-    return image, crop, lm_crop, transform
+    return Prepared(image, crop, lm_crop, transform)  # a video's frames have no mask files
 
 
 def load_frame(path):
@@ -521,18 +593,24 @@ def camera_at_face_resolution(transform, camera):
     return resolution, camera
 
 
-def write_photo_texture(folder, model, verts, camera, original, transform, size, over):
+def write_photo_texture(folder, model, verts, camera, item, size, over):
     """--photo_texture: photo_texture.png, the photo's colours in the model's UV layout (size ×
     size), seen from the fitted camera at the face's own resolution in the photo; alpha 255
-    where the photo shows the texel, 128 filled from its mirror texel, 0 unseen."""
+    where the photo shows the texel (and its --face_mask the face), 128 filled from its mirror
+    texel, 0 unseen."""
     import numpy as np
+    from PIL import Image
 
     from ganfit_jax import inputs, io
     from ganfit_jax.texture import unwrap
 
-    resolution, camera = camera_at_face_resolution(transform, camera)
-    square = inputs.crop_square(original, transform, resolution)
-    uv_map, seen = unwrap.unwrap(model, verts, camera, square, size)
+    resolution, camera = camera_at_face_resolution(item.transform, camera)
+    square = inputs.crop_square(item.image, item.transform, resolution)
+    weight = None
+    if item.pixel_weight is not None:  # the crop's weights over the same square, resampled
+        weight = np.asarray(Image.fromarray(np.asarray(item.pixel_weight, np.float32)).resize(
+            (resolution, resolution), Image.Resampling.BILINEAR))
+    uv_map, seen = unwrap.unwrap(model, verts, camera, square, size, pixel_weight=weight)
     io.save_image(os.path.join(folder, "photo_texture.png"),
                   np.concatenate([uv_map, seen[..., None]], -1), overwrite=over)
 
@@ -589,13 +667,15 @@ def write_depth(folder, depth, normals, over):
                   overwrite=over)
 
 
-def write_result(folder, pipeline, params, original, crop, transform, history, source,
-                 landmarks_crop=None):
+def write_result(folder, pipeline, params, item, history, source):
+    """Every output of one fit (`item`: the Prepared photo it was fitted to) into `folder`."""
     import jax.numpy as jnp
     import numpy as np
 
     from ganfit_jax import camera, fitting, inputs, io, landmarks, morphable, render
 
+    original, crop, transform, landmarks_crop = item.image, item.crop, item.transform, \
+        item.landmarks
     write_run_flags()
     os.makedirs(folder, exist_ok=True)
     model = pipeline.model
@@ -635,7 +715,7 @@ def write_result(folder, pipeline, params, original, crop, transform, history, s
     if FLAGS.photo_texture:
         size = max(PHOTO_TEXTURE_SIZE, *texture.shape[:2]) if texture.ndim == 3 \
             else PHOTO_TEXTURE_SIZE  # a per-vertex texture model has no map
-        write_photo_texture(folder, model, verts, params.camera, original, transform, size, over)
+        write_photo_texture(folder, model, verts, params.camera, item, size, over)
     crop_overlay = crop * (1 - mask[..., None]) + rendered * mask[..., None]
     io.save_image(os.path.join(folder, "side_by_side.png"),
                   np.concatenate([crop, rendered, crop_overlay], axis=1), overwrite=over)
@@ -820,6 +900,25 @@ def write_run_flags():
     _run_flags_written.append(True)
 
 
+def check_face_mask(mode):
+    """--face_mask and --mask_labels, before anything loads."""
+    from ganfit_jax import inputs
+
+    if FLAGS.mask_labels and not FLAGS.face_mask:
+        raise InputError("--mask_labels goes with --face_mask (the label maps it reads)")
+    if not FLAGS.face_mask:
+        return
+    mask_labels()
+    if mode == "frames" and inputs.is_video(FLAGS.frames):
+        raise InputError("--face_mask: a video's frames have no mask files; give its frames "
+                         "as a folder (--frames=DIR) and their masks as another")
+    if not os.path.exists(FLAGS.face_mask):
+        raise InputError(f"--face_mask={FLAGS.face_mask}: no such file or folder")
+    if mode != "image" and not os.path.isdir(FLAGS.face_mask):
+        raise InputError(f"--face_mask={FLAGS.face_mask}: with --{mode}, a folder of STEM.png "
+                         "or STEM.npy masks named as the photos")
+
+
 def run():
     import jax
     import numpy as np
@@ -859,6 +958,7 @@ def run():
         raise InputError("--landmarks goes with --image (for folders, put a .pts/.npy beside "
                          "each photo)")
     mode = modes[0]
+    check_face_mask(mode)
     video = None
     if mode == "image":
         if not os.path.exists(FLAGS.image):
@@ -961,19 +1061,22 @@ def run():
     texture_init = np.asarray(texture_model.init_latent(k_tex))
 
     def start(item):
-        _, crop, lm, _ = item
-        return (fitting.init_params(model, lm, size, texture_model.latent_dim,
+        return (fitting.init_params(model, item.landmarks, size, texture_model.latent_dim,
                                     texture_init=texture_init),
-                fitting.target_from_image(pipeline, crop, lm))
+                fitting.target_from_image(pipeline, item.crop, item.landmarks,
+                                          item.pixel_weight))
 
-    def photo_texture(crops):
-        """Stage 2 starts from the photo's own colours, unwrapped onto the stage-1 mesh."""
+    def photo_texture(items):
+        """Stage 2 starts from the photo's own colours (where its face mask shows the face),
+        unwrapped onto the stage-1 mesh."""
         def hook(params):
             if params.shape.ndim == 1:
-                return fitting.texture_from_photo(pipeline, params, crops[0])
+                return fitting.texture_from_photo(pipeline, params, items[0].crop,
+                                                  pixel_weight=items[0].pixel_weight)
             n = params.shape.shape[0]
-            return fitting.stack([fitting.texture_from_photo(pipeline, p, c)
-                                  for p, c in zip(fitting.unstack(params, n), crops)])
+            return fitting.stack([
+                fitting.texture_from_photo(pipeline, p, i.crop, pixel_weight=i.pixel_weight)
+                for p, i in zip(fitting.unstack(params, n), items)])
         return hook
 
     if batched:
@@ -1182,7 +1285,7 @@ def person_descriptor(item):
     place alone, as before descriptors were used."""
     from ganfit_jax import landmarks
 
-    image, _, lm_crop, transform = item
+    image, lm_crop, transform = item.image, item.landmarks, item.transform
     try:
         return landmarks.face_descriptor(image, transform.to_original(lm_crop))
     except (ImportError, RuntimeError):
@@ -1198,8 +1301,7 @@ def _or_empty(descriptor):
 
 def face_centre(item):
     """Where the face of a `prepare`d photo is in it: the mean of its landmarks, (x, y)."""
-    _, _, lm_crop, transform = item
-    return tuple(transform.to_original(lm_crop).mean(0))
+    return tuple(item.transform.to_original(item.landmarks).mean(0))
 
 
 def fit_together(mode, kept, pipeline, config, start, photo_texture, key):
@@ -1212,7 +1314,7 @@ def fit_together(mode, kept, pipeline, config, start, photo_texture, key):
     if mode == "image":
         params, target = start(prepared[0])
         params, history = fitting.fit(pipeline, params, target, config, key,
-                                      between_stages=photo_texture([prepared[0][1]]))
+                                      between_stages=photo_texture(prepared[:1]))
         results = [(params, history)]
     else:
         # frames share one texture, which starts from the prior's own start, not one frame
@@ -1224,10 +1326,8 @@ def fit_together(mode, kept, pipeline, config, start, photo_texture, key):
                    for i, p in enumerate(fitting.unstack(params, len(paths)))]
     print(f"fitted {len(paths)} {'frame' if mode == 'frames' else 'photo'}(s) in "
           f"{time.time() - t0:.1f}s", flush=True)
-    for (params, history), (original, crop, lm_crop, transform), folder, path in zip(
-            results, prepared, folders, paths):
-        metrics = write_result(folder, pipeline, params, original, crop, transform, history, path,
-                               lm_crop)
+    for (params, history), item, folder, path in zip(results, prepared, folders, paths):
+        metrics = write_result(folder, pipeline, params, item, history, path)
         print(f"wrote {folder}/: " + " ".join(result_files()), flush=True)
         print(_summary(metrics), flush=True)
     if mode == "frames":
@@ -1483,16 +1583,14 @@ def fit_in_batches(jobs, load, total, pipeline, config, start, photo_texture, ke
         batch_index += 1
         print(f"batch {batch_index}: {real} {'face' if per_face else noun}(s), {fits} done so far",
               flush=True)
-        hook = None if photo_texture is None else photo_texture([i[1] for _, _, i, _ in padded])
+        hook = None if photo_texture is None else photo_texture([i for _, _, i, _ in padded])
         params, history = fitting.fit(pipeline, fitting.stack([s[0] for s in starts]),
                                       fitting.stack([s[1] for s in starts]), config,
                                       jax.random.fold_in(key, batch_index), batched=True,
                                       between_stages=hook)
         for i, p in enumerate(fitting.unstack(params, real)):
             what, folder, item, photo = batch[i]
-            original, crop, lm_crop, transform = item
-            metrics = write_result(folder, pipeline, p, original, crop, transform,
-                                   history_slice(history, i), what, lm_crop)
+            metrics = write_result(folder, pipeline, p, item, history_slice(history, i), what)
             print(f"{os.path.basename(what)}: {_summary(metrics)}", flush=True)
             fits += 1
             if photo is None:
@@ -1523,17 +1621,17 @@ def write_faces(folder, pipeline, source, count, faces):
 
     over = FLAGS.overwrite or FLAGS.resume
     faces = sorted(faces, key=lambda f: f[0])  # face_00, face_01, ...: largest first
-    overlay = faces[0][2][0]
-    for face_dir, params, (_, _, _, transform), metrics in sorted(
-            faces, key=lambda f: f[3]["interocular_px"]):
+    overlay = faces[0][2].image
+    for face_dir, params, item, metrics in sorted(faces, key=lambda f: f[3]["interocular_px"]):
         render, aux = fitting.render_face(pipeline, params)
         overlay = inputs.paste_back(overlay, np.clip(np.asarray(render), 0, 1),
-                                    np.asarray(aux["mask"]), transform)
+                                    np.asarray(aux["mask"]), item.transform)
     io.save_image(os.path.join(folder, "overlay.png"), overlay, overwrite=over)
     listing = [dict(folder=os.path.basename(face_dir),
                     landmark_error_px=m["landmark_error_px"],
                     landmark_error_iod=m["landmark_error_iod"], interocular_px=m["interocular_px"],
-                    centre=[float(v) for v in np.nanmean(item[3].to_original(item[2]), axis=0)])
+                    centre=[float(v) for v in np.nanmean(
+                        item.transform.to_original(item.landmarks), axis=0)])
                for face_dir, _, item, m in faces]
     io.write_never_overwrite(os.path.join(folder, "faces.json"),
                              json.dumps(dict(source=str(source), faces=listing), indent=1), over)

@@ -49,13 +49,18 @@ class Target:
     """What the photo provides, at the working resolution.
 
     image (H,W,3) in [0,1]; landmarks (68,2) pixels (NaN where missing); identity: the identity
-    network's (embedding, features) of the aligned photo, computed once before fitting.
+    network's (embedding, features) of the aligned photo, computed once before fitting;
+    pixel_weight (H,W) in [0,1]: which of the photo's pixels the pixel loss (Eq. 10) compares, a
+    face mask (1 on the face; 0 on hair, hands, glasses that cover it: the render cannot explain
+    them and would bend its texture and light towards them), None for every pixel the face
+    covers. In a batch every target has one, or none has.
     """
 
     image: jnp.ndarray
     landmarks: jnp.ndarray
     embedding: Optional[jnp.ndarray] = None
     features: Any = None
+    pixel_weight: Optional[jnp.ndarray] = None
 
 
 DEFAULT_LIGHT = np.array([0.0, 300.0, 1000.0, 0.6, 0.6, 0.6, 0.5, 0.5, 0.5], np.float32)
@@ -233,15 +238,23 @@ def with_compute_dtype(pipeline: Pipeline, compute_dtype: str) -> Pipeline:
                             identity_params=narrowed(pipeline.identity_params))
 
 
-def target_from_image(pipeline: Pipeline, image, landmarks) -> Target:
-    """The Target of a working-resolution photo: identity features computed once, here."""
+def target_from_image(pipeline: Pipeline, image, landmarks, pixel_weight=None) -> Target:
+    """The Target of a working-resolution photo: identity features computed once, here.
+    `pixel_weight`: (H,W) in [0,1], see `Target` (e.g. `inputs.crop_pixel_weight` of a face
+    mask)."""
     image = jnp.asarray(image, jnp.float32)
     landmarks = jnp.asarray(landmarks, jnp.float32)
+    if pixel_weight is not None:
+        pixel_weight = jnp.asarray(pixel_weight, jnp.float32)
+        if pixel_weight.shape != image.shape[:2]:
+            raise ValueError(f"pixel_weight: expected {image.shape[:2]} like the image, got "
+                             f"{pixel_weight.shape}")
     embedding = features = None
     if pipeline.identity_fn is not None:
         embedding, features = jax.jit(pipeline.identity_fn)(pipeline.identity_params, image,
                                                             landmarks)
-    return Target(image=image, landmarks=landmarks, embedding=embedding, features=features)
+    return Target(image=image, landmarks=landmarks, embedding=embedding, features=features,
+                  pixel_weight=pixel_weight)
 
 
 # ------------------------------------------------------------------------------------------
@@ -385,7 +398,8 @@ def loss(params: FitParams, target: Target, pipeline: Pipeline, key,
         # XLA back-propagates zeros through the projection (~0.4 ms of that view on one core)
         terms["landmark"] = jax.lax.stop_gradient(terms["landmark"])
     if weights.pixel:
-        terms["pixel"] = losses.pixel_loss(image, target.image, mask)
+        compared = mask if target.pixel_weight is None else mask * target.pixel_weight
+        terms["pixel"] = losses.pixel_loss(image, target.image, compared)
     use_identity = pipeline.identity_fn is not None and target.embedding is not None
     if use_identity and (weights.identity or weights.content):
         # the render's landmarks are known exactly: align it with its own projected landmarks
@@ -1045,10 +1059,13 @@ def fit(pipeline: Pipeline, params: FitParams, target: Target, config: FitConfig
     return params, histories
 
 
-def texture_from_photo(pipeline: Pipeline, params: FitParams, image, inversion_steps=100):
+def texture_from_photo(pipeline: Pipeline, params: FitParams, image, inversion_steps=100,
+                       pixel_weight=None):
     """Starts the texture latent from the photo unwrapped onto the stage-1 mesh: directly for a
     texture model that can read a UV map (`latent_from_uv`), by GAN/PCA inversion (Sec. 3.1,
-    masked L1) for the others. Not jitted; runs once between the stages."""
+    masked L1) for the others. `pixel_weight`: the target's face mask; what it hides is not
+    unwrapped (its mirror texel's colour where that one shows). Not jitted; runs once between
+    the stages."""
     from ganfit_jax.texture import inversion, unwrap
 
     tex = pipeline.texture_params
@@ -1056,7 +1073,7 @@ def texture_from_photo(pipeline: Pipeline, params: FitParams, image, inversion_s
         return params
     verts = morphable.vertices(pipeline.model, params.shape, params.expression)
     uv_map, mask = unwrap.unwrap(pipeline.model, verts, params.camera, np.asarray(image),
-                                 tex.resolution)
+                                 tex.resolution, pixel_weight=pixel_weight)
     if hasattr(tex, "latent_from_uv"):
         return params.replace(texture=tex.latent_from_uv(uv_map, mask))
     latent, _ = inversion.invert(tex, uv_map, (mask > 0).astype(np.float32), p_init=params.texture,

@@ -94,6 +94,92 @@ def crop_square(image, transform: CropTransform, size=None):
     return np.asarray(crop, np.float32) / 255.0
 
 
+# face-parsing.PyTorch's CelebAMask-HQ classes (0 background, 1 skin, 2-3 brows, 4-5 eyes,
+# 6 glasses, 7-9 ears and earrings, 10 nose, 11 mouth, 12-13 lips, 14-15 neck and necklace,
+# 16 cloth, 17 hair, 18 hat): the face the model's texture describes, without glasses, hair or
+# ears, as DECA and Deep3DFaceRecon mask their photometric losses.
+CELEBAMASK_FACE_LABELS = (1, 2, 3, 4, 5, 10, 11, 12, 13)
+
+
+def load_pixel_weight(path, hw, labels=None):
+    """A face mask file → the photo's pixel weights (H,W) float32 in [0, 1]: which pixels the
+    pixel loss (Eq. 10) compares (`fitting.Target.pixel_weight`): 1 on the face, 0 on what
+    covers it (hair, hands, glasses) and the background.
+
+    `path`: .npy, or an image pillow reads with one channel (or equal channels), in the upright
+    photo's pixels at its size `hw`. Without `labels` its values are weights: 0/1, 0/255 (0/65535
+    for 16 bits) or floats in [0, 1]. With `labels` it is a label map (a face parser's output):
+    weight 1 where the label is one of `labels` (a sequence of ints), 'celebamask'
+    (CELEBAMASK_FACE_LABELS) or 'nonzero' (any label but 0)."""
+    import pathlib
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"face mask {path} does not exist")
+    full_scale = 1.0
+    if path.suffix.lower() == ".npy":
+        try:
+            raw = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise ValueError(f"face mask {path}: not a readable .npy file ({e})") from None
+    else:
+        from PIL import ImageOps, UnidentifiedImageError
+        try:
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)
+                if im.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr"):
+                    rgb = np.asarray(im.convert("RGB"))
+                    if np.any(rgb != rgb[..., :1]):
+                        raise ValueError(f"face mask {path}: a colour image; expected one "
+                                         "channel (a mask or a label map)")
+                    raw = rgb[..., 0]
+                else:  # 'L', 'P' (a label map's indices), '1', 16- and 32-bit: values as stored
+                    raw = np.asarray(im)
+                full_scale = {"L": 255.0, "I;16": 65535.0, "I;16B": 65535.0,
+                              "I;16L": 65535.0, "RGB": 255.0, "RGBA": 255.0, "LA": 255.0,
+                              "CMYK": 255.0, "YCbCr": 255.0}.get(im.mode, 1.0)
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"face mask {path}: not an image pillow can read ({e})") from None
+    if raw.ndim == 3 and raw.shape[-1] == 1:
+        raw = raw[..., 0]
+    if raw.ndim != 2 or not np.issubdtype(raw.dtype, np.number) and raw.dtype != bool:
+        raise ValueError(f"face mask {path}: expected one value per pixel (H, W), got shape "
+                         f"{raw.shape} of {raw.dtype}")
+    if raw.shape != tuple(hw):
+        raise ValueError(f"face mask {path}: {raw.shape[1]}×{raw.shape[0]} pixels, the photo is "
+                         f"{hw[1]}×{hw[0]} (a mask of the upright photo, at its size)")
+    values = raw.astype(np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"face mask {path}: holds non-finite values")
+    if labels is not None:
+        if isinstance(labels, str):
+            if labels not in ("celebamask", "nonzero"):
+                raise ValueError(f"labels: expected integers, 'celebamask' or 'nonzero', got "
+                                 f"{labels!r}")
+            if labels == "nonzero":
+                return (values != 0).astype(np.float32)
+            labels = CELEBAMASK_FACE_LABELS
+        return np.isin(np.rint(values), np.asarray(labels, np.float64)).astype(np.float32)
+    levels = np.unique(values)
+    if np.all(np.isin(levels, (0.0, 1.0))):
+        return values.astype(np.float32)
+    if full_scale > 1 and levels[-1] == full_scale and levels[0] >= 0:
+        return (values / full_scale).astype(np.float32)
+    if full_scale == 1 and levels[0] >= 0 and levels[-1] <= 1:
+        return values.astype(np.float32)
+    raise ValueError(f"face mask {path}: values {levels[0]:g}..{levels[-1]:g} in {len(levels)} "
+                     "levels are not weights (0/1, 0/255 or floats in [0, 1]); a face parser's "
+                     "label map? give its face labels (fit --mask_labels=celebamask for "
+                     "CelebAMask-HQ's classes, a list such as 1,2,10, or nonzero)")
+
+
+def crop_pixel_weight(weight, transform: CropTransform, size=None):
+    """Photo pixel weights (H,W) → the working crop's (size, size), sampled as `crop_square`
+    samples the photo (the same square, filter and edge replication; 8-bit steps)."""
+    weight = np.asarray(weight, np.float32)
+    return crop_square(np.repeat(weight[..., None], 3, axis=-1), transform, size)[..., 0]
+
+
 def bilinear(image, xy):
     """Samples image (H,W,C) at continuous pixel coordinates xy (...,2), centres at +0.5,
     clamping at the border. NumPy, outside jit."""

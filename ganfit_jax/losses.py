@@ -63,7 +63,9 @@ def content_loss(features_render, features_target):
 
 def pixel_loss(image_render, image_target, mask):
     """Eq. 10: L_pix = ||I_0 − I_R||_1 over the rendered face region (mean absolute error per
-    covered pixel, summed over RGB), so it does not depend on image size or face area."""
+    covered pixel, summed over RGB), so it does not depend on image size or face area. `mask`
+    may be soft: the render's coverage times the photo's pixel weights (a face mask) gives the
+    weighted mean over the pixels compared."""
     mask = mask[..., None] if mask.ndim == image_render.ndim - 1 else mask
     covered = jnp.maximum(jnp.sum(mask), 1.0)
     return jnp.sum(mask * jnp.abs(image_render - image_target)) / covered

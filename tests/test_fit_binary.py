@@ -210,7 +210,9 @@ def test_render_takes_a_fits_params_as_they_stand(ffhq_photo, sfm_dir, tmp_path,
                                   "track_iterations_alone", "all_faces_frames",
                                   "all_faces_and_face", "all_faces_no_face",
                                   "all_faces_bad_landmarks", "list_names_a_missing_photo",
-                                  "spread_without_max_frames", "photo_texture_without_uv"])
+                                  "spread_without_max_frames", "photo_texture_without_uv",
+                                  "mask_of_another_size", "mask_labels_without_mask",
+                                  "mask_of_a_video"])
 def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fit):
     out = tmp_path / "out"
     image, extra, expect = ffhq_photo, [], None
@@ -263,7 +265,17 @@ def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fi
         morphable.save_npz(sfm.replace(uv=np.zeros_like(np.asarray(sfm.uv))), tmp_path / "nouv.npz")
         model, extra = f"--model={tmp_path / 'nouv.npz'}", ["--photo_texture"]
         expect = "nouv.npz has no UV coordinates"
+    elif case == "mask_of_another_size":
+        np.save(tmp_path / "small.npy", np.ones((10, 12)))
+        extra, expect = [f"--face_mask={tmp_path / 'small.npy'}"], \
+            "small.npy: 12×10 pixels, the photo is 256×256"
+    elif case == "mask_labels_without_mask":
+        extra, expect = ["--mask_labels=celebamask"], "--mask_labels goes with --face_mask"
     source = f"--image={image}"
+    if case == "mask_of_a_video":  # refused before the video is read
+        (tmp_path / "clip.mp4").write_bytes(b"not read")
+        source, extra = f"--frames={tmp_path / 'clip.mp4'}", [f"--face_mask={tmp_path}"]
+        expect = "a video's frames have no mask files"
     if case == "list_names_a_missing_photo":
         (tmp_path / "split.txt").write_text(f"# test split\n{ffhq_photo}\n\nmissing.jpg\n")
         source, expect = f"--images={tmp_path / 'split.txt'}", "split.txt:4: missing.jpg: no such"
@@ -544,3 +556,46 @@ def test_photos_with_one_name_in_many_folders_get_a_folder_each(tmp_path):
     distinct = [str(tmp_path / "s1" / "neutral" / "IMG_0101.jpg"), str(tmp_path / "b.png")]
     assert common.photo_folders(distinct, "out") == [os.path.join("out", "IMG_0101"),
                                                      os.path.join("out", "b")]
+
+
+def test_face_mask_keeps_an_occluder_out_of_the_texture(faces_dir, sfm_dir, tmp_path, run_fit):
+    """A magenta "hand" over the lower right of the face: with a face mask that excludes it,
+    neither the texture's start (the photo unwrapped) nor the pixel loss sees it, and the
+    fitted UV map holds no magenta; without the mask it does. A folder of masks serves
+    --images, a photo without one is reported."""
+    import shutil
+
+    from PIL import Image
+
+    photos, masks = tmp_path / "photos", tmp_path / "masks"
+    photos.mkdir()
+    masks.mkdir()
+    source = faces_dir / "ffhq" / "FFHQ" / "00002.png"
+    image = np.asarray(Image.open(source).convert("RGB")).copy()
+    image[150:, 128:] = (230, 25, 205)
+    Image.fromarray(image).save(photos / "hand.png")
+    shutil.copy(source.with_suffix(".npy"), photos / "hand.npy")  # its landmarks
+    shutil.copy(source, photos / "other.png")
+    shutil.copy(source.with_suffix(".npy"), photos / "other.npy")
+    weight = np.full(image.shape[:2], 255, np.uint8)
+    weight[140:, 118:] = 0  # a margin: the crop's filter reaches a pixel beyond
+    Image.fromarray(weight).save(masks / "hand.png")
+    model = f"--model={sfm_dir / 'sfm_shape_3448.bin'}"
+    args = [model, *TINY, "--identity=none", "--batch_size=2", "--photo_texture"]
+    code, stdout, stderr = run_fit(f"--images={photos}", f"--output_dir={tmp_path / 'masked'}",
+                                   f"--face_mask={masks}", *args)
+    assert code == 0, stderr[-2000:]
+    assert "other.png: no face mask in" in stdout and "hand.png: no face mask" not in stdout
+    code, _, stderr = run_fit(f"--image={photos / 'hand.png'}",
+                              f"--output_dir={tmp_path / 'plain'}", *args)
+    assert code == 0, stderr[-2000:]
+
+    def magenta(path):
+        uv = np.asarray(Image.open(path).convert("RGBA"), np.float64)
+        shown = uv[..., 3] > 0  # photo_texture.png's alpha: texels it shows (mesh.png: all)
+        return np.mean(shown & (uv[..., 0] > 150) & (uv[..., 1] < 90) & (uv[..., 2] > 130))
+
+    for name in ("mesh.png", "photo_texture.png"):
+        plain, masked = magenta(tmp_path / "plain" / name), \
+            magenta(tmp_path / "masked" / "hand" / name)
+        assert plain > 0.03 and masked < 0.002, (name, plain, masked)

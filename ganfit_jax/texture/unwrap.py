@@ -51,7 +51,7 @@ def uv_layout_is_mirrored(model: morphable.MorphableModel, symmetry, tolerance=1
 
 
 def unwrap(model: morphable.MorphableModel, vertices, camera, image, resolution=256,
-           texel_surface=None, min_facing=0.15, mirror=True):
+           texel_surface=None, min_facing=0.15, mirror=True, pixel_weight=None):
     """The photo's colours in the model's UV layout.
 
     Args:
@@ -62,6 +62,9 @@ def unwrap(model: morphable.MorphableModel, vertices, camera, image, resolution=
       min_facing: texels whose surface turns away from the camera more steeply than this
         cosine are treated as unseen (grazing views smear the photo).
       mirror: fill unseen texels from their mirror texel where the layout is mirror-symmetric.
+      pixel_weight: (H,W) the photo's face mask (`fitting.Target.pixel_weight`): a texel whose
+        pixel weighs under 0.5 (hair, a hand, glasses over the face) is unseen, and so may be
+        filled from its mirror texel.
 
     Returns:
       uv_map (R,R,3) float32 in [0,1], mask (R,R) float32: 1 seen, 0.5 mirrored, 0 unknown.
@@ -101,6 +104,12 @@ def unwrap(model: morphable.MorphableModel, vertices, camera, image, resolution=
     texel_depth = np.asarray(texel_depth).reshape(resolution, resolution)
     same_surface = (seen_id == ids) | (np.abs(depth_here - texel_depth) < 2.0)
     visible = inside & (seen_id >= 0) & same_surface & (facing > min_facing)
+    if pixel_weight is not None:
+        pixel_weight = np.asarray(pixel_weight, np.float32)
+        if pixel_weight.shape != (height, width):
+            raise ValueError(f"pixel_weight: expected {(height, width)} like the image, got "
+                             f"{pixel_weight.shape}")
+        visible &= pixel_weight[np.clip(row, 0, height - 1), np.clip(col, 0, width - 1)] >= 0.5
 
     uv_map = np.zeros((resolution, resolution, 3), np.float32)
     uv_map[visible] = inputs.bilinear(image, texel_px[visible])
