@@ -36,6 +36,13 @@ What each row reports:
   * fit_s: wall time of the configuration's fit (stage 2, all faces; stage 1 is shared and its time
     is on the 'stage 1 (landmarks)' row).
 
+  * texture_mae: mean absolute error (RGB summed) of the fitted UV map against the true one,
+    over the whole UV layout (unseen texels included: they count the same for every row).
+
+With --occlude an occluder (a flat-coloured ellipse, `occlude`) is painted over the lower half of
+each face, and a 'full + face mask' row fits the same photos given the occluder's complement as
+their face mask (`fitting.Target.pixel_weight`, fit --face_mask).
+
 Rows: 'mean face' (the model mean, same alignment: the number any fit must beat), 'stage 1
 (landmarks)' (the landmark-only initialisation), 'full' (Eq. 12), and with --ablate one row per
 removed term: id (λ_id = 0), id_random (λ̂_id = 0), content (λ_con = 0), pixel (λ_pix = 0),
@@ -91,6 +98,9 @@ def define_flags(flag_values=FLAGS):
         ("float", "landmark_noise_px", 1.0, "Gaussian noise (std, px) on the target landmarks."),
         ("float", "shape_std", 0.8, "Std of the true shape coefficients (prior units)."),
         ("list", "ablate", [], f"Terms to remove one at a time: {','.join(ABLATIONS)}."),
+        ("bool", "occlude", False, "Paint an occluder (a flat-coloured ellipse, a hand or a "
+         "lock of hair) over part of each face and add a 'full + face mask' row: the same fit "
+         "given the occluder's complement as its face mask (fit --face_mask)."),
         ("string", "model", None, "3DMM; default ../shared/assets/sfm/sfm_shape_3448.bin."),
         ("bool", "json", False, "Print one JSON object per row instead of a table."),
         ("string", "output", None, "Also write the rows as JSON lines to this file."),
@@ -259,6 +269,26 @@ def ground_truth_textures(rng, num, uv_dir=None, texture_model=None):
     return [random_skin_texture(rng) for _ in range(num)], "random smooth skin"
 
 
+def occlude(rng, face):
+    """Paints an occluder over a ground-truth photo: a flat-coloured ellipse (a hand, a lock of
+    hair) centred on a random point of the face's lower half, half to two thirds of the
+    landmarks' width across. Returns the photo and the occluder's mask (H,W) bool."""
+    import numpy as np
+
+    image = face["image"].copy()
+    lm = face["landmarks_true"]
+    lo, hi = lm.min(0), lm.max(0)
+    width = hi[0] - lo[0]
+    centre = np.array([rng.uniform(lo[0], hi[0]), rng.uniform((lo[1] + hi[1]) / 2, hi[1])])
+    radii = width * rng.uniform(0.25, 0.33, 2)
+    ys, xs = np.mgrid[0:image.shape[0], 0:image.shape[1]] + 0.5
+    mask = ((xs - centre[0]) / radii[0]) ** 2 + ((ys - centre[1]) / radii[1]) ** 2 <= 1
+    colour = rng.uniform(0.0, 1.0, 3)
+    shading = 1.0 + 0.1 * rng.standard_normal(image.shape[:2])  # not quite flat
+    image[mask] = np.clip(colour[None] * shading[mask][:, None], 0, 1)
+    return image.astype(np.float32), mask
+
+
 def make_faces(model, num_faces, seed=0, image_size=224, uv_dir=None, texture_model=None,
                landmark_noise_px=1.0, shape_std=0.8):
     """The benchmark's ground truth (see the module docstring): a list of dicts with image
@@ -385,10 +415,24 @@ def _batches(items, batch_size, pad=True):
     return out
 
 
+def texture_error(fitted, truth):
+    """Mean absolute error (RGB summed, over the UV layout's texels) of a fitted UV map against
+    the true one, at the fitted map's resolution."""
+    import numpy as np
+    from PIL import Image
+
+    fitted = np.clip(np.asarray(fitted, np.float64), 0, 1)
+    size = fitted.shape[:2][::-1]
+    truth = np.asarray(Image.fromarray((np.clip(truth, 0, 1) * 255 + 0.5).astype(np.uint8))
+                       .resize(size, Image.Resampling.BILINEAR), np.float64) / 255
+    return float(np.mean(np.sum(np.abs(fitted - truth), axis=-1)))
+
+
 def _summary(name, per_face, fit_s, note=""):
     import numpy as np
 
     err = [f["error_mm"] for f in per_face]
+    tex = [f["texture_mae"] for f in per_face if "texture_mae" in f]
     lm = [f["landmark_px"] for f in per_face if "landmark_px" in f]
     iod = [f["landmark_iod_pct"] for f in per_face if "landmark_iod_pct" in f]
     ids = [f["id_cos"] for f in per_face if "id_cos" in f]
@@ -397,6 +441,7 @@ def _summary(name, per_face, fit_s, note=""):
                 landmark_px=float(np.mean(lm)) if lm else float("nan"),
                 landmark_iod_pct=float(np.mean(iod)) if iod else float("nan"),
                 id_cos=float(np.mean(ids)) if ids else float("nan"),
+                texture_mae=float(np.mean(tex)) if tex else float("nan"),
                 fit_s=fit_s, note=note, per_face=per_face)
 
 
@@ -404,11 +449,12 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
                 identity="dlib", texture="direct", ablate=(), json_out=False, *, batch_size=4,
                 chunk=25, uv_dir=None, texture_model=None, pca_texture_model=None,
                 identity_weights=None, landmark_noise_px=1.0, shape_std=0.8, model=None,
-                log=print):
+                occluders=False, log=print):
     """Runs the benchmark; returns one dict per configuration (see the module docstring), each
     with its per-face rows under 'per_face'. Prints the table (or JSON lines) as it goes.
 
-    model: a MorphableModel or a path for `morphable.load` (default: the shared SFM)."""
+    model: a MorphableModel or a path for `morphable.load` (default: the shared SFM).
+    occluders: paint one over each face (`occlude`) and add the 'full + face mask' row."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -434,10 +480,17 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
     if quiet:
         quiet(f"rendered {num_faces} ground-truth faces ({faces[0]['texture_source']}) in "
               f"{time.time() - t0:.1f}s")
+    if occluders:
+        occluder_rng = np.random.default_rng(seed + 1)
+        for f in faces:
+            f["image"], f["occluder"] = occlude(occluder_rng, f)
     net = _load_identity(identity, identity_weights, k_id)
     tex = _load_texture(texture)
 
     configs = [("full", losses.LossWeights(), tex, "")]
+    if occluders:
+        configs.append(("full + face mask", losses.LossWeights(), tex,
+                        "the occluder's complement as the face mask"))
     skipped = []
     for name in ablate:
         if name == "gan":
@@ -457,6 +510,8 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
     # one Target per face per identity net (shared by every configuration)
     base = fitting.make_pipeline(model, tex, net, size)
     targets = [fitting.target_from_image(base, f["image"], f["landmarks"]) for f in faces]
+    masked_targets = [t.replace(pixel_weight=jnp.asarray(~f["occluder"], jnp.float32))
+                      for t, f in zip(targets, faces)] if occluders else None
 
     # stage 1 once (landmarks; the texture model only sets the latent size, carried as zeros)
     stage1_cfg = fitting.FitConfig(stage1_iterations=stage1_iterations, stage2_iterations=0,
@@ -482,10 +537,16 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
             verts = np.asarray(morphable.vertices(model, p.shape, p.expression))
             ev = mesh_error(model, verts, faces[i]["vertices"])
             px, pct = landmark_errors(pipeline, p, faces[i]["landmarks_true"])
-            out.append(dict(face=i, error_mm=ev.error, p2p_mm=ev.point_to_point,
-                            landmark_px=px, landmark_iod_pct=pct,
-                            id_cos=identity_cosine(pipeline, p, targets[i])
-                            if pipeline.texture_fn is not None and p.texture.size else float("nan")))
+            textured = pipeline.texture_fn is not None and p.texture.size
+            row = dict(face=i, error_mm=ev.error, p2p_mm=ev.point_to_point,
+                       landmark_px=px, landmark_iod_pct=pct,
+                       id_cos=identity_cosine(pipeline, p, targets[i]) if textured
+                       else float("nan"))
+            uv_map = np.asarray(pipeline.texture_fn(pipeline.texture_params, p.texture)) \
+                if textured else None
+            if uv_map is not None and uv_map.ndim == 3:  # a UV map (not per-vertex colours)
+                row["texture_mae"] = texture_error(uv_map, faces[i]["texture"])
+            out.append(row)
         return out
 
     def emit(row):
@@ -495,6 +556,7 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
         elif log is not None:
             log(f"{row['config']}: error {row['error_mm']:.3f} mm (median {row['median_mm']:.3f})"
                 f" landmarks {row['landmark_px']:.2f} px id_cos {row['id_cos']:.3f} "
+                f"texture {row.get('texture_mae', float('nan')):.3f} "
                 f"fit {row['fit_s']:.1f}s {row['note']}")
 
     mean_rows = []
@@ -512,14 +574,16 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
                                 weights=weights)
         fitted = []
         t2 = time.time()
+        given = masked_targets if name == "full + face mask" else targets
         for b, (items, real) in enumerate(_batches(index, batch_size)):
             starts = []
             for i in items:
                 p = stage1[i].replace(texture=jnp.asarray(texture_init))
                 # stage 2 starts from the photo's colours where the texture model can invert them
-                starts.append(fitting.texture_from_photo(pipeline, p, faces[i]["image"]))
+                starts.append(fitting.texture_from_photo(pipeline, p, faces[i]["image"],
+                                                         pixel_weight=given[i].pixel_weight))
             p2, _ = fitting.fit(pipeline, fitting.stack(starts),
-                                fitting.stack([targets[i] for i in items]), cfg,
+                                fitting.stack([given[i] for i in items]), cfg,
                                 jax.random.fold_in(k_fit, 1000 + b), batched=True, log=None)
             fitted += fitting.unstack(p2, real)
         fit_s = time.time() - t2
@@ -529,8 +593,8 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
             log(f"{name}: {note}")
         rows.append(dict(config=name, faces=0, error_mm=float("nan"), median_mm=float("nan"),
                          std_mm=float("nan"), landmark_px=float("nan"),
-                         landmark_iod_pct=float("nan"), id_cos=float("nan"), fit_s=0.0,
-                         note=note, per_face=[]))
+                         landmark_iod_pct=float("nan"), id_cos=float("nan"),
+                         texture_mae=float("nan"), fit_s=0.0, note=note, per_face=[]))
         if json_out:
             print(to_json(rows[-1]), flush=True)
     if not json_out and log is not None:
@@ -543,7 +607,8 @@ COLUMNS = (("config", "configuration", "{}"), ("error_mm", "mean mm", "{:.3f}"),
            ("median_mm", "median mm", "{:.3f}"), ("std_mm", "std mm", "{:.3f}"),
            ("landmark_px", "landmarks px", "{:.2f}"), ("landmark_iod_pct", "landmarks % IOD",
                                                        "{:.2f}"),
-           ("id_cos", "identity cos", "{:.3f}"), ("fit_s", "time s", "{:.1f}"),
+           ("id_cos", "identity cos", "{:.3f}"), ("texture_mae", "texture MAE", "{:.3f}"),
+           ("fit_s", "time s", "{:.1f}"),
            ("note", "note", "{}"))
 
 
@@ -608,7 +673,7 @@ def main_quality(argv=None):
                        pca_texture_model=FLAGS.pca_texture_model,
                        identity_weights=FLAGS.identity_weights,
                        landmark_noise_px=FLAGS.landmark_noise_px, shape_std=FLAGS.shape_std,
-                       model=FLAGS.model)
+                       model=FLAGS.model, occluders=FLAGS.occlude)
     write_output(rows)
     return rows
 

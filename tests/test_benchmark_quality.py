@@ -93,20 +93,50 @@ def test_unknown_ablation_is_a_clear_error():
         bq.run_quality(1, ablate=["bogus"])
 
 
+def test_occluder_covers_part_of_the_face_and_nothing_else(faces):
+    rng = np.random.default_rng(0)
+    for f in faces:
+        image, mask = bq.occlude(rng, f)
+        assert mask.shape == image.shape[:2] and 0.02 < mask.mean() < 0.4
+        np.testing.assert_array_equal(image[~mask], f["image"][~mask])
+        assert np.abs(image[mask] - f["image"][mask]).mean() > 0.05
+        ys, xs = np.nonzero(mask)
+        lm = f["landmarks_true"]
+        centre = np.array([xs.mean(), ys.mean()]) + 0.5
+        assert np.all(centre >= lm.min(0) - 1) and np.all(centre <= lm.max(0) + 1)
+
+
+def test_texture_error_is_zero_for_the_truth_at_any_resolution(faces):
+    truth = faces[0]["texture"]
+    assert bq.texture_error(truth, truth) < 5e-3  # 8-bit steps, RGB summed
+    from PIL import Image
+
+    half = np.asarray(Image.fromarray((truth * 255 + 0.5).astype(np.uint8)).resize(
+        (truth.shape[1] // 2, truth.shape[0] // 2), Image.Resampling.BILINEAR)) / 255
+    assert bq.texture_error(half, truth) < 0.03
+    assert bq.texture_error(np.clip(truth + 0.1, 0, 1), truth) > 0.2
+
+
 def test_tiny_run_beats_the_mean_face_and_has_ablation_rows(sfm_model, capsys):
+    """Also with --occlude: the occluders painted over the faces, the masked fit's texture is
+    closer to the truth than the fit that takes them for skin."""
     rows = bq.run_quality(2, seed=0, iterations=10, stage1_iterations=40, image_size=SIZE,
                           identity="none", texture="direct", ablate=["pixel", "gan"],
-                          json_out=True, batch_size=2, chunk=10, model=sfm_model)
+                          json_out=True, batch_size=2, chunk=10, model=sfm_model,
+                          occluders=True)
     names = [r["config"] for r in rows]
-    assert names == ["mean face", "stage 1 (landmarks)", "full", "no pixel", "no gan"]
+    assert names == ["mean face", "stage 1 (landmarks)", "full", "full + face mask", "no pixel",
+                     "no gan"]
     by = {r["config"]: r for r in rows}
-    for name in names[:4]:
+    assert by["full + face mask"]["texture_mae"] < 0.9 * by["full"]["texture_mae"], rows  # 0.80
+    assert math.isnan(by["stage 1 (landmarks)"]["texture_mae"])
+    for name in names[:5]:
         r = by[name]
         assert len(r["per_face"]) == 2
         for f in r["per_face"]:
             assert math.isfinite(f["error_mm"]) and f["error_mm"] > 0
         assert r["median_mm"] > 0 and math.isfinite(r["error_mm"])
-    for name in names[1:4]:
+    for name in names[1:5]:
         assert math.isfinite(by[name]["landmark_px"]) and by[name]["landmark_px"] > 0
         assert by[name]["error_mm"] < by["mean face"]["error_mm"], (name, rows)
     assert by["full"]["fit_s"] > 0
