@@ -197,10 +197,15 @@ common.require_positive("stage1_learning_rate")
 SEQUENCE_FILES = ("sequence.npz", "sequence.png", "identity.obj", "identity.mtl", "identity.png",
                   "overlay.mp4")
 DEPTH_FILES = ("depth.npy", "depth.png", "normals.png")
-FACES_FILES = ("overlay.png", "faces.json")  # --all_faces: in each photo's folder itself
+FACES_FILES = ("overlay.png", "shape.png", "faces.json")  # --all_faces: the photo's folder
 OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png", "shape.png",
                 "side_by_side.png", "landmarks.png", "landmarks.json", "views.png", "loss.png",
                 "metrics.json")
+
+
+def faces_files():
+    """--all_faces: what each photo's own folder gets (beside its face_NN folders)."""
+    return tuple(f for f in FACES_FILES if FLAGS.shape_image or f != "shape.png")
 
 
 def result_files():
@@ -525,7 +530,7 @@ def check_outputs_free(folders, files=None):
     files = result_files() if files is None else files
     for folder in folders:
         existing = [f for f in files if os.path.exists(os.path.join(folder, f))]
-        if FLAGS.all_faces and files is FACES_FILES:  # how many faces is known once detected
+        if FLAGS.all_faces and "faces.json" in files:  # how many faces is known once detected
             existing += [os.path.join(os.path.basename(face), f)
                          for face in sorted(glob.glob(os.path.join(folder, "face_*")))
                          for f in result_files() if os.path.exists(os.path.join(face, f))][:3]
@@ -1019,7 +1024,7 @@ def run():
             write_summary(share, summary_name(index, count))
             return
     if not FLAGS.resume:
-        check_outputs_free(folders, FACES_FILES if FLAGS.all_faces else result_files())
+        check_outputs_free(folders, faces_files() if FLAGS.all_faces else result_files())
     faces = {}  # --image --all_faces: found before anything loads, so no face is one line
     if mode == "image" and FLAGS.all_faces:
         faces[FLAGS.image] = prepare_all(FLAGS.image, FLAGS.landmarks, FLAGS.image_size,
@@ -1613,20 +1618,28 @@ def fit_in_batches(jobs, load, total, pipeline, config, start, photo_texture, ke
 
 def write_faces(folder, pipeline, source, count, faces):
     """--all_faces: `folder`/overlay.png, every fitted face of the photo pasted back (smaller
-    faces first, so that a nearer, larger face covers one behind it), and faces.json, written
-    last: the photo is finished."""
+    faces first, so that a nearer, larger face covers one behind it), shape.png, every face's
+    shape alone the same way, and faces.json, written last: the photo is finished."""
     import numpy as np
 
-    from ganfit_jax import fitting, inputs, io
+    from ganfit_jax import fitting, inputs, io, morphable
 
     over = FLAGS.overwrite or FLAGS.resume
     faces = sorted(faces, key=lambda f: f[0])  # face_00, face_01, ...: largest first
-    overlay = faces[0][2].image
+    overlay = shape = faces[0][2].image
     for face_dir, params, item, metrics in sorted(faces, key=lambda f: f[3]["interocular_px"]):
         render, aux = fitting.render_face(pipeline, params)
         overlay = inputs.paste_back(overlay, np.clip(np.asarray(render), 0, 1),
                                     np.asarray(aux["mask"]), item.transform)
+        if FLAGS.shape_image:
+            verts = np.asarray(morphable.vertices(pipeline.model, params.shape,
+                                                  params.expression))
+            _, normals = photo_geometry(verts, pipeline.model.triangles, params.camera,
+                                        item.transform)
+            shape = shape_overlay(shape, normals)
     io.save_image(os.path.join(folder, "overlay.png"), overlay, overwrite=over)
+    if FLAGS.shape_image:
+        io.save_image(os.path.join(folder, "shape.png"), shape, overwrite=over)
     listing = [dict(folder=os.path.basename(face_dir),
                     landmark_error_px=m["landmark_error_px"],
                     landmark_error_iod=m["landmark_error_iod"], interocular_px=m["interocular_px"],
@@ -1635,7 +1648,8 @@ def write_faces(folder, pipeline, source, count, faces):
                for face_dir, _, item, m in faces]
     io.write_never_overwrite(os.path.join(folder, "faces.json"),
                              json.dumps(dict(source=str(source), faces=listing), indent=1), over)
-    print(f"wrote {folder}/: overlay.png faces.json ({count} face(s) of {source})", flush=True)
+    print(f"wrote {folder}/: {' '.join(faces_files())} ({count} face(s) of {source})",
+          flush=True)
 
 
 def main(argv):

@@ -491,6 +491,13 @@ def test_all_faces_fits_every_face_of_every_photo_in_shared_batches(faces_dir, s
         w, h = box[2] - box[0], box[3] - box[1]
         near[max(0, box[1] - h):box[3] + h, max(0, box[0] - w):box[2] + w] = True
     assert not (changed & ~near).any()
+    # shape.png: each face's shape alone over the photo, where each face's own shape.png has it
+    shape = landmarks.load_image(out / "b_group" / "shape.png")
+    for k in range(2):
+        own = landmarks.load_image(out / "b_group" / f"face_{k:02d}" / "shape.png")
+        face = np.abs(own - photo).max(-1) > 2 / 255
+        assert face.sum() > 50 and np.mean(np.abs(shape - own).max(-1)[face] < 1e-6) > 0.9, k
+    assert not ((np.abs(shape - photo).max(-1) > 2 / 255) & ~near).any()
     rows = read_summary(out / "summary.csv")
     assert [os.path.relpath(r["folder"], out) for r in rows] == [
         os.path.join("a_one", "face_00"), os.path.join("b_group", "face_00"),
