@@ -41,7 +41,8 @@ What each row reports:
 
 With --occlude an occluder (a flat-coloured ellipse, `occlude`) is painted over the lower half of
 each face, and a 'full + face mask' row fits the same photos given the occluder's complement as
-their face mask (`fitting.Target.pixel_weight`, fit --face_mask).
+their face mask (`fitting.Target.pixel_weight`, fit --face_mask), a 'full + skin mask' row given
+each photo's skin-colour weights (`inputs.skin_pixel_weight`, fit --face_mask=skin).
 
 Rows: 'mean face' (the model mean, same alignment: the number any fit must beat), 'stage 1
 (landmarks)' (the landmark-only initialisation), 'full' (Eq. 12), and with --ablate one row per
@@ -459,7 +460,7 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
     import jax.numpy as jnp
     import numpy as np
 
-    from ganfit_jax import fitting, losses, morphable
+    from ganfit_jax import fitting, inputs, losses, morphable
     from ganfit_jax.texture import model as texture_lib
 
     unknown = [a for a in ablate if a not in ABLATIONS]
@@ -491,6 +492,8 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
     if occluders:
         configs.append(("full + face mask", losses.LossWeights(), tex,
                         "the occluder's complement as the face mask"))
+        configs.append(("full + skin mask", losses.LossWeights(), tex,
+                        "inputs.skin_pixel_weight (fit --face_mask=skin)"))
     skipped = []
     for name in ablate:
         if name == "gan":
@@ -510,8 +513,15 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
     # one Target per face per identity net (shared by every configuration)
     base = fitting.make_pipeline(model, tex, net, size)
     targets = [fitting.target_from_image(base, f["image"], f["landmarks"]) for f in faces]
-    masked_targets = [t.replace(pixel_weight=jnp.asarray(~f["occluder"], jnp.float32))
-                      for t, f in zip(targets, faces)] if occluders else None
+    given_targets = {}
+    if occluders:
+        given_targets["full + face mask"] = [
+            t.replace(pixel_weight=jnp.asarray(~f["occluder"], jnp.float32))
+            for t, f in zip(targets, faces)]
+        given_targets["full + skin mask"] = [
+            t.replace(pixel_weight=jnp.asarray(inputs.skin_pixel_weight(f["image"],
+                                                                        f["landmarks"])))
+            for t, f in zip(targets, faces)]
 
     # stage 1 once (landmarks; the texture model only sets the latent size, carried as zeros)
     stage1_cfg = fitting.FitConfig(stage1_iterations=stage1_iterations, stage2_iterations=0,
@@ -574,7 +584,7 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
                                 weights=weights)
         fitted = []
         t2 = time.time()
-        given = masked_targets if name == "full + face mask" else targets
+        given = given_targets.get(name, targets)
         for b, (items, real) in enumerate(_batches(index, batch_size)):
             starts = []
             for i in items:

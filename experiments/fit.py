@@ -72,7 +72,9 @@ flags.DEFINE_string("face_mask", None, "Which of the photo's pixels the pixel lo
                     "(--image), or a folder holding STEM.png or STEM.npy for each photo or frame "
                     "(--images, --frames=DIR; a photo without one is compared wherever the face "
                     "covers it, and reported). Values: 0/1, 0/255 or [0, 1] weights; a label map "
-                    "with --mask_labels.")
+                    "with --mask_labels. 'skin': no file, each photo's weights from its own "
+                    "skin colour (inputs.skin_pixel_weight: hair, glasses, a scarf over the face "
+                    "weigh 0; a hand, skin-coloured, does not).")
 flags.DEFINE_list("mask_labels", None, "--face_mask files are label maps: the labels of the "
                   "face (integers), 'celebamask' (CelebAMask-HQ's skin, brows, eyes, nose, mouth "
                   "and lips: 1,2,3,4,5,10,11,12,13, as face-parsing.PyTorch labels them) or "
@@ -299,6 +301,9 @@ class Prepared(typing.NamedTuple):
     pixel_weight: typing.Any = None
 
 
+SKIN_MASK = "skin"  # --face_mask=skin: from the photo's own skin colour, no file
+
+
 def mask_labels():
     """--mask_labels as load_pixel_weight takes it: None, a name, or integers."""
     if not FLAGS.mask_labels:
@@ -325,15 +330,18 @@ def face_mask_file(path):
     return None
 
 
-def pixel_weight(path, image, transform):
-    """The working crop's pixel weights from --face_mask (None without the flag; ones, reported,
-    for a photo without a mask file, so that every target of a batch has weights)."""
+def pixel_weight(path, image, crop, lm_crop, transform):
+    """The working crop's pixel weights from --face_mask (None without the flag; the crop's
+    skin model for --face_mask=skin; ones, reported, for a photo without a mask file, so that
+    every target of a batch has weights)."""
     import numpy as np
 
     from ganfit_jax import inputs
 
     if not FLAGS.face_mask:
         return None
+    if FLAGS.face_mask == SKIN_MASK:
+        return inputs.skin_pixel_weight(crop, lm_crop)
     mask = face_mask_file(path)
     if mask is None:
         print(f"{path}: no face mask in {FLAGS.face_mask} (STEM.png or STEM.npy); every pixel "
@@ -363,7 +371,8 @@ def prepare(path, landmarks_path, size, detector, near=None, face=0, like=None):
         crop, lm_crop, transform = inputs.crop_face(image, lm, size)
     except ValueError as e:
         raise InputError(f"{landmarks_path or path}: {e}") from None
-    return Prepared(image, crop, lm_crop, transform, pixel_weight(path, image, transform))
+    return Prepared(image, crop, lm_crop, transform,
+                    pixel_weight(path, image, crop, lm_crop, transform))
 
 
 def prepare_all(path, landmarks_path, size, detector):
@@ -388,7 +397,7 @@ def prepare_all(path, landmarks_path, size, detector):
         except ValueError as e:
             raise InputError(f"{landmarks_path or path} (face {k}): {e}") from None
         items.append(Prepared(image, crop, lm_crop, transform,
-                              pixel_weight(path, image, transform)))
+                              pixel_weight(path, image, crop, lm_crop, transform)))
     if not items:
         raise InputError(f"{path}: every face's eyes are closer than --min_interocular="
                          f"{FLAGS.min_interocular:g} px")
@@ -410,7 +419,8 @@ def prepare_frame(frame, name, size, detector, near=None, face=0, like=None):
     except ValueError as e:
         raise InputError(str(e)) from None
     crop, lm_crop, transform = inputs.crop_face(image, lm, size)
-    return Prepared(image, crop, lm_crop, transform)  # a video's frames have no mask files
+    weight = inputs.skin_pixel_weight(crop, lm_crop) if FLAGS.face_mask == SKIN_MASK else None
+    return Prepared(image, crop, lm_crop, transform, weight)  # a video has no mask files
 
 
 def load_frame(path):
@@ -909,14 +919,16 @@ def check_face_mask(mode):
     """--face_mask and --mask_labels, before anything loads."""
     from ganfit_jax import inputs
 
-    if FLAGS.mask_labels and not FLAGS.face_mask:
-        raise InputError("--mask_labels goes with --face_mask (the label maps it reads)")
-    if not FLAGS.face_mask:
+    if FLAGS.mask_labels and (not FLAGS.face_mask or FLAGS.face_mask == SKIN_MASK):
+        raise InputError("--mask_labels goes with --face_mask=FILE_OR_DIR (the label maps it "
+                         "reads)")
+    if not FLAGS.face_mask or FLAGS.face_mask == SKIN_MASK:
         return
     mask_labels()
     if mode == "frames" and inputs.is_video(FLAGS.frames):
-        raise InputError("--face_mask: a video's frames have no mask files; give its frames "
-                         "as a folder (--frames=DIR) and their masks as another")
+        raise InputError("--face_mask: a video's frames have no mask files; give "
+                         "--face_mask=skin, or its frames as a folder (--frames=DIR) and their "
+                         "masks as another")
     if not os.path.exists(FLAGS.face_mask):
         raise InputError(f"--face_mask={FLAGS.face_mask}: no such file or folder")
     if mode != "image" and not os.path.isdir(FLAGS.face_mask):

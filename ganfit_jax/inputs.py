@@ -173,6 +173,106 @@ def load_pixel_weight(path, hw, labels=None):
                      "CelebAMask-HQ's classes, a list such as 1,2,10, or nonzero)")
 
 
+# iBUG-68 polygons of the parts of a face that are not skin-coloured but are the face's own
+# texture (brows, eyes, lips): a skin-colour model must not take them for occluders
+_FACE_PARTS = (tuple(range(17, 22)), tuple(range(22, 27)), tuple(range(36, 42)),
+               tuple(range(42, 48)), tuple(range(48, 60)))
+_JAW_AND_BROWS = tuple(range(0, 27))
+
+
+def _convex_hull(points):
+    """Andrew's monotone chain: the hull's vertices (K,2), counter-clockwise."""
+    pts = sorted(map(tuple, np.asarray(points, np.float64)))
+    if len(pts) < 3:
+        return np.asarray(pts)
+
+    def half(seq):
+        out = []
+        for p in seq:
+            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
+                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
+                out.pop()
+            out.append(p)
+        return out
+    return np.asarray(half(pts)[:-1] + half(pts[::-1])[:-1])
+
+
+def _polygon_mask(hw, polygon, grow=0.0):
+    """Pixels (H,W) bool whose centre lies in the polygon (pixel coordinates, centres at +0.5),
+    its outline drawn `grow` px wide too."""
+    from PIL import ImageDraw
+
+    canvas = Image.new("L", (hw[1], hw[0]), 0)
+    draw = ImageDraw.Draw(canvas)
+    xy = [(float(x) - 0.5, float(y) - 0.5) for x, y in polygon]
+    if len(xy) >= 3:
+        draw.polygon(xy, fill=255)
+    if grow > 0 and len(xy) >= 2:
+        draw.line(xy + xy[:1], fill=255, width=max(1, int(round(2 * grow))))
+    return np.asarray(canvas) > 0
+
+
+SKIN_CHROMA_STD = 0.004
+
+
+def skin_pixel_weight(image, landmarks, inlier=9.0, outlier=16.0):
+    """Pixel weights (H,W) in [0, 1] from the photo's own skin colour, where no face mask is
+    given (fit --face_mask=skin): hair, glasses, a scarf or a microphone over the face are
+    unlike its skin and weigh 0; skin, and the brows, eyes and lips the landmarks outline, weigh
+    1. Occlusion handling by a skin model, as Deep3DFaceRecon's skin attention and Egger et al.'s
+    occlusion-aware fitting do, estimated from this photo alone (no trained classifier): a robust
+    Gaussian of the chromaticity (r, g) = (R, G)/(R + G + B), which shading does not change, of
+    the pixels inside the jaw-and-brows hull less the face parts, refitted to its own inliers
+    (squared Mahalanobis distance ≤ `inlier`) so that an occluder covering under half of the face
+    does not bend it. The weight falls from 1 at `inlier` to 0 at `outlier` (χ² with 2 degrees of
+    freedom: 98.9% and 99.97% of skin). What is skin-coloured (a hand) stays in, and so does
+    whatever covers the brows, eyes or lips (they keep weight 1 whatever their colour, lipstick
+    included): give a face parser's mask for those.
+
+    Args:
+      image: (H,W,3) in [0,1]; landmarks: (68,2) in its pixels (NaN where missing).
+    """
+    image = np.asarray(image, np.float64)
+    landmarks = np.asarray(landmarks, np.float64)
+    hw = image.shape[:2]
+    ok = np.all(np.isfinite(landmarks), axis=1)
+    outline = landmarks[list(_JAW_AND_BROWS)][ok[list(_JAW_AND_BROWS)]]
+    if len(outline) < 3:
+        return np.ones(hw, np.float32)  # nowhere to learn the skin from: every pixel counts
+    parts = np.zeros(hw, bool)
+    grow = 0.04 * max(float(np.ptp(outline[:, 0])), 1.0)  # a brow is a line: give it a width
+    for part in _FACE_PARTS:
+        pts = landmarks[list(part)][ok[list(part)]]
+        parts |= _polygon_mask(hw, pts, grow)
+    face = _polygon_mask(hw, _convex_hull(outline)) & ~parts
+    total = np.maximum(image.sum(-1, keepdims=True), 1e-3)
+    chroma = (image / total)[..., :2]
+    samples = chroma[face]
+    if len(samples) < 20:
+        return np.ones(hw, np.float32)
+    mean = np.median(samples, axis=0)
+    spread = 1.4826 * np.median(np.abs(samples - mean), axis=0)
+    cov = np.diag(np.maximum(spread, SKIN_CHROMA_STD) ** 2)
+    for _ in range(5):
+        d2 = _mahalanobis2(samples, mean, cov)
+        inliers = samples[d2 <= inlier]
+        if len(inliers) < 10:
+            break
+        mean = inliers.mean(0)
+        # the inliers' covariance, widened for the χ² cut's truncation of the tails (≈ 1/0.95)
+        # and never narrower than skin's own spread (~0.01 in r and g), which a flat-coloured
+        # face (a render, heavy make-up) lacks: a highlight's whiter chromaticity is still skin
+        cov = np.cov(inliers.T) / 0.95 + np.eye(2) * SKIN_CHROMA_STD ** 2
+    d2 = _mahalanobis2(chroma.reshape(-1, 2), mean, cov).reshape(hw)
+    weight = np.clip((outlier - d2) / (outlier - inlier), 0.0, 1.0)
+    return np.where(parts, 1.0, weight).astype(np.float32)
+
+
+def _mahalanobis2(x, mean, cov):
+    diff = x - mean
+    return np.einsum("ni,ij,nj->n", diff, np.linalg.inv(cov), diff)
+
+
 def crop_pixel_weight(weight, transform: CropTransform, size=None):
     """Photo pixel weights (H,W) → the working crop's (size, size), sampled as `crop_square`
     samples the photo (the same square, filter and edge replication; 8-bit steps)."""

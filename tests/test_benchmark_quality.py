@@ -125,18 +125,18 @@ def test_tiny_run_beats_the_mean_face_and_has_ablation_rows(sfm_model, capsys):
                           json_out=True, batch_size=2, chunk=10, model=sfm_model,
                           occluders=True)
     names = [r["config"] for r in rows]
-    assert names == ["mean face", "stage 1 (landmarks)", "full", "full + face mask", "no pixel",
-                     "no gan"]
+    assert names == ["mean face", "stage 1 (landmarks)", "full", "full + face mask",
+                     "full + skin mask", "no pixel", "no gan"]
     by = {r["config"]: r for r in rows}
     assert by["full + face mask"]["texture_mae"] < 0.9 * by["full"]["texture_mae"], rows  # 0.80
     assert math.isnan(by["stage 1 (landmarks)"]["texture_mae"])
-    for name in names[:5]:
+    for name in names[:6]:
         r = by[name]
         assert len(r["per_face"]) == 2
         for f in r["per_face"]:
             assert math.isfinite(f["error_mm"]) and f["error_mm"] > 0
         assert r["median_mm"] > 0 and math.isfinite(r["error_mm"])
-    for name in names[1:5]:
+    for name in names[1:6]:
         assert math.isfinite(by[name]["landmark_px"]) and by[name]["landmark_px"] > 0
         assert by[name]["error_mm"] < by["mean face"]["error_mm"], (name, rows)
     assert by["full"]["fit_s"] > 0

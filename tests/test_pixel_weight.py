@@ -11,6 +11,21 @@ from ganfit_jax import fitting, inputs, losses, morphable
 SIZE = (64, 64)
 
 
+def frontal_face(model, size, light=fitting.DEFAULT_LIGHT):
+    """(pipeline, params): the mean face 1050 mm in front of the camera with the direct UV
+    texture at its skin-tone start."""
+    from ganfit_jax import camera
+    from ganfit_jax.texture.direct import DirectUVTexture
+
+    texture = DirectUVTexture(coarse=4, resolution=16)
+    params = fitting.FitParams(
+        shape=jnp.zeros(model.num_shape), expression=jnp.zeros(model.num_expression),
+        texture=jnp.asarray(texture.init_latent()),
+        camera=jnp.asarray([0, 0, 1050, 0, 10, 0, camera.default_focal(size), 0], jnp.float32),
+        light=jnp.asarray(light, jnp.float32))
+    return fitting.make_pipeline(model, texture, None, size), params
+
+
 def test_pixel_loss_is_the_weighted_mean_absolute_error():
     rng = np.random.default_rng(0)
     render, photo = rng.random((2, 8, 9, 3))
@@ -27,17 +42,7 @@ def test_what_the_mask_hides_neither_moves_the_loss_nor_its_gradient(sfm_model):
     """An occluder (a hand, hair) painted over half the face: with the face mask zero there, the
     pixel term and its gradient are those of the photo without it; without the mask the
     occluder pulls on the texture."""
-    from ganfit_jax.texture.direct import DirectUVTexture
-
-    texture = DirectUVTexture(coarse=4, resolution=16)
-    pipe = fitting.make_pipeline(sfm_model, texture, None, SIZE)
-    from ganfit_jax import camera
-
-    params = fitting.FitParams(
-        shape=jnp.zeros(sfm_model.num_shape), expression=jnp.zeros(sfm_model.num_expression),
-        texture=jnp.asarray(texture.init_latent()),
-        camera=jnp.asarray([0, 0, 1050, 0, 10, 0, camera.default_focal(SIZE), 0], jnp.float32),
-        light=jnp.asarray(fitting.DEFAULT_LIGHT))
+    pipe, params = frontal_face(sfm_model, SIZE)
     full = np.asarray(fitting.project_landmarks(pipe, params, None))
     photo, aux = fitting.render_face(pipe, params.replace(texture=params.texture + 0.3))
     photo = np.asarray(photo)
@@ -135,19 +140,10 @@ def test_the_crop_of_a_mask_lines_up_with_the_crop_of_its_photo():
 
 
 def test_unwrap_leaves_out_what_the_mask_hides_and_mirrors_the_other_side(sfm_model):
-    from ganfit_jax import camera
     from ganfit_jax.texture import unwrap
 
-    from ganfit_jax.texture.direct import DirectUVTexture
-
     size = (96, 96)
-    texture = DirectUVTexture(coarse=4, resolution=16)
-    pipe = fitting.make_pipeline(sfm_model, texture, None, size)
-    params = fitting.FitParams(
-        shape=jnp.zeros(sfm_model.num_shape), expression=jnp.zeros(sfm_model.num_expression),
-        texture=jnp.asarray(texture.init_latent()),
-        camera=jnp.asarray([0, 0, 1050, 0, 10, 0, camera.default_focal(size), 0], jnp.float32),
-        light=jnp.asarray(fitting.DEFAULT_LIGHT))
+    pipe, params = frontal_face(sfm_model, size)
     photo = np.asarray(fitting.render_face(pipe, params)[0]).copy()
     photo[:, 48:] = [0.9, 0.1, 0.8]  # the face's left half (image right) behind a magenta hand
     hidden = np.ones(size, np.float32)
@@ -173,3 +169,42 @@ def test_unwrap_leaves_out_what_the_mask_hides_and_mirrors_the_other_side(sfm_mo
     assert np.sum(masked_mask == 0.5) > np.sum(plain_mask == 0.5) + 100
     with pytest.raises(ValueError, match=r"pixel_weight: expected \(96, 96\)"):
         unwrapped(np.ones((10, 10)))
+
+
+def test_skin_weight_keeps_skin_and_face_parts_and_drops_what_is_not_skin(sfm_model):
+    """A rendered face (skin tone, Phong-shaded: its brightness varies, its chromaticity
+    does not), red lips and dark eyes inside their landmark outlines, over a blue background,
+    with a dark-brown "lock of hair" and a grey "microphone" over the face."""
+    size = (128, 128)
+    pipe, params = frontal_face(sfm_model, size,
+                                light=[300.0, 300.0, 1000.0, 0.7, 0.7, 0.7, 0.3, 0.3, 0.3])
+    background = jnp.broadcast_to(jnp.asarray([0.2, 0.3, 0.8]), size + (3,))
+    photo, aux = fitting.render_face(pipe, params, background=background)
+    photo, face = np.asarray(photo).copy(), np.asarray(aux["mask"]) > 0.5
+    from experiments import benchmark_quality
+
+    verts = morphable.vertices(sfm_model, params.shape, params.expression)
+    # the jaw along the SFM's contour, the points it lacks from their neighbours
+    lm = benchmark_quality.truth_landmarks(sfm_model, np.asarray(verts), params.camera, size)
+    lips = inputs._polygon_mask(size, lm[48:60])
+    eyes = inputs._polygon_mask(size, lm[36:42]) | inputs._polygon_mask(size, lm[42:48])
+    photo[lips] = [0.75, 0.1, 0.15]
+    photo[eyes] = [0.15, 0.1, 0.1]
+    hair, mic = np.zeros(size, bool), np.zeros(size, bool)
+    brows, eye, nose, mouth = lm[17:27, 1].min(), lm[45], lm[35], lm[54]
+    hair[int(brows) - 22:int(brows) - 6, int(lm[19, 0]):int(lm[24, 0])] = True  # the forehead
+    mic[int(eye[1]) + 8:int(mouth[1]) - 8, int(nose[0]) + 8:int(eye[0]) + 4] = True  # a cheek
+    photo[hair] = [0.25, 0.15, 0.08]
+    photo[mic] = [0.55, 0.55, 0.55]
+    assert face[hair].mean() > 0.8 and face[mic].mean() > 0.8
+    weight = inputs.skin_pixel_weight(photo, lm)
+    assert weight.shape == size and weight.dtype == np.float32
+    skin = face & ~hair & ~mic & ~lips & ~eyes
+    assert weight[skin].mean() > 0.97 and np.mean(weight[skin] == 1) > 0.95
+    assert weight[lips].min() == 1 and weight[eyes].min() == 1
+    assert weight[hair].max() < 0.05 and weight[mic].max() < 0.05
+    assert weight[~face].mean() < 0.02  # the blue background
+    # a greyscale photo has no chromaticity to tell skin by: every pixel counts
+    grey = np.repeat(photo.mean(-1, keepdims=True), 3, -1)
+    np.testing.assert_array_equal(inputs.skin_pixel_weight(grey, lm), 1.0)
+    np.testing.assert_array_equal(inputs.skin_pixel_weight(photo, np.full((68, 2), np.nan)), 1.0)
