@@ -212,6 +212,8 @@ def _polygon_mask(hw, polygon, grow=0.0):
     return np.asarray(canvas) > 0
 
 
+# skin_pixel_weight's floor under the chromaticity's spread: real faces here spread 0.006-0.037
+# in r and g; a floor of 0.01 let brown hair and beige walls pass as skin
 SKIN_CHROMA_STD = 0.004
 
 
@@ -260,8 +262,8 @@ def skin_pixel_weight(image, landmarks, inlier=9.0, outlier=16.0):
             break
         mean = inliers.mean(0)
         # the inliers' covariance, widened for the χ² cut's truncation of the tails (≈ 1/0.95)
-        # and never narrower than skin's own spread (~0.01 in r and g), which a flat-coloured
-        # face (a render, heavy make-up) lacks: a highlight's whiter chromaticity is still skin
+        # and by a floor a flat-coloured face (a render, heavy make-up) needs: there a
+        # highlight's whiter chromaticity is still skin
         cov = np.cov(inliers.T) / 0.95 + np.eye(2) * SKIN_CHROMA_STD ** 2
     d2 = _mahalanobis2(chroma.reshape(-1, 2), mean, cov).reshape(hw)
     weight = np.clip((outlier - d2) / (outlier - inlier), 0.0, 1.0)
