@@ -19,8 +19,8 @@ own resolution), side_by_side.png (photo | render | overlay), landmarks.png
 former in the photo's pixels, as --landmarks reads them), views.png (three other viewpoints,
 textured and as grey shape) and loss.png. With --frames, the output folder also gets
 sequence.npz (every fitted frame's expression, camera, head-pose angles, light and landmarks in
-frame order, the shared shape and texture once), sequence.png (pose and expression over the frames) and
-overlay.mp4 (the frames' overlays as a video). With
+frame order, the shared shape and texture once), sequence.png (pose and expression over the
+frames), overlay.mp4 (the frames' overlays as a video) and shape.mp4 (their shape.png). With
 --all_faces, every face of a photo is a result in its own folder face_00, face_01, ... (largest
 first), and the photo's folder gets overlay.png (every face pasted back) and faces.json. The
 output folder gets flags.txt (every flag as this run had it; --flagfile reads it back). Existing
@@ -114,7 +114,8 @@ flags.DEFINE_float("min_interocular", 0.0, "--all_faces: leave out faces whose e
                    "name.", lower_bound=0.0)
 flags.DEFINE_bool("overlay_video", True, "--frames: also write overlay.mp4, every fitted frame's "
                   "overlay.png in frame order (H.264), at the video's frame rate over the step "
-                  "between fitted frames (a folder of frames: --fps).")
+                  "between fitted frames (a folder of frames: --fps), and shape.mp4 from their "
+                  "shape.png the same way (with --shape_image).")
 flags.DEFINE_float("fps", 25.0, "--frames=DIR: the frames' rate, for overlay.mp4 (a video's "
                    "own rate is read from it).", lower_bound=0.01)
 flags.DEFINE_integer("seed", 0, "PRNG seed (random second render, texture init).")
@@ -197,7 +198,7 @@ common.require_positive("stage1_learning_rate")
 
 # --frames: in the output folder itself
 SEQUENCE_FILES = ("sequence.npz", "sequence.png", "identity.obj", "identity.mtl", "identity.png",
-                  "overlay.mp4")
+                  "overlay.mp4", "shape.mp4")
 DEPTH_FILES = ("depth.npy", "depth.png", "normals.png")
 FACES_FILES = ("overlay.png", "shape.png", "faces.json")  # --all_faces: the photo's folder
 OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png", "shape.png",
@@ -220,7 +221,12 @@ def result_files():
 
 
 def sequence_files():
-    return SEQUENCE_FILES + (("identity.glb",) if FLAGS.glb else ())
+    """--frames: what the output folder itself gets (the videos under --overlay_video, shape.mp4
+    also under --shape_image, identity.glb under --glb)."""
+    left_out = ({"overlay.mp4", "shape.mp4"} if not FLAGS.overlay_video
+                else set() if FLAGS.shape_image else {"shape.mp4"})
+    return (tuple(f for f in SEQUENCE_FILES if f not in left_out)
+            + (("identity.glb",) if FLAGS.glb else ()))
 
 
 SHUTDOWN_WAIT_S = 48 * 3600  # --distributed: how long a finished process waits for the others
@@ -766,6 +772,11 @@ def write_result(folder, pipeline, params, item, history, source):
     io.save_loss_curves(os.path.join(folder, "loss.png"), curves, log_y=True,
                         title=f"GANFIT fit of {os.path.basename(str(source))}", overwrite=over)
     metrics = fit_metrics(pipeline, params, landmarks_crop, transform, history)
+    if item.pixel_weight is not None:
+        # how much of the fitted face the pixel loss compared: near 0, a mask (or the skin
+        # model) that threw the face away
+        metrics["face_mask_coverage"] = float(np.sum(mask * np.asarray(item.pixel_weight))
+                                              / max(float(np.sum(mask)), 1.0))
     io.write_never_overwrite(os.path.join(folder, "metrics.json"),
                              json.dumps(dict(metrics, source=str(source)), indent=1), over)
     return metrics
@@ -799,7 +810,8 @@ def sheet_name(summary):
 
 POSE_COLUMNS = ("camera_yaw_deg", "camera_pitch_deg", "camera_roll_deg")
 SUMMARY_COLUMNS = ("photo", "folder", "landmark_error_px", "landmark_error_iod_percent",
-                   "identity_cosine_start", "identity_cosine_end") + POSE_COLUMNS
+                   "identity_cosine_start", "identity_cosine_end") + POSE_COLUMNS + (
+                   "face_mask_coverage",)
 
 
 def write_summary(share, name):
@@ -829,7 +841,8 @@ def write_summary(share, name):
                              landmark_error_iod_percent=100 * m["landmark_error_iod"],
                              identity_cosine_start=m.get("identity_cosine_start", ""),
                              identity_cosine_end=m.get("identity_cosine_end", ""),
-                             **{k: m.get(k, "") for k in POSE_COLUMNS}))  # older fits: none
+                             **{k: m.get(k, "") for k in POSE_COLUMNS + ("face_mask_coverage",)}))
+            # (older fits have no pose; fits without --face_mask no coverage)
     table = text_io.StringIO()
     writer = csv.DictWriter(table, SUMMARY_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -1175,7 +1188,7 @@ def write_sequence(output_dir, numbered_folders, model):
     """sequence.npz and sequence.png: the fitted frames' per-frame parameters as time series (a
     tracked video's expression and head pose), from their params.npz in frame order;
     identity.obj (+ .mtl, .png): the person the frames share, their shape at a neutral
-    expression with their texture; and overlay.mp4 (`write_overlay_video`)."""
+    expression with their texture; and overlay.mp4 and shape.mp4 (`write_overlay_video`)."""
     import numpy as np
 
     from ganfit_jax import camera, io, landmarks, morphable
@@ -1218,18 +1231,21 @@ def write_sequence(output_dir, numbered_folders, model):
     io.write_obj(os.path.join(output_dir, "identity.obj"), *identity_mesh, overwrite=over)
     if FLAGS.glb:
         io.write_glb(os.path.join(output_dir, "identity.glb"), *identity_mesh, overwrite=over)
-    written = [f for f in sequence_files() if f != "overlay.mp4" or FLAGS.overlay_video]
     if FLAGS.overlay_video:
-        fitted = set(frames)
-        write_overlay_video(output_dir, [(n, f) for n, f in numbered_folders if n in fitted])
-    print(f"wrote {output_dir}/: " + " ".join(written) + f" ({len(frames)} frames)", flush=True)
+        fitted = [(n, f) for n, f in numbered_folders if n in set(frames)]
+        write_overlay_video(output_dir, fitted)
+        if FLAGS.shape_image:
+            write_overlay_video(output_dir, fitted, "shape")
+    print(f"wrote {output_dir}/: " + " ".join(sequence_files()) + f" ({len(frames)} frames)",
+          flush=True)
 
 
-def write_overlay_video(output_dir, numbered_folders):
-    """overlay.mp4: the fitted frames' overlay.png in frame order, one video frame per step of
-    the fitted frames' numbers (their greatest common step: every frame when tracked, every
-    --frame_step-th of keyframes alone), a frame missing in between (no face) showing the one
-    before, at the source's rate over that step."""
+def write_overlay_video(output_dir, numbered_folders, name="overlay"):
+    """NAME.mp4 (overlay.mp4, shape.mp4): the fitted frames' NAME.png in frame order, one video
+    frame per step of the fitted frames' numbers (their greatest common step: every frame when
+    tracked, every --frame_step-th of keyframes alone), a frame missing in between (no face,
+    or a resumed run's older frame without the file) showing the one before, at the source's
+    rate over that step."""
     import math
 
     import numpy as np
@@ -1245,16 +1261,18 @@ def write_overlay_video(output_dir, numbered_folders):
     def frames():
         shown, size = None, None
         for n in range(numbers[0], numbers[-1] + 1, step):
-            if n in by_number:
-                shown = landmarks.load_image(os.path.join(by_number[n], "overlay.png"))
+            image = os.path.join(by_number.get(n, ""), f"{name}.png")
+            if n in by_number and os.path.exists(image):
+                shown = landmarks.load_image(image)
                 size = size or shown.shape[1::-1]
                 if shown.shape[1::-1] != size:  # a folder's frames in several sizes
                     from PIL import Image
 
                     shown = np.asarray(Image.fromarray(io.to_uint8(shown)).resize(size))
-            yield shown
+            if shown is not None:
+                yield shown
 
-    path = os.path.join(output_dir, "overlay.mp4")
+    path = os.path.join(output_dir, f"{name}.mp4")
     count = io.write_video(path, frames(), rate, overwrite=FLAGS.overwrite or FLAGS.resume)
     print(f"wrote {path}: {count} frames at {rate:.3g} fps", flush=True)
 

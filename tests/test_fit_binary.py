@@ -593,6 +593,9 @@ def test_face_mask_keeps_an_occluder_out_of_the_texture(faces_dir, sfm_dir, tmp_
                                    f"--face_mask={masks}", *args)
     assert code == 0, stderr[-2000:]
     assert "other.png: no face mask in" in stdout and "hand.png: no face mask" not in stdout
+    coverage = {os.path.basename(r["photo"]): float(r["face_mask_coverage"])
+                for r in read_summary(tmp_path / "masked" / "summary.csv")}
+    assert coverage["other.png"] == 1.0 and 0.5 < coverage["hand.png"] < 0.95, coverage
     code, _, stderr = run_fit(f"--image={photos / 'hand.png'}",
                               f"--output_dir={tmp_path / 'plain'}", *args)
     assert code == 0, stderr[-2000:]

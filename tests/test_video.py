@@ -208,6 +208,12 @@ def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path
         assert np.abs(frame - overlay).mean() < 0.02, i  # H.264's loss, not another frame
         if i:
             assert np.abs(frame - shown[i - 1][1]).mean() > 0.03  # the face moved
+    # shape.mp4: every frame's shape.png the same way
+    shapes = inputs.read_video_frames(out / "shape.mp4")
+    assert len(shapes) == 6
+    for i, frame in shapes:
+        shape = np.asarray(Image.open(out / f"frame_{i:06d}" / "shape.png"), np.float32) / 255
+        assert np.abs(frame - shape).mean() < 0.02, i
 
     # interrupted while tracking: frame 3 stopped while writing (no metrics.json, written
     # last), frame 5 never started. --resume reads the keyframes' shape and texture back, fits
