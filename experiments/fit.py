@@ -1211,7 +1211,10 @@ def write_sequence(output_dir, numbered_folders, model):
                    dict(stacked, frame=np.asarray(frames), camera_yaw_deg=yaw,
                         camera_pitch_deg=pitch, camera_roll_deg=roll,
                         source=np.asarray([str(r["__meta__"]["source"]) for r in rows]),
-                        shape=rows[0]["shape"], texture=rows[0]["texture"]),
+                        shape=rows[0]["shape"], texture=rows[0]["texture"],
+                        # the working size the cameras' focal lengths are in (render --sequence)
+                        **({"image_size": rows[0]["image_size"]} if "image_size" in rows[0]
+                           else {})),
                    overwrite=over)
     expression = stacked["expression"]
     pose = io.render_curves({"camera yaw": yaw, "camera pitch": pitch, "camera roll": roll},

@@ -35,7 +35,8 @@ flags.DEFINE_integer("turntable", 0, "if > 0, also render this many views evenly
                      lower_bound=0)
 flags.DEFINE_bool("turntable_video", False, "also write turntable.mp4: the --turntable views "
                   "in order as one H.264 video at --fps")
-flags.DEFINE_float("fps", 25.0, "--turntable_video's frame rate", lower_bound=0.1)
+flags.DEFINE_float("fps", 25.0, "--turntable_video's and --sequence's frame rate",
+                   lower_bound=0.1)
 flags.DEFINE_integer("image_size", 256, "square image size in pixels", lower_bound=8)
 flags.DEFINE_float("distance", 800.0, "camera distance (mm) from the face centre")
 flags.DEFINE_list("light", None, "9 values: x,y,z (world mm), light rgb, ambient rgb")
@@ -56,6 +57,16 @@ flags.DEFINE_string("expression_from", None, "a params.npz whose expression repl
                     "(expression transfer)")
 flags.DEFINE_string("pose_from", None, "a params.npz whose camera (the head pose and framing) "
                     "replaces --params'")
+flags.DEFINE_string("sequence", None, "a `fit --frames` sequence.npz: render every frame with its "
+                    "expression and head pose, as sequence.mp4 at --fps (and frame_NNNNNN.png "
+                    "with --save_frames), instead of --views: the --params person performing "
+                    "the video's expressions and poses (expression and pose transfer), or, "
+                    "without --params, the video's own person (its identity.png as texture)")
+flags.DEFINE_bool("sequence_pose", True, "--sequence: each frame's head pose (its camera); "
+                  "--nosequence_pose keeps --params' camera (or the frontal view) and moves the "
+                  "expression alone")
+flags.DEFINE_bool("save_frames", False, "--sequence: also write every frame as "
+                  "frame_NNNNNN.png (its number in the video)")
 flags.DEFINE_bool("overwrite", False, "replace existing output files")
 common.require_positive("distance")
 
@@ -143,17 +154,10 @@ def render_views(model, params, yaws, image_size, distance, light=None, backgrou
     import jax.numpy as jnp
 
     from ganfit_jax import camera as camera_lib
-    from ganfit_jax import morphable, render
+    from ganfit_jax import morphable
 
     verts = morphable.vertices(model, params.get("shape", 0.0), params.get("expression", 0.0))
-    if "texture" in params:
-        appearance = params["texture"]
-    elif "colours" in params:
-        appearance = params["colours"]
-    elif model.texture_mean is not None:
-        appearance = np.clip(np.asarray(model.texture_mean), 0, 1)
-    else:
-        appearance = np.broadcast_to(np.float32(DEFAULT_ALBEDO), (model.num_vertices, 3))
+    appearance = _appearance(model, params)
     centre = np.asarray(jnp.mean(verts, axis=0))
     if "camera" in params:
         base = params["camera"]
@@ -166,23 +170,115 @@ def render_views(model, params, yaws, image_size, distance, light=None, backgrou
         light = np.concatenate([np.asarray(base[0:3]) + [distance, distance, 0],
                                 [0.75, 0.75, 0.75, 0.35, 0.35, 0.35]]).astype(np.float32)
 
-    @jax.jit
-    def one(cam):
-        image, aux = render.render(verts, model.triangles, model.uv, appearance, cam, light,
-                                   image_size, background=background,
-                                   texture_sampling=texture_sampling)
-        if normals or shape_only:
-            aux["normals"] = render.geometry_maps(verts, model.triangles, cam,
-                                                  camera_lib.image_hw(image_size))[1]
-        if shape_only:
-            grey = render.shape_shading(aux["normals"])
-            image = jnp.where(jnp.isnan(grey)[..., None], jnp.asarray(background, jnp.float32),
-                              jnp.repeat(grey[..., None], 3, axis=-1))
-        return image, aux
-
+    one = jax.jit(lambda cam: _render_one(model, verts, appearance, cam, light, image_size,
+                                          background, texture_sampling, normals, shape_only))
     for yaw in yaws:
         image, aux = one(jnp.asarray(orbit_camera(base, yaw)))
         yield yaw, np.asarray(image), {k: np.asarray(v) for k, v in aux.items()}
+
+
+def _appearance(model, params):
+    """What the face is coloured with: the params' UV map or colours, else the model's texture
+    mean, else a uniform skin tone."""
+    if "texture" in params:
+        return params["texture"]
+    if "colours" in params:
+        return params["colours"]
+    if model.texture_mean is not None:
+        return np.clip(np.asarray(model.texture_mean), 0, 1)
+    return np.broadcast_to(np.float32(DEFAULT_ALBEDO), (model.num_vertices, 3))
+
+
+def _render_one(model, verts, appearance, cam, light, image_size, background, texture_sampling,
+                normals=False, shape_only=False):
+    """One view (traced): (image, aux), aux with `normals` when asked or `shape_only` (the
+    image then the shape's grey shading over the background)."""
+    import jax.numpy as jnp
+
+    from ganfit_jax import camera as camera_lib
+    from ganfit_jax import render
+
+    image, aux = render.render(verts, model.triangles, model.uv, appearance, cam, light,
+                               image_size, background=background,
+                               texture_sampling=texture_sampling)
+    if normals or shape_only:
+        aux["normals"] = render.geometry_maps(verts, model.triangles, cam,
+                                              camera_lib.image_hw(image_size))[1]
+    if shape_only:
+        grey = render.shape_shading(aux["normals"])
+        image = jnp.where(jnp.isnan(grey)[..., None], jnp.asarray(background, jnp.float32),
+                          jnp.repeat(grey[..., None], 3, axis=-1))
+    return image, aux
+
+
+SEQUENCE_KEYS = ("expression", "camera", "light", "frame", "shape", "image_size")
+
+
+def load_sequence(path, model):
+    """A `fit --frames` sequence.npz → dict of its per-frame expression (F,E), camera (F,8),
+    light (F,9), frame (F,), and the shared shape (S,) and working image_size."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--sequence {path}: no such file")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"--sequence {path}: not a readable .npz ({e})") from None
+    missing = [k for k in SEQUENCE_KEYS if k not in data.files]
+    if missing:
+        raise ValueError(f"--sequence {path}: lacks {missing}; expected the sequence.npz of "
+                         "`fit --frames` (one written before `image_size` was kept: fit again)")
+    out = {k: np.asarray(data[k], np.float32) for k in SEQUENCE_KEYS}
+    frames = len(out["frame"])
+    for key, shape in (("expression", (frames, model.num_expression)),
+                       ("camera", (frames, 8)), ("light", (frames, 9)),
+                       ("shape", (model.num_shape,))):
+        if out[key].shape != shape:
+            raise ValueError(f"--sequence {path}: {key} must be {shape} for this model and "
+                             f"{frames} frames, got {out[key].shape}")
+    return out
+
+
+def render_sequence(model, params, sequence, image_size, light=None, background=1.0,
+                    texture_sampling="pixel", shape_only=False, pose=True):
+    """Yields (frame number, image) for every frame of `sequence` (`load_sequence`): the face of
+    `params` (its shape; the sequence's own without one) with that frame's expression, seen by
+    that frame's camera (its focal scaled from the fit's working size to `image_size`) when
+    `pose`, else by `params`' camera (or a frontal one) throughout; lit by `light`, else
+    `params`' light, else each frame's own."""
+    import jax
+    import jax.numpy as jnp
+
+    from ganfit_jax import camera as camera_lib
+    from ganfit_jax import morphable
+
+    shape = jnp.asarray(params.get("shape", sequence["shape"]))
+    appearance = _appearance(model, params)
+    cameras = sequence["camera"].copy()
+    cameras[:, 6] *= image_size / float(np.max(sequence["image_size"]))
+    if not pose:
+        if "camera" in params:
+            fixed = params["camera"]
+        else:
+            centre = np.asarray(jnp.mean(morphable.vertices(model, shape, 0.0), axis=0))
+            fixed = np.concatenate([centre + [0, 0, 800.0], centre,
+                                    [camera_lib.default_focal(image_size)]])
+        fixed = np.concatenate([fixed, [0.0]])[:8]  # a 7-value camera has no roll
+        cameras = np.broadcast_to(np.asarray(fixed, np.float32), cameras.shape)
+    if light is None:
+        light = params.get("light")
+    lights = np.broadcast_to(light, sequence["light"].shape) if light is not None \
+        else sequence["light"]
+
+    @jax.jit
+    def one(expression, cam, frame_light):
+        verts = morphable.vertices(model, shape, expression)
+        return _render_one(model, verts, appearance, cam, frame_light, image_size, background,
+                           texture_sampling, shape_only=shape_only)[0]
+
+    for number, expression, cam, frame_light in zip(sequence["frame"], sequence["expression"],
+                                                    cameras, lights):
+        yield int(number), np.asarray(one(jnp.asarray(expression), jnp.asarray(cam),
+                                          jnp.asarray(frame_light)))
 
 
 def _stem(output_dir, yaw):
@@ -193,6 +289,34 @@ def _write(path, write, overwrite):
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
     write(path)
+
+
+def render_sequence_files(model, params, sequence, light):
+    """--sequence: OUTPUT_DIR/sequence.mp4 (and frame_NNNNNN.png with --save_frames)."""
+    from ganfit_jax import io
+
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    video = os.path.join(FLAGS.output_dir, "sequence.mp4")
+    stems = [os.path.join(FLAGS.output_dir, f"frame_{int(n):06d}.png") for n in sequence["frame"]]
+    existing = [p for p in [video] + (stems if FLAGS.save_frames else []) if os.path.exists(p)]
+    if existing and not FLAGS.overwrite:  # refuse before rendering anything
+        raise FileExistsError(f"{existing[0]} exists ({len(existing)} outputs in all); pass "
+                              "--overwrite to replace them")
+    total = len(stems)
+
+    def frames():
+        for k, (number, image) in enumerate(render_sequence(
+                model, params, sequence, FLAGS.image_size, light, FLAGS.background,
+                FLAGS.texture_sampling, FLAGS.shape_only, FLAGS.sequence_pose)):
+            png = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+            if FLAGS.save_frames:
+                io.save_image(stems[k], png, overwrite=FLAGS.overwrite)
+            if k % 25 == 0 or k == total - 1:
+                logging.info("rendered frame %d (%d of %d)", number, k + 1, total)
+            yield png
+
+    count = io.write_video(video, frames(), FLAGS.fps, overwrite=FLAGS.overwrite)
+    print(video + (f" and {count} frame_NNNNNN.png" if FLAGS.save_frames else ""))
 
 
 def main(argv):
@@ -207,7 +331,16 @@ def main(argv):
         raise app.UsageError("--output_dir is required")
     model = morphable.load(FLAGS.model)
     params = _load_params(FLAGS.params, model) if FLAGS.params else {}
-    params = _with_texture_map(params, FLAGS.params or "", FLAGS.texture_map)
+    texture_map = FLAGS.texture_map
+    if FLAGS.sequence:
+        if FLAGS["views"].present or FLAGS.turntable:
+            raise ValueError("--sequence renders the video's frames; --views and --turntable go "
+                             "without it")
+        sequence = load_sequence(FLAGS.sequence, model)
+        beside = os.path.join(os.path.dirname(FLAGS.sequence), "identity.png")
+        if not FLAGS.params and texture_map is None and os.path.exists(beside):
+            texture_map = beside  # the video's own person: the texture its frames share
+    params = _with_texture_map(params, FLAGS.params or "", texture_map)
     for flag, keys in (("expression_from", ("expression",)), ("pose_from", ("camera", "fit_size"))):
         path = getattr(FLAGS, flag)
         if path:
@@ -224,6 +357,9 @@ def main(argv):
         if len(FLAGS.light) != 9:
             raise ValueError(f"--light: expected 9 comma-separated values, got {len(FLAGS.light)}")
         light = np.asarray([float(x) for x in FLAGS.light], np.float32)
+    if FLAGS.sequence:
+        render_sequence_files(model, params, sequence, light)
+        return
     try:
         yaws = [float(v) for v in FLAGS.views]
     except ValueError:

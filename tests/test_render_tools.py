@@ -112,3 +112,63 @@ def test_render_experiment_writes_views_and_refuses_to_overwrite(sfm_dir, tmp_pa
     np.savez(bad, shape=np.zeros(5))
     result = _run(["--model", model, "--params", str(bad), "--output_dir", str(tmp_path / "b")])
     assert result.returncode != 0 and "shape must be (63,)" in result.stderr
+
+
+def test_render_a_sequence_is_each_frames_expression_and_pose(sfm_dir, tmp_path):
+    """render --sequence: frame k of sequence.mp4 (and frame_NNNNNN.png) is --params' face with
+    frame k's expression, seen by frame k's camera (its focal scaled from the fit's 64 px to
+    48), as `render --params` of a file holding that expression and camera renders it;
+    --nosequence_pose keeps one camera; a sequence without its working size is refused."""
+    from PIL import Image
+
+    from ganfit_jax import camera, inputs
+
+    model = str(sfm_dir / "sfm_shape_3448.bin")
+    rng = np.random.default_rng(0)
+    frames = np.array([3, 4, 5])
+    cameras = np.array([[x, 0, 1000, 0, 10, 0, camera.default_focal((64, 64)), 0]
+                        for x in (-150.0, 0.0, 150.0)], np.float32)
+    expressions = rng.normal(size=(3, 6)).astype(np.float32)
+    light = np.array([0, 300, 1000, 0.7, 0.7, 0.7, 0.4, 0.4, 0.4], np.float32)
+    np.savez(tmp_path / "sequence.npz", frame=frames, expression=expressions, camera=cameras,
+             light=np.tile(light, (3, 1)), shape=np.zeros(63, np.float32),
+             texture=np.zeros(4, np.float32), image_size=np.array([64, 64]))
+    person = tmp_path / "person.npz"
+    np.savez(person, shape=np.full(63, 0.5, np.float32), light=light)
+    out = tmp_path / "out"
+    base = ["--model", model, "--params", str(person), "--image_size", "48"]
+    result = _run(base + ["--sequence", str(tmp_path / "sequence.npz"), "--output_dir",
+                          str(out), "--save_frames", "--fps=5"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    video = inputs.read_video_frames(out / "sequence.mp4")
+    assert len(video) == 3 and inputs.video_frame_rate(out / "sequence.mp4") == pytest.approx(5)
+    for k, n in enumerate(frames):
+        single = tmp_path / f"single{k}.npz"
+        np.savez(single, shape=np.full(63, 0.5, np.float32), light=light,
+                 expression=expressions[k], camera=cameras[k], image_size=np.array([64, 64]))
+        result = _run(["--model", model, "--params", str(single), "--image_size", "48",
+                       "--output_dir", str(tmp_path / f"v{k}")])
+        assert result.returncode == 0, result.stderr[-2000:]
+        expected = np.asarray(Image.open(tmp_path / f"v{k}" / "yaw+0000.0.png"))
+        frame = np.asarray(Image.open(out / f"frame_{n:06d}.png"))
+        np.testing.assert_array_equal(frame, expected)
+        assert np.abs(video[k][1] - frame / 255.0).mean() < 0.02  # H.264's loss
+    assert np.abs(video[0][1] - video[2][1]).mean() > 0.02  # the head turned
+    # --nosequence_pose: one camera; the same expression every frame gives the same image
+    still = tmp_path / "still.npz"
+    np.savez(still, frame=frames, expression=np.zeros((3, 6), np.float32), camera=cameras,
+             light=np.tile(light, (3, 1)), shape=np.zeros(63, np.float32),
+             image_size=np.array([64, 64]))
+    result = _run(base + ["--sequence", str(still), "--output_dir", str(tmp_path / "still"),
+                          "--save_frames", "--nosequence_pose"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    first = np.asarray(Image.open(tmp_path / "still" / "frame_000003.png"))
+    for n in (4, 5):
+        np.testing.assert_array_equal(np.asarray(Image.open(
+            tmp_path / "still" / f"frame_{n:06d}.png")), first)
+    old = tmp_path / "old.npz"
+    np.savez(old, frame=frames, expression=expressions, camera=cameras,
+             light=np.tile(light, (3, 1)), shape=np.zeros(63, np.float32))
+    result = _run(base + ["--sequence", str(old), "--output_dir", str(tmp_path / "old")])
+    assert result.returncode == 1 and "old.npz: lacks ['image_size']" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -185,6 +185,7 @@ def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path
                         camera.orbit_angles(np.stack([p["camera"] for p in params])))
     np.testing.assert_allclose(sequence["camera_yaw_deg"], yaw, rtol=1e-6)
     np.testing.assert_array_equal(sequence["shape"], params[0]["shape"])
+    np.testing.assert_array_equal(sequence["image_size"], params[0]["image_size"])
     assert (out / "sequence.png").read_bytes()[:4] == b"\x89PNG"
     # identity.obj: the shared shape at a neutral expression, with the shared texture
     import trimesh
