@@ -14,7 +14,9 @@ block, vertices (N,3) mm in model coordinates, landmarks3d (68,3), landmarks2d i
 the camera as OpenCV takes one: camera_matrix (3,3) in the photo's pixels, rotation (3,3) and
 translation (3,) from model to camera coordinates),
 overlay.png (render on the photo), shape.png (the fitted shape alone, grey, on the photo at its
-own resolution), side_by_side.png (photo | render | overlay), landmarks.png
+own resolution), side_by_side.png (photo | render | overlay), intrinsics.png (the render's
+albedo | shading | highlight: render = albedo × shading × metrics.json's shading_scale +
+highlight), landmarks.png
 (the landmarks followed, green, and the fitted model's, red, on the crop), landmarks.json (the
 former in the photo's pixels, as --landmarks reads them), views.png (three other viewpoints,
 textured and as grey shape) and loss.png. With --frames, the output folder also gets
@@ -202,8 +204,8 @@ SEQUENCE_FILES = ("sequence.npz", "sequence.png", "identity.obj", "identity.mtl"
 DEPTH_FILES = ("depth.npy", "depth.png", "normals.png")
 FACES_FILES = ("overlay.png", "shape.png", "faces.json")  # --all_faces: the photo's folder
 OUTPUT_FILES = ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png", "shape.png",
-                "side_by_side.png", "landmarks.png", "landmarks.json", "views.png", "loss.png",
-                "metrics.json")
+                "side_by_side.png", "intrinsics.png", "landmarks.png", "landmarks.json",
+                "views.png", "loss.png", "metrics.json")
 
 
 def faces_files():
@@ -688,6 +690,25 @@ def write_depth(folder, depth, normals, over):
                   overwrite=over)
 
 
+def write_intrinsics(folder, pipeline, params, over):
+    """intrinsics.png: the render taken apart as Phong composes it (fitting.intrinsic_images),
+    albedo | shading | highlight. The fitted light often brightens past 1 what the texture
+    darkens (their product is what the photo fixes), so the shading panel is divided by its
+    99th percentile over the face, returned: render = albedo × shading × scale + highlight."""
+    import numpy as np
+
+    from ganfit_jax import fitting, io
+
+    albedo, shading, specular, mask = (np.asarray(a) for a in
+                                       fitting.intrinsic_images(pipeline, params))
+    face = mask > 0.5
+    scale = float(np.percentile(shading[face], 99)) if face.any() else 1.0
+    scale = max(scale, 1e-6)
+    io.save_image(os.path.join(folder, "intrinsics.png"), np.clip(np.concatenate(
+        [albedo, shading / scale, specular], axis=1), 0, 1), overwrite=over)
+    return scale
+
+
 def write_result(folder, pipeline, params, item, history, source):
     """Every output of one fit (`item`: the Prepared photo it was fitted to) into `folder`."""
     import jax.numpy as jnp
@@ -740,6 +761,7 @@ def write_result(folder, pipeline, params, item, history, source):
     crop_overlay = crop * (1 - mask[..., None]) + rendered * mask[..., None]
     io.save_image(os.path.join(folder, "side_by_side.png"),
                   np.concatenate([crop, rendered, crop_overlay], axis=1), overwrite=over)
+    shading_scale = write_intrinsics(folder, pipeline, params, over)
     if landmarks_crop is not None:
         # the landmarks the fit followed (green), as `--landmarks` reads them back, and where
         # the fitted model puts its own (red)
@@ -772,6 +794,7 @@ def write_result(folder, pipeline, params, item, history, source):
     io.save_loss_curves(os.path.join(folder, "loss.png"), curves, log_y=True,
                         title=f"GANFIT fit of {os.path.basename(str(source))}", overwrite=over)
     metrics = fit_metrics(pipeline, params, landmarks_crop, transform, history)
+    metrics["shading_scale"] = shading_scale
     if item.pixel_weight is not None:
         # how much of the fitted face the pixel loss compared: near 0, a mask (or the skin
         # model) that threw the face away

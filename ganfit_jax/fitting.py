@@ -318,6 +318,23 @@ def render_face(pipeline: Pipeline, params: FitParams, background=None, texture=
                      params.light, pipeline.image_size, **kwargs)
 
 
+def intrinsic_images(pipeline: Pipeline, params: FitParams):
+    """The render I_R split as the Phong model of Sec. 3.2 composes it, I_R = albedo ⊙ shading +
+    specular: (albedo (the texture as the camera sees it, unlit), shading (ambient + diffuse,
+    RGB: what the light does to a white face), specular (the highlight), mask), each (H,W,3)
+    but the mask, black off the face. By re-rendering with the light or the texture replaced:
+    ambient 1 and no light gives the albedo, a black texture the highlight alone, a white one
+    shading plus highlight."""
+    texture = pipeline.texture_fn(pipeline.texture_params, params.texture)
+    black = jnp.zeros(3)
+    unlit = params.light.at[3:6].set(0.0).at[6:9].set(1.0)
+    albedo, aux = render_face(pipeline, params.replace(light=unlit), background=black,
+                              texture=texture)
+    specular, _ = render_face(pipeline, params, background=black, texture=jnp.zeros_like(texture))
+    white, _ = render_face(pipeline, params, background=black, texture=jnp.ones_like(texture))
+    return albedo, white - specular, specular, aux["mask"]
+
+
 def random_second_view(params: FitParams, key, stats: RandomRenderStats) -> FitParams:
     """Î_R's parameters (Eq. 7): same identity and texture, random expression, pose and light."""
     k_e, k_yaw, k_pitch, k_lp, k_lc = jax.random.split(key, 5)

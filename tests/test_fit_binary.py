@@ -33,7 +33,7 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
     assert code == 0, stderr[-2000:]
     assert "stage 2 iter 2/2" in stdout and "eta" in stdout
     for name in ("mesh.obj", "mesh.mtl", "mesh.png", "params.npz", "overlay.png", "shape.png",
-                 "side_by_side.png", "landmarks.png", "landmarks.json", "views.png", "loss.png",
+                 "side_by_side.png", "intrinsics.png", "landmarks.png", "landmarks.json", "views.png", "loss.png",
                  "metrics.json", "mesh.glb", "depth.npy", "depth.png", "normals.png",
                  "photo_texture.png"):
         assert (out / name).stat().st_size > 0, name
@@ -96,6 +96,15 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
                                                                keepdims=True)
     expected = np.asarray(render.shape_shading(camera_normals))
     assert np.median(np.abs(shape[face][:, 0] - expected)) < 2 / 255  # normals.png is 8-bit
+    # intrinsics.png: albedo | shading (÷ metrics' shading_scale) | highlight, which compose the
+    # render (side_by_side.png's middle) wherever nothing clipped and the face covers the pixel
+    parts = np.asarray(Image.open(out / "intrinsics.png"), np.float64) / 255
+    albedo, shading, highlight = parts[:, :64], parts[:, 64:128], parts[:, 128:]
+    rendered = np.asarray(Image.open(out / "side_by_side.png"), np.float64)[:, 64:128] / 255
+    ok = (albedo.max(-1) > 0) & (shading.max(-1) < 1) & (rendered.max(-1) < 1)
+    assert ok.mean() > 0.2 and metrics["shading_scale"] > 0
+    np.testing.assert_allclose((albedo * shading * metrics["shading_scale"] + highlight)[ok],
+                               rendered[ok], atol=6 / 255)
     # views.png: the textured views above, the same views of the shape alone (grey) below
     views = np.asarray(Image.open(out / "views.png"), np.float64)
     assert views.shape == (128, 192, 3)

@@ -399,3 +399,32 @@ def test_cpu_step_options_keep_what_this_xla_knows(monkeypatch):
         assert fitting.cpu_step_compiler_options("cpu") is None
     finally:
         fitting.cpu_step_compiler_options.cache_clear()
+
+
+def test_intrinsic_images_compose_the_render(sfm_model):
+    """I_R = albedo ⊙ shading + specular on every covered pixel; a uniform texture is the albedo
+    itself; an ambient-only light is the shading itself, with no highlight."""
+    from ganfit_jax.texture.direct import DirectUVTexture
+
+    tex = DirectUVTexture(coarse=4, resolution=16)
+    pipe = fitting.make_pipeline(sfm_model, tex, None, SIZE)
+    truth = random_truth(sfm_model, 3).replace(texture=tex.init_latent() + 0.4)
+    rendered, _ = fitting.render_face(pipe, truth)
+    albedo, shading, specular, mask = (np.asarray(a) for a in
+                                       fitting.intrinsic_images(pipe, truth))
+    face = mask > 0.5
+    assert face.mean() > 0.1 and np.abs(specular[face]).max() > 0.01
+    np.testing.assert_allclose(np.asarray(rendered)[face], (albedo * shading + specular)[face],
+                               atol=1e-5)
+    assert np.all(albedo[~face] == 0) and np.all(shading[~face] == 0)
+    colour = jnp.asarray([0.2, 0.5, 0.7])
+    uniform = pipe.replace(texture_fn=lambda _, __: jnp.broadcast_to(colour, (16, 16, 3)))
+    albedo, _, _, _ = fitting.intrinsic_images(uniform, truth)
+    np.testing.assert_allclose(np.asarray(albedo)[face], np.broadcast_to(colour, (face.sum(), 3)),
+                               atol=1e-6)
+    ambient = truth.replace(light=truth.light.at[3:6].set(0.0).at[6:9].set(
+        jnp.asarray([0.3, 0.4, 0.5])))
+    _, shading, specular, _ = fitting.intrinsic_images(pipe, ambient)
+    np.testing.assert_allclose(np.asarray(shading)[face],
+                               np.broadcast_to([0.3, 0.4, 0.5], (face.sum(), 3)), atol=1e-6)
+    assert np.abs(np.asarray(specular)).max() == 0
