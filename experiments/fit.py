@@ -118,8 +118,8 @@ flags.DEFINE_bool("overlay_video", True, "--frames: also write overlay.mp4, ever
                   "overlay.png in frame order (H.264), at the video's frame rate over the step "
                   "between fitted frames (a folder of frames: --fps), and shape.mp4 from their "
                   "shape.png the same way (with --shape_image).")
-flags.DEFINE_float("fps", 25.0, "--frames=DIR: the frames' rate, for overlay.mp4 (a video's "
-                   "own rate is read from it).", lower_bound=0.01)
+flags.DEFINE_float("fps", 25.0, "--frames=DIR: the frames' rate, for overlay.mp4 and shape.mp4 "
+                   "(a video's own rate is read from it).", lower_bound=0.01)
 flags.DEFINE_integer("seed", 0, "PRNG seed (random second render, texture init).")
 flags.DEFINE_float("lambda_id", 2.0, "λ_id", lower_bound=0.0)
 flags.DEFINE_float("lambda_id_random", 2.0, "λ̂_id", lower_bound=0.0)
@@ -142,8 +142,9 @@ flags.DEFINE_bool("depth", False, "Also write depth.npy (the photo's height × w
                   "normals as colours: red right, green up, blue towards the camera), rendered "
                   "at the face's resolution in the photo (at most 2048 px).")
 flags.DEFINE_bool("shape_image", True, "Write shape.png (the fitted shape alone, grey, over "
-                  "the photo at the face's resolution) and a grey row in views.png; "
-                  "--noshape_image skips both (~8 s less for a 12 MP photo).")
+                  "the photo at the face's resolution; --all_faces: every face's, in the "
+                  "photo's folder; --frames: shape.mp4 of them), and a grey row in views.png; "
+                  "--noshape_image skips them (~8 s less for a 12 MP photo).")
 flags.DEFINE_bool("photo_texture", False, "Also write photo_texture.png: the photo's own "
                   "colours in the model's UV layout (512², or mesh.png's size when larger), as "
                   "eos' isomap and DECA's uv_texture_gt give them; alpha 255 where the photo "
