@@ -2,7 +2,8 @@
 
 For each photo: 68 landmarks (a .npy/.pts/.json beside it, else dlib), the working crop, a
 landmark fit of shape, expression and camera (stage 1 of the fitting), then the visible texels
-sampled into the UV map, the occluded half filled from its mirror. Writes NAME.png and
+sampled into the UV map (less what --face_mask hides), the occluded half filled from its mirror.
+Writes NAME.png and
 NAME_mask.png (white seen, grey mirrored, black unknown) and a coverage summary.
 
     python -m experiments.build_uv_dataset --images=DIR --output_dir=DIR [--model=...]
@@ -28,6 +29,13 @@ flags.DEFINE_integer("crop_size", 256, "Working crop of the photo.", lower_bound
 flags.DEFINE_integer("iterations", 200, "Landmark-fit iterations per photo.", lower_bound=0)
 flags.DEFINE_string("detector", "hog", "dlib detector when no landmark file is beside an image.")
 flags.DEFINE_integer("limit", 0, "Stop after this many photos (0: all).", lower_bound=0)
+flags.DEFINE_string("face_mask", None, "Leave out of the UV maps what covers the face (hair, "
+                    "hands, glasses): a folder of STEM.png or STEM.npy face masks named as the "
+                    "photos (0/1, 0/255, [0, 1], or label maps with --mask_labels), or 'skin' "
+                    "(each photo's own skin colour, inputs.skin_pixel_weight), as fit "
+                    "--face_mask; hidden texels take their mirror texel's colour.")
+flags.DEFINE_list("mask_labels", None, "--face_mask files are label maps: the face's labels, "
+                  "'celebamask' or 'nonzero' (as fit --mask_labels).")
 flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
 
 
@@ -42,6 +50,11 @@ def main(argv):
 
     if not FLAGS.images or not FLAGS.output_dir:
         raise app.UsageError("--images and --output_dir are required")
+    if FLAGS.face_mask and FLAGS.face_mask != common.SKIN_MASK \
+            and not os.path.isdir(FLAGS.face_mask):
+        raise app.UsageError(f"--face_mask={FLAGS.face_mask}: expected a folder of masks or "
+                             "'skin'")
+    labels = common.parse_mask_labels(FLAGS.mask_labels)
     paths = [p for p in common.find_images(FLAGS.images, recursive=True) if "_seg" not in p]
     if not paths:
         raise app.UsageError(f"--images={FLAGS.images}: no images found")
@@ -68,7 +81,10 @@ def main(argv):
         try:
             image = landmarks.load_image(path)
             lm = landmarks.load_or_detect(path, detector=FLAGS.detector, image=image)
-            crop, lm_crop, _ = inputs.crop_face(image, lm, FLAGS.crop_size)
+            crop, lm_crop, transform = inputs.crop_face(image, lm, FLAGS.crop_size)
+            weight = common.crop_face_mask(FLAGS.face_mask, labels, path, image, crop, lm_crop,
+                                           transform, report=lambda text: print(
+                                               f"[{k + 1}/{len(paths)}] {text}"))
         except (ValueError, FileNotFoundError) as e:
             print(f"[{k + 1}/{len(paths)}] {name}: skipped: {e}")
             continue
@@ -76,7 +92,8 @@ def main(argv):
         target = fitting.Target(image=jnp.asarray(crop), landmarks=jnp.asarray(lm_crop))
         params, _ = fitting.fit(pipeline, params, target, config, log=None)
         verts = morphable.vertices(model, params.shape, params.expression)
-        uv_map, mask = unwrap.unwrap(model, verts, params.camera, crop, FLAGS.resolution, surface)
+        uv_map, mask = unwrap.unwrap(model, verts, params.camera, crop, FLAGS.resolution, surface,
+                                     pixel_weight=weight)
         Image.fromarray((np.clip(uv_map, 0, 1) * 255 + 0.5).astype(np.uint8)).save(out_png)
         Image.fromarray((mask * 255 + 0.5).astype(np.uint8)).save(
             os.path.join(FLAGS.output_dir, name + "_mask.png"))
@@ -98,4 +115,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(common.input_errors_as_one_line(main))

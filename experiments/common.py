@@ -188,3 +188,55 @@ def fraction_within(values, thresholds):
 
     values = np.sort(np.asarray(values, np.float64).ravel())
     return [float(f) for f in np.searchsorted(values, thresholds, side="right") / values.size]
+
+
+SKIN_MASK = "skin"  # --face_mask=skin: weights from each photo's own skin colour, no file
+MASK_LABEL_SETS = ("celebamask", "nonzero")
+
+
+def parse_mask_labels(values):
+    """--mask_labels as `inputs.load_pixel_weight` takes it: None, a named set or integers."""
+    if not values:
+        return None
+    if len(values) == 1 and values[0] in MASK_LABEL_SETS:
+        return values[0]
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"--mask_labels: expected integers, 'celebamask' or 'nonzero', got "
+                         f"{','.join(values)}") from None
+
+
+def face_mask_file(spec, path):
+    """--face_mask's file for photo or frame `path`: `spec` itself when it is a file, else
+    STEM.png or STEM.npy in the folder `spec`; None when there is none."""
+    if os.path.isfile(spec):
+        return spec
+    stem = os.path.splitext(os.path.basename(str(path)))[0]
+    for ext in (".png", ".npy"):
+        candidate = os.path.join(spec, stem + ext)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def crop_face_mask(spec, labels, path, image, crop, lm_crop, transform, report=print):
+    """The working crop's pixel weights (`fitting.Target.pixel_weight`) of --face_mask=`spec`
+    for photo `path`: None without one; `inputs.skin_pixel_weight` for 'skin'; the mask file's
+    crop (`face_mask_file`), or ones, reported, where the folder has none for the photo (so
+    every photo of a batch has weights). ValueError / FileNotFoundError naming a bad file."""
+    import numpy as np
+
+    from ganfit_jax import inputs
+
+    if not spec:
+        return None
+    if spec == SKIN_MASK:
+        return inputs.skin_pixel_weight(crop, lm_crop)
+    mask = face_mask_file(spec, path)
+    if mask is None:
+        report(f"{path}: no face mask in {spec} (STEM.png or STEM.npy); every pixel the face "
+               "covers is compared")
+        return np.ones(np.shape(crop)[:2], np.float32)
+    weight = inputs.load_pixel_weight(mask, np.shape(image)[:2], labels)
+    return inputs.crop_pixel_weight(weight, transform)

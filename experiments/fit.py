@@ -310,57 +310,25 @@ class Prepared(typing.NamedTuple):
     pixel_weight: typing.Any = None
 
 
-SKIN_MASK = "skin"  # --face_mask=skin: from the photo's own skin colour, no file
+SKIN_MASK = common.SKIN_MASK
 
 
 def mask_labels():
     """--mask_labels as load_pixel_weight takes it: None, a name, or integers."""
-    if not FLAGS.mask_labels:
-        return None
-    if len(FLAGS.mask_labels) == 1 and FLAGS.mask_labels[0] in ("celebamask", "nonzero"):
-        return FLAGS.mask_labels[0]
     try:
-        return [int(v) for v in FLAGS.mask_labels]
-    except ValueError:
-        raise InputError(f"--mask_labels: expected integers, 'celebamask' or 'nonzero', got "
-                         f"{','.join(FLAGS.mask_labels)}") from None
-
-
-def face_mask_file(path):
-    """--face_mask's file for photo or frame `path`: the flag itself when it is a file, else
-    STEM.png or STEM.npy in its folder; None when there is none."""
-    if os.path.isfile(FLAGS.face_mask):
-        return FLAGS.face_mask
-    stem = os.path.splitext(os.path.basename(str(path)))[0]
-    for ext in (".png", ".npy"):
-        candidate = os.path.join(FLAGS.face_mask, stem + ext)
-        if os.path.isfile(candidate):
-            return candidate
-    return None
+        return common.parse_mask_labels(FLAGS.mask_labels)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def pixel_weight(path, image, crop, lm_crop, transform):
-    """The working crop's pixel weights from --face_mask (None without the flag; the crop's
-    skin model for --face_mask=skin; ones, reported, for a photo without a mask file, so that
-    every target of a batch has weights)."""
-    import numpy as np
-
-    from ganfit_jax import inputs
-
-    if not FLAGS.face_mask:
-        return None
-    if FLAGS.face_mask == SKIN_MASK:
-        return inputs.skin_pixel_weight(crop, lm_crop)
-    mask = face_mask_file(path)
-    if mask is None:
-        print(f"{path}: no face mask in {FLAGS.face_mask} (STEM.png or STEM.npy); every pixel "
-              "the face covers is compared", flush=True)
-        return np.ones((transform.size, transform.size), np.float32)
+    """The working crop's pixel weights from --face_mask (`common.crop_face_mask`)."""
     try:
-        weight = inputs.load_pixel_weight(mask, image.shape[:2], mask_labels())
+        return common.crop_face_mask(FLAGS.face_mask, mask_labels(), path, image, crop,
+                                     lm_crop, transform,
+                                     report=lambda text: print(text, flush=True))
     except (ValueError, FileNotFoundError) as e:
         raise InputError(f"{e} (--face_mask for {path})") from None
-    return inputs.crop_pixel_weight(weight, transform)
 
 
 def prepare(path, landmarks_path, size, detector, near=None, face=0, like=None):

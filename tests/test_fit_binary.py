@@ -626,3 +626,21 @@ def test_face_mask_keeps_an_occluder_out_of_the_texture(faces_dir, sfm_dir, tmp_
         # the skin model leaves the lips' outline at weight 1, and the "hand" covers a corner
         # of the mouth: 0.017 of mesh.png
         assert skin < 0.25 * plain, (name, plain, skin)
+    # build_uv_dataset (the texture models' training maps) takes the same masks
+    import subprocess
+    import sys
+
+    def unwrapped(*extra):
+        out = tmp_path / f"uv{len(extra)}"
+        proc = subprocess.run([sys.executable, "-m", "experiments.build_uv_dataset",
+                               f"--images={photos}", f"--output_dir={out}", model,
+                               "--resolution=64", "--crop_size=64", "--iterations=20", *extra],
+                              cwd=pathlib.Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        uv = np.asarray(Image.open(out / "hand.png").convert("RGB"), np.float64)
+        shown = np.asarray(Image.open(out / "hand_mask.png"), np.float64) > 0
+        return np.mean(shown & (uv[..., 0] > 150) & (uv[..., 1] < 90) & (uv[..., 2] > 130))
+
+    assert unwrapped() > 0.03 and unwrapped(f"--face_mask={masks}") < 0.002
