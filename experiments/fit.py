@@ -145,6 +145,12 @@ flags.DEFINE_bool("shape_image", True, "Write shape.png (the fitted shape alone,
                   "the photo at the face's resolution; --all_faces: every face's, in the "
                   "photo's folder; --frames: shape.mp4 of them), and a grey row in views.png; "
                   "--noshape_image skips them (~8 s less for a 12 MP photo).")
+flags.DEFINE_bool("transforms", False, "--frames: also write transforms.json (nerfstudio's and "
+                  "instant-ngp's camera file) in the output folder, for training a head avatar "
+                  "(NeRF, 3D Gaussians) on the frames: each fitted frame's camera around the "
+                  "fitted head (transform_matrix: OpenGL camera-to-world, metres, model "
+                  "coordinates), its intrinsics in its pixels, its expression, and file_path: "
+                  "the upright frame, written as input.png in its folder.")
 flags.DEFINE_bool("photo_texture", False, "Also write photo_texture.png: the photo's own "
                   "colours in the model's UV layout (512², or mesh.png's size when larger), as "
                   "eos' isomap and DECA's uv_texture_gt give them; alpha 255 where the photo "
@@ -220,16 +226,18 @@ def result_files():
     return (tuple(f for f in OUTPUT_FILES if FLAGS.shape_image or f != "shape.png")
             + (("mesh.glb",) if FLAGS.glb else ())
             + (DEPTH_FILES if FLAGS.depth else ())
-            + (("photo_texture.png",) if FLAGS.photo_texture else ()))
+            + (("photo_texture.png",) if FLAGS.photo_texture else ())
+            + (("input.png",) if FLAGS.transforms else ()))
 
 
 def sequence_files():
     """--frames: what the output folder itself gets (the videos under --overlay_video, shape.mp4
-    also under --shape_image, identity.glb under --glb)."""
+    also under --shape_image, identity.glb under --glb, transforms.json under --transforms)."""
     left_out = ({"overlay.mp4", "shape.mp4"} if not FLAGS.overlay_video
                 else set() if FLAGS.shape_image else {"shape.mp4"})
     return (tuple(f for f in SEQUENCE_FILES if f not in left_out)
-            + (("identity.glb",) if FLAGS.glb else ()))
+            + (("identity.glb",) if FLAGS.glb else ())
+            + (("transforms.json",) if FLAGS.transforms else ()))
 
 
 SHUTDOWN_WAIT_S = 48 * 3600  # --distributed: how long a finished process waits for the others
@@ -716,6 +724,8 @@ def write_result(folder, pipeline, params, item, history, source):
     mask = np.asarray(aux["mask"])
     overlay = inputs.paste_back(original, rendered, mask, transform)
     io.save_image(os.path.join(folder, "overlay.png"), overlay, overwrite=over)
+    if FLAGS.transforms:  # the frame a head avatar trains on, as the fit saw it (upright)
+        io.save_image(os.path.join(folder, "input.png"), original, overwrite=over)
     if FLAGS.shape_image or FLAGS.depth:
         depth, normals = photo_geometry(verts, model.triangles, params.camera, transform)
     if FLAGS.shape_image:
@@ -965,6 +975,9 @@ def run():
                          "whose head poses lie farthest apart: give --frames and --max_frames")
     if FLAGS.track and modes[0] != "frames":
         raise InputError("--track goes with --frames (a video or a folder of one person's frames)")
+    if FLAGS.transforms and modes[0] != "frames":
+        raise InputError("--transforms goes with --frames (one person's frames, the cameras "
+                         "around their fitted head)")
     if not FLAGS.track and (FLAGS.track_iterations is not None
                             or FLAGS.track_stage1_iterations is not None):
         raise InputError("--track_iterations and --track_stage1_iterations go with --track")
@@ -1226,6 +1239,9 @@ def write_sequence(output_dir, numbered_folders, model):
     io.write_obj(os.path.join(output_dir, "identity.obj"), *identity_mesh, overwrite=over)
     if FLAGS.glb:
         io.write_glb(os.path.join(output_dir, "identity.glb"), *identity_mesh, overwrite=over)
+    if FLAGS.transforms:
+        write_transforms(output_dir, [(n, f) for n, f in numbered_folders if n in set(frames)],
+                         rows, over)
     if FLAGS.overlay_video:
         fitted = [(n, f) for n, f in numbered_folders if n in set(frames)]
         write_overlay_video(output_dir, fitted)
@@ -1233,6 +1249,42 @@ def write_sequence(output_dir, numbered_folders, model):
             write_overlay_video(output_dir, fitted, "shape")
     print(f"wrote {output_dir}/: " + " ".join(sequence_files()) + f" ({len(frames)} frames)",
           flush=True)
+
+
+def transforms_frame(params, image_path, output_dir, number):
+    """One frame of transforms.json from its params.npz: the OpenGL camera-to-world matrix in
+    metres (nerfstudio's convention) and OpenCV's intrinsics in the frame's pixels."""
+    import numpy as np
+    from PIL import Image
+
+    rotation, translation = np.asarray(params["rotation"]), np.asarray(params["translation"])
+    to_world = np.eye(4)
+    to_world[:3, :3] = rotation.T
+    to_world[:3, 3] = -rotation.T @ translation / 1000.0  # mm → m
+    to_world = to_world @ np.diag([1.0, -1.0, -1.0, 1.0])  # OpenCV's axes → OpenGL's
+    intrinsics = np.asarray(params["camera_matrix"])
+    with Image.open(image_path) as image:
+        width, height = image.size
+    return dict(file_path=os.path.relpath(image_path, output_dir), frame=int(number),
+                transform_matrix=to_world.tolist(), fl_x=float(intrinsics[0, 0]),
+                fl_y=float(intrinsics[1, 1]), cx=float(intrinsics[0, 2]),
+                cy=float(intrinsics[1, 2]), w=int(width), h=int(height),
+                expression=np.asarray(params["expression"], np.float64).tolist())
+
+
+def write_transforms(output_dir, numbered_folders, rows, over):
+    """--transforms: transforms.json, nerfstudio's camera file (per-frame intrinsics), one frame
+    per fitted frame (`transforms_frame`) with its input.png; the shared shape once."""
+    from ganfit_jax import io
+
+    frames = [transforms_frame(params, os.path.join(folder, "input.png"), output_dir, number)
+              for (number, folder), params in zip(numbered_folders, rows)
+              if os.path.exists(os.path.join(folder, "input.png"))]
+    document = dict(camera_model="OPENCV", unit="metre", coordinates="the morphable model's "
+                    "(the fitted head at rest; each frame's head pose is in its camera)",
+                    shape=[float(v) for v in rows[0]["shape"]], frames=frames)
+    io.write_never_overwrite(os.path.join(output_dir, "transforms.json"),
+                             json.dumps(document, indent=1), over)
 
 
 def write_overlay_video(output_dir, numbered_folders, name="overlay"):

@@ -221,7 +221,7 @@ def test_render_takes_a_fits_params_as_they_stand(ffhq_photo, sfm_dir, tmp_path,
                                   "all_faces_bad_landmarks", "list_names_a_missing_photo",
                                   "spread_without_max_frames", "photo_texture_without_uv",
                                   "mask_of_another_size", "mask_labels_without_mask",
-                                  "mask_of_a_video"])
+                                  "mask_of_a_video", "transforms_one_photo"])
 def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fit):
     out = tmp_path / "out"
     image, extra, expect = ffhq_photo, [], None
@@ -278,6 +278,8 @@ def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fi
         np.save(tmp_path / "small.npy", np.ones((10, 12)))
         extra, expect = [f"--face_mask={tmp_path / 'small.npy'}"], \
             "small.npy: 12×10 pixels, the photo is 256×256"
+    elif case == "transforms_one_photo":
+        extra, expect = ["--transforms"], "--transforms goes with --frames"
     elif case == "mask_labels_without_mask":
         extra, expect = ["--mask_labels=celebamask"], "--mask_labels goes with --face_mask"
     source = f"--image={image}"

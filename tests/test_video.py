@@ -153,7 +153,8 @@ def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path
     code, stdout, stderr = run_fit(
         f"--frames={path}", "--frame_step=2", f"--output_dir={out}", "--track", "--batch_size=3",
         f"--model={sfm_dir / 'sfm_shape_3448.bin'}", "--identity=tiny", "--texture=direct",
-        "--stage1_iterations=6", "--iterations=2", "--chunk=2", "--image_size=64", "--glb")
+        "--stage1_iterations=6", "--iterations=2", "--chunk=2", "--image_size=64", "--glb",
+        "--transforms")
     assert code == 0, stderr[-2000:]
     assert "3 frame(s)" in stdout and "batch 1: 3 frame(s)" in stdout
     # the tracked frames' progress: of the video header's 6 frames, 3 are not keyframes
@@ -209,6 +210,24 @@ def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path
         assert np.abs(frame - overlay).mean() < 0.02, i  # H.264's loss, not another frame
         if i:
             assert np.abs(frame - shown[i - 1][1]).mean() > 0.03  # the face moved
+    # --transforms: nerfstudio's transforms.json, each frame's OpenGL camera-to-world (metres)
+    # and intrinsics put the fitted 3D landmarks where params.npz's 2D ones are; its image is
+    # the upright frame
+    transforms = json.loads((out / "transforms.json").read_text())
+    assert transforms["camera_model"] == "OPENCV" and len(transforms["frames"]) == 6
+    for i, frame in enumerate(transforms["frames"]):
+        p = params[i]
+        assert frame["frame"] == i and frame["file_path"] == f"frame_{i:06d}/input.png"
+        image = Image.open(out / frame["file_path"])
+        assert image.size == (frame["w"], frame["h"]) == (256, 256)
+        ok = np.isfinite(p["landmarks3d"]).all(1)
+        world = np.concatenate([p["landmarks3d"][ok] / 1000.0, np.ones((ok.sum(), 1))], 1)
+        opengl = (np.linalg.inv(np.array(frame["transform_matrix"])) @ world.T).T[:, :3]
+        opencv = opengl * [1, -1, -1]
+        pixels = np.stack([frame["fl_x"] * opencv[:, 0] / opencv[:, 2] + frame["cx"],
+                           frame["fl_y"] * opencv[:, 1] / opencv[:, 2] + frame["cy"]], 1)
+        np.testing.assert_allclose(pixels, p["landmarks2d"][ok] - 0.5, atol=0.05)
+        np.testing.assert_allclose(frame["expression"], p["expression"], rtol=1e-6)
     # shape.mp4: every frame's shape.png the same way
     shapes = inputs.read_video_frames(out / "shape.mp4")
     assert len(shapes) == 6
