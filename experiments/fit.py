@@ -318,9 +318,6 @@ class Prepared(typing.NamedTuple):
     pixel_weight: typing.Any = None
 
 
-SKIN_MASK = common.SKIN_MASK
-
-
 def mask_labels():
     """--mask_labels as load_pixel_weight takes it: None, a name, or integers."""
     try:
@@ -404,8 +401,9 @@ def prepare_frame(frame, name, size, detector, near=None, face=0, like=None):
     except ValueError as e:
         raise InputError(str(e)) from None
     crop, lm_crop, transform = inputs.crop_face(image, lm, size)
-    weight = inputs.skin_pixel_weight(crop, lm_crop) if FLAGS.face_mask == SKIN_MASK else None
-    return Prepared(image, crop, lm_crop, transform, weight)  # a video has no mask files
+    # a video's frames have no mask files (check_face_mask): None, or --face_mask=skin's weights
+    return Prepared(image, crop, lm_crop, transform,
+                    pixel_weight(name, image, crop, lm_crop, transform))
 
 
 def load_frame(path):
@@ -934,10 +932,10 @@ def check_face_mask(mode):
     """--face_mask and --mask_labels, before anything loads."""
     from ganfit_jax import inputs
 
-    if FLAGS.mask_labels and (not FLAGS.face_mask or FLAGS.face_mask == SKIN_MASK):
+    if FLAGS.mask_labels and (not FLAGS.face_mask or FLAGS.face_mask == common.SKIN_MASK):
         raise InputError("--mask_labels goes with --face_mask=FILE_OR_DIR (the label maps it "
                          "reads)")
-    if not FLAGS.face_mask or FLAGS.face_mask == SKIN_MASK:
+    if not FLAGS.face_mask or FLAGS.face_mask == common.SKIN_MASK:
         return
     mask_labels()
     if mode == "frames" and inputs.is_video(FLAGS.frames):
@@ -1708,7 +1706,8 @@ def write_faces(folder, pipeline, source, count, faces):
         render, aux = fitting.render_face(pipeline, params)
         overlay = inputs.paste_back(overlay, np.clip(np.asarray(render), 0, 1),
                                     np.asarray(aux["mask"]), item.transform)
-        if FLAGS.shape_image:
+        if FLAGS.shape_image:  # recomputed, not kept from each face's result: a 12 MP
+            # photo's normals are ~145 MB a face
             verts = np.asarray(morphable.vertices(pipeline.model, params.shape,
                                                   params.expression))
             _, normals = photo_geometry(verts, pipeline.model.triangles, params.camera,

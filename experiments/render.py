@@ -153,17 +153,12 @@ def render_views(model, params, yaws, image_size, distance, light=None, backgrou
     import jax
     import jax.numpy as jnp
 
-    from ganfit_jax import camera as camera_lib
     from ganfit_jax import morphable
 
     verts = morphable.vertices(model, params.get("shape", 0.0), params.get("expression", 0.0))
     appearance = _appearance(model, params)
-    centre = np.asarray(jnp.mean(verts, axis=0))
-    if "camera" in params:
-        base = params["camera"]
-    else:
-        base = np.concatenate([centre + [0, 0, distance], centre,
-                               [camera_lib.default_focal(image_size)]]).astype(np.float32)
+    base = params["camera"] if "camera" in params else _frontal_camera(verts, image_size,
+                                                                       distance)
     if light is None:
         light = params.get("light")
     if light is None:
@@ -175,6 +170,15 @@ def render_views(model, params, yaws, image_size, distance, light=None, backgrou
     for yaw in yaws:
         image, aux = one(jnp.asarray(orbit_camera(base, yaw)))
         yield yaw, np.asarray(image), {k: np.asarray(v) for k, v in aux.items()}
+
+
+def _frontal_camera(verts, image_size, distance):
+    """A camera `distance` mm in front of the face's centre (+z), looking at it, no roll."""
+    from ganfit_jax import camera as camera_lib
+
+    centre = np.asarray(np.mean(np.asarray(verts), axis=0), np.float64)
+    return np.concatenate([centre + [0, 0, distance], centre,
+                           [camera_lib.default_focal(image_size), 0.0]]).astype(np.float32)
 
 
 def _appearance(model, params):
@@ -239,16 +243,15 @@ def load_sequence(path, model):
 
 
 def render_sequence(model, params, sequence, image_size, light=None, background=1.0,
-                    texture_sampling="pixel", shape_only=False, pose=True):
+                    texture_sampling="pixel", shape_only=False, pose=True, distance=800.0):
     """Yields (frame number, image) for every frame of `sequence` (`load_sequence`): the face of
     `params` (its shape; the sequence's own without one) with that frame's expression, seen by
     that frame's camera (its focal scaled from the fit's working size to `image_size`) when
-    `pose`, else by `params`' camera (or a frontal one) throughout; lit by `light`, else
-    `params`' light, else each frame's own."""
+    `pose`, else by `params`' camera (or one `distance` mm in front) throughout; lit by
+    `light`, else `params`' light, else each frame's own."""
     import jax
     import jax.numpy as jnp
 
-    from ganfit_jax import camera as camera_lib
     from ganfit_jax import morphable
 
     shape = jnp.asarray(params.get("shape", sequence["shape"]))
@@ -256,12 +259,8 @@ def render_sequence(model, params, sequence, image_size, light=None, background=
     cameras = sequence["camera"].copy()
     cameras[:, 6] *= image_size / float(np.max(sequence["image_size"]))
     if not pose:
-        if "camera" in params:
-            fixed = params["camera"]
-        else:
-            centre = np.asarray(jnp.mean(morphable.vertices(model, shape, 0.0), axis=0))
-            fixed = np.concatenate([centre + [0, 0, 800.0], centre,
-                                    [camera_lib.default_focal(image_size)]])
+        fixed = params["camera"] if "camera" in params else _frontal_camera(
+            morphable.vertices(model, shape, 0.0), image_size, distance)
         fixed = np.concatenate([fixed, [0.0]])[:8]  # a 7-value camera has no roll
         cameras = np.broadcast_to(np.asarray(fixed, np.float32), cameras.shape)
     if light is None:
@@ -307,7 +306,7 @@ def render_sequence_files(model, params, sequence, light):
     def frames():
         for k, (number, image) in enumerate(render_sequence(
                 model, params, sequence, FLAGS.image_size, light, FLAGS.background,
-                FLAGS.texture_sampling, FLAGS.shape_only, FLAGS.sequence_pose)):
+                FLAGS.texture_sampling, FLAGS.shape_only, FLAGS.sequence_pose, FLAGS.distance)):
             png = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
             if FLAGS.save_frames:
                 io.save_image(stems[k], png, overwrite=FLAGS.overwrite)
