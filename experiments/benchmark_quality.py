@@ -360,7 +360,7 @@ def _identity_cosine(pipeline, params, target):
 
     image, _ = fitting.render_face(pipeline, params, background=target.image)
     lm = fitting.project_landmarks(pipeline, params, target.landmarks)
-    emb, _ = pipeline.identity_fn(pipeline.identity_params, image,
+    emb, _ = pipeline.identity_fn(pipeline.identity_params, fitting.identity_view(image, target),
                                   jnp.where(jnp.isfinite(lm), lm, 0.0))
     return identity.cosine_similarity(emb, target.embedding)
 

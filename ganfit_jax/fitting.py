@@ -53,7 +53,8 @@ class Target:
     pixel_weight (H,W) in [0,1]: which of the photo's pixels the pixel loss (Eq. 10) compares, a
     face mask (1 on the face; 0 on hair, hands, glasses that cover it: the render cannot explain
     them and would bend its texture and light towards them), None for every pixel the face
-    covers. In a batch every target has one, or none has.
+    covers; the identity terms see the photo's pixels where it hides the face
+    (`identity_view`). In a batch every target has one, or none has.
     """
 
     image: jnp.ndarray
@@ -366,6 +367,16 @@ def _rotate(v, axis, angle):
 # ------------------------------------------------------------------------------------------
 
 
+def identity_view(image, target: Target):
+    """The render as the identity terms (Eq. 8, 9) see it: over the photo, and where the face
+    mask hides the face (`Target.pixel_weight`), the photo's own pixels. F^n(I_0) saw the hand
+    or hair over the face; a render without it would be pulled to explain the difference in
+    identity. With the occluder pasted in, both embeddings see it and compare the rest."""
+    if target.pixel_weight is None:
+        return image
+    return target.image + target.pixel_weight[..., None] * (image - target.image)
+
+
 def landmark_term(pipeline: Pipeline, landmarks_model, landmarks_target):
     """L_lan (Eq. 11) over the landmarks the model defines, in pixels of a
     `losses.LANDMARK_FRAME`-pixel image (resolution-independent λ_lan)."""
@@ -421,7 +432,7 @@ def loss(params: FitParams, target: Target, pipeline: Pipeline, key,
     if use_identity and (weights.identity or weights.content):
         # the render's landmarks are known exactly: align it with its own projected landmarks
         emb, feats = pipeline.identity_fn(
-            pipeline.identity_params, image,
+            pipeline.identity_params, identity_view(image, target),
             losses.complete_landmarks(pred_lm, target.landmarks))
         if weights.identity:
             terms["identity"] = losses.identity_loss(emb, target.embedding)

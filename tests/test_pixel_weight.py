@@ -73,6 +73,39 @@ def test_what_the_mask_hides_neither_moves_the_loss_nor_its_gradient(sfm_model):
         fitting.target_from_image(pipe, photo, full, pixel_weight=np.ones((32, 32)))
 
 
+def test_the_identity_terms_see_the_occluder_in_the_render_too(sfm_model):
+    """F^n(I_0) of an occluded photo saw the hand: the render it is compared with gets the
+    photo's pixels where the mask hides the face (`fitting.identity_view`), so a render of the
+    very face behind the hand matches it in identity (Eq. 8, 9 ≈ 0) where, without the mask, the
+    missing hand alone costs identity."""
+    from ganfit_jax import identity
+
+    pipe, params = frontal_face(sfm_model, SIZE)
+    net = identity.load_identity("tiny", key=jax.random.PRNGKey(0))
+    pipe = pipe.replace(identity_params=net, identity_fn=fitting.identity_of)
+    full = np.asarray(fitting.project_landmarks(pipe, params, None))
+    photo = np.asarray(fitting.render_face(pipe, params)[0])
+    occluded = photo.copy()
+    occluded[:, 32:] = [0.9, 0.1, 0.8]
+    weight = np.ones(SIZE, np.float32)
+    weight[:, 32:] = 0.0
+    weights = losses.LossWeights(identity_random=0, landmark=0, pixel=0)
+
+    def terms(pixel_weight):
+        target = fitting.target_from_image(pipe, occluded, full, pixel_weight=pixel_weight)
+        _, t = fitting.loss(params, target, pipe, jax.random.key(0), weights)
+        composite = np.asarray(fitting.identity_view(
+            fitting.render_face(pipe, params, background=target.image)[0], target))
+        return float(t["identity"]), float(t["content"]), composite
+
+    masked_id, masked_content, composite = terms(weight)
+    np.testing.assert_allclose(composite, occluded, atol=1e-6)
+    assert masked_id < 1e-5 and masked_content < 1e-6
+    unmasked_id, unmasked_content, _ = terms(None)
+    assert unmasked_id > 100 * max(masked_id, 1e-6)
+    assert unmasked_content > 100 * max(masked_content, 1e-7)
+
+
 def _save(path, array, palette=False):
     from PIL import Image
 
