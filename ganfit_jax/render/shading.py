@@ -16,6 +16,7 @@ import numpy as np
 
 from ganfit_jax import camera as camera_lib
 from ganfit_jax.morphable import vertex_normals
+from ganfit_jax.render.silhouette import antialias as antialias_silhouettes
 from ganfit_jax.render import raster as rasterize_lib
 from ganfit_jax.stored import stored
 
@@ -331,7 +332,7 @@ def _shade_covered(shade, triangle_ids, background, budget):
 def render(vertices, triangles, uv, colours_or_texture, camera, light, image_size,
            background=None, specular=DEFAULT_SPECULAR, shininess=DEFAULT_SHININESS,
            texture_sampling="pixel", near=rasterize_lib.DEFAULT_NEAR, chunk_size=None,
-           pixel_budget=None, triangle_ids=None):
+           pixel_budget=None, triangle_ids=None, antialias=False):
     """Renders a mesh with Phong shading: the rendering function R of GANFIT Sec. 3.2.
 
     Args:
@@ -361,12 +362,15 @@ def render(vertices, triangles, uv, colours_or_texture, camera, light, image_siz
         visibility is piecewise constant in the vertices and carries no gradient, so it can be
         computed in another program, e.g. beside the texture generator. Every gradient still
         flows through the barycentrics, recomputed here from the vertices.
+      antialias: blend the silhouettes analytically (`render.antialias`, nvdiffrast's), so that
+        the outline, too, carries gradients to the vertices and camera; aux gains `coverage`.
 
     Returns:
       image: (H,W,3) float32, not clipped to [0,1].
       aux: dict with triangle_ids (H,W) int32 (-1 background), mask (H,W) float32 (1 where a
         triangle is visible), depth (H,W) perspective-correct depth (0 on background,
-        differentiable), bary (H,W,3) barycentrics.
+        differentiable), bary (H,W,3) barycentrics; with `antialias`, coverage (H,W): how much
+        of each pixel the mesh covers, the mask antialiased (differentiable).
     """
     vertices = jnp.asarray(vertices)
     triangles = jnp.asarray(triangles, jnp.int32)
@@ -444,6 +448,12 @@ def render(vertices, triangles, uv, colours_or_texture, camera, light, image_siz
                                                 jax.checkpoint(whole_grid), None)
     aux = dict(triangle_ids=triangle_ids, mask=mask.astype(image.dtype), depth=pixel_depth,
                bary=bary)
+    if antialias:
+        # the mask rides along as a fourth channel: its blend is the pixel's coverage
+        blended = antialias_silhouettes(
+            jnp.concatenate([image, aux["mask"][..., None]], axis=-1), triangle_ids,
+            pixel_depth, pixels, triangles)
+        image, aux["coverage"] = blended[..., :3], blended[..., 3]
     return image, aux
 
 

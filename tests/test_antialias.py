@@ -1,0 +1,204 @@
+"""Silhouette antialiasing (`render.antialias`, nvdiffrast's analytic antialiasing): outlines
+that carry gradients, checked against exact coverage, supersampling and finite differences."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ganfit_jax import camera, render
+from ganfit_jax.render import antialias, edge_neighbours, rasterize
+
+
+def _draw(pixels, triangles, size, depth=None, colour=None, smooth=True):
+    """(antialiased image, hard image, triangle ids) of flat-coloured triangles."""
+    pixels = jnp.asarray(pixels, jnp.float32)
+    depth = jnp.full(pixels.shape[0], 10.0) if depth is None else jnp.asarray(depth, jnp.float32)
+    ids, depth_map = rasterize(pixels, depth, triangles, size)
+    hard = (ids >= 0).astype(jnp.float32)[..., None] if colour is None else colour(ids)
+    out = antialias(hard, ids, depth_map, pixels, triangles) if smooth else hard
+    return out, hard, ids
+
+
+def _supersampled_coverage(pixels, triangles, size, factor=16):
+    """The box-filtered coverage of the triangles, by rasterizing at `factor`× resolution."""
+    ids, _ = rasterize(jnp.asarray(pixels, jnp.float32) * factor,
+                       jnp.full(len(pixels), 10.0), triangles, (size[0] * factor, size[1] * factor))
+    fine = np.asarray(ids >= 0, np.float64)
+    return fine.reshape(size[0], factor, size[1], factor).mean(axis=(1, 3))
+
+
+def test_edge_neighbours_pair_the_triangles_on_either_side_of_every_edge(sfm_model):
+    triangles = np.asarray(sfm_model.triangles)
+    owners = {}
+    for f, tri in enumerate(triangles):
+        for k in range(3):
+            owners.setdefault(frozenset((tri[k], tri[(k + 1) % 3])), []).append(f)
+    got = np.asarray(edge_neighbours(triangles))
+    assert got.shape == triangles.shape
+    for f, tri in enumerate(triangles):
+        for k in range(3):
+            others = [g for g in owners[frozenset((tri[k], tri[(k + 1) % 3]))] if g != f]
+            assert got[f, k] == (others[0] if others else -1)
+    assert (got == -1).any() and (got >= 0).mean() > 0.9  # an open face mesh: a boundary
+
+
+RECT = np.array([[3.3, 4.2], [11.8, 4.2], [11.8, 12.6], [3.3, 12.6]], np.float32)
+QUAD = np.array([[0, 1, 2], [0, 2, 3]], np.int32)
+
+
+def test_an_edge_along_a_row_or_column_is_blended_by_its_exact_coverage():
+    out = np.asarray(_draw(RECT, QUAD, (16, 16))[0][..., 0])
+    exact = np.asarray(_supersampled_coverage(RECT, QUAD, (16, 16), factor=20))
+    # every pixel of the edges but the four corners (whose two edges meet in one pixel)
+    inner_rows, inner_cols = slice(5, 12), slice(4, 11)
+    np.testing.assert_allclose(out[inner_rows, 3], 0.7, atol=1e-5)  # x from 3.3
+    np.testing.assert_allclose(out[inner_rows, 11], 0.8, atol=1e-5)  # x to 11.8
+    np.testing.assert_allclose(out[4, inner_cols], 0.8, atol=1e-5)  # y from 4.2
+    np.testing.assert_allclose(out[12, inner_cols], 0.6, atol=1e-5)  # y to 12.6
+    np.testing.assert_allclose(out[inner_rows, inner_cols], 1.0)
+    corners = np.zeros_like(out, bool)
+    corners[[4, 4, 12, 12], [3, 11, 3, 11]] = True
+    np.testing.assert_allclose(out[~corners], exact[~corners], atol=1e-5)
+
+
+TRIANGLE = np.array([[5.2, 3.7], [27.4, 9.1], [11.6, 28.3]], np.float32)
+ONE = np.array([[0, 1, 2]], np.int32)
+
+
+def test_a_slanted_outline_comes_close_to_supersampling_and_its_gradient_to_the_areas():
+    size = (32, 32)
+    out, hard, _ = _draw(TRIANGLE, ONE, size)
+    reference = _supersampled_coverage(TRIANGLE, ONE, size)
+    smooth_error = np.abs(np.asarray(out[..., 0]) - reference).mean()
+    hard_error = np.abs(np.asarray(hard[..., 0]) - reference).mean()
+    assert smooth_error < 0.4 * hard_error
+
+    # the triangle scaled by s about its centroid: area s²·A, so d(coverage)/ds = 2A at s = 1
+    centre = TRIANGLE.mean(axis=0)
+    ids, depth_map = rasterize(jnp.asarray(TRIANGLE), jnp.full(3, 10.0), ONE, size)
+    colour = (ids >= 0).astype(jnp.float32)[..., None]
+
+    def coverage(s):
+        return antialias(colour, ids, depth_map, centre + s * (TRIANGLE - centre), ONE).sum()
+
+    x, y = TRIANGLE[:, 0], TRIANGLE[:, 1]
+    area = 0.5 * abs((x[1] - x[0]) * (y[2] - y[0]) - (x[2] - x[0]) * (y[1] - y[0]))
+    assert float(jax.grad(coverage)(1.0)) == pytest.approx(2 * area, rel=0.08)
+    # without antialiasing the image is a step function of the vertices: no gradient at all
+    assert float(jax.grad(lambda s: jnp.sum(colour * s))(1.0)) == pytest.approx(float(colour.sum()))
+
+
+def test_the_outline_alone_pulls_the_mesh_towards_its_target():
+    """A flat-coloured triangle carries no gradient through its shading; antialiased, an L2 loss
+    against the same triangle 1.5 px to the right pulls it right, and the gradient is the
+    loss's own slope (central differences along it; the blend is piecewise smooth, so the step
+    stays small)."""
+    size = (32, 32)
+    shift = np.array([1.5, 0.0], np.float32)
+    target = _draw(TRIANGLE + shift, ONE, size)[0]
+    ids, depth_map = rasterize(jnp.asarray(TRIANGLE), jnp.full(3, 10.0), ONE, size)
+    colour = (ids >= 0).astype(jnp.float32)[..., None]
+
+    def loss(pixels):
+        return jnp.sum(jnp.square(antialias(colour, ids, depth_map, pixels, ONE) - target))
+
+    grad = np.asarray(jax.grad(loss)(jnp.asarray(TRIANGLE)))
+    assert grad[:, 0].sum() < 0 and abs(grad[:, 1].sum()) < abs(grad[:, 0].sum())
+    direction = -grad / np.abs(grad).max()
+    eps = 1e-3
+    slope = (float(loss(jnp.asarray(TRIANGLE + eps * direction)))
+             - float(loss(jnp.asarray(TRIANGLE - eps * direction)))) / (2 * eps)
+    assert slope < 0 and slope == pytest.approx(float(np.sum(grad * direction)), rel=0.03)
+
+
+def test_edges_inside_one_surface_are_left_alone():
+    """A 6×6 grid of triangles facing one way, each a random colour: only the outline changes,
+    never an edge between two triangles of the surface, however different their colours."""
+    size = (40, 40)
+    grid = np.stack(np.meshgrid(np.linspace(6.3, 33.6, 7), np.linspace(5.8, 34.1, 7)), -1)
+    pixels = grid.reshape(-1, 2).astype(np.float32)
+    quads = [(r * 7 + c, r * 7 + c + 1, (r + 1) * 7 + c + 1, (r + 1) * 7 + c)
+             for r in range(6) for c in range(6)]
+    triangles = np.array([t for a, b, c, d in quads for t in ((a, b, c), (a, c, d))], np.int32)
+    palette = jnp.asarray(np.random.default_rng(0).random((len(triangles), 3)), jnp.float32)
+
+    def colour(ids):
+        return jnp.where((ids >= 0)[..., None], palette[jnp.maximum(ids, 0)], 0.0)
+
+    out, hard, ids = _draw(pixels, triangles, size, colour=colour)
+    covered = np.asarray(ids >= 0)
+    inner = covered.copy()
+    inner[1:] &= covered[:-1]
+    inner[:-1] &= covered[1:]
+    inner[:, 1:] &= covered[:, :-1]
+    inner[:, :-1] &= covered[:, 1:]
+    changed = np.any(np.asarray(out) != np.asarray(hard), axis=-1)
+    assert not changed[inner].any()
+    near = covered.copy()
+    near[1:] |= covered[:-1]
+    near[:-1] |= covered[1:]
+    near[:, 1:] |= covered[:, :-1]
+    near[:, :-1] |= covered[:, 1:]
+    assert not changed[~near].any()
+    # each of the four sides, 27-28 px long, changes one pixel per row or column
+    assert changed.sum() >= 4 * 26
+
+
+def test_a_fold_away_from_the_camera_is_an_outline():
+    """Two triangles sharing the edge x = 20.3: unfolded (side by side, facing one way) the
+    edge is inside the surface; folded (the second turned back behind the first, facing away)
+    it is the outline, blended with the background beyond it."""
+    size = (32, 32)
+    shared = [[20.3, 4.0], [20.3, 28.0]]
+    front = np.array([[6.0, 16.0]] + shared, np.float32)
+    unfolded = np.concatenate([front, [[30.0, 16.0]]]).astype(np.float32)
+    folded = np.concatenate([front, [[12.0, 16.0]]]).astype(np.float32)
+    triangles = np.array([[0, 1, 2], [2, 1, 3]], np.int32)
+    depth = np.array([10.0, 10.0, 10.0, 12.0])  # the folded half lies behind the first
+    column = 20  # the pixels whose centre (x = 20.5) lies just past the shared edge
+    out_unfolded = np.asarray(_draw(unfolded, triangles, size, depth)[0][..., 0])
+    out_folded = np.asarray(_draw(folded, triangles, size, depth)[0][..., 0])
+    rows = slice(12, 20)
+    np.testing.assert_allclose(out_unfolded[rows, column - 1:column + 2], 1.0)
+    np.testing.assert_allclose(out_folded[rows, column - 1], 1.0)
+    np.testing.assert_allclose(out_folded[rows, column], 0.3, atol=1e-5)  # 20.3 − 20.0
+
+
+def test_render_antialias_gives_the_face_outline_the_gradient_of_its_area(sfm_model):
+    """The SFM face's antialiased coverage: the mask away from the outline, and its total (the
+    face's area on screen) moving with the camera's distance as the area of a 16× supersampled
+    render does (finite differences)."""
+    size = (64, 64)
+    focal = camera.default_focal(size)
+    verts = sfm_model.mean
+    colours = jnp.full((verts.shape[0], 3), 0.6, jnp.float32)
+    light = jnp.asarray([0, 0, 1000, 0, 0, 0, 1, 1, 1], jnp.float32)
+
+    def cam(distance, factor=1):
+        return jnp.asarray([0, 0, distance, 0, 10, 0, focal * factor], jnp.float32)
+
+    def coverage(distance):
+        _, aux = render.render(verts, sfm_model.triangles, sfm_model.uv, colours, cam(distance),
+                               light, size, antialias=True)
+        return aux["coverage"]
+
+    def supersampled_area(distance, factor=16):
+        pixels, depth = camera.project(cam(distance, factor), verts, (64 * factor, 64 * factor))
+        ids, _ = rasterize(pixels, depth, sfm_model.triangles, (64 * factor, 64 * factor))
+        return float(jnp.sum(ids >= 0)) / factor ** 2
+
+    image, aux = render.render(verts, sfm_model.triangles, sfm_model.uv, colours, cam(1050.0),
+                               light, size, antialias=True)
+    hard, hard_aux = render.render(verts, sfm_model.triangles, sfm_model.uv, colours,
+                                   cam(1050.0), light, size)
+    cov, mask = np.asarray(aux["coverage"]), np.asarray(hard_aux["mask"])
+    assert cov.min() >= 0 and cov.max() <= 1 + 1e-6
+    outline = np.abs(cov - mask) > 1e-6
+    assert 0 < outline.sum() < 0.2 * mask.sum()
+    same = ~outline
+    np.testing.assert_allclose(np.asarray(image)[same], np.asarray(hard)[same], atol=1e-6)
+    assert float(jnp.sum(aux["coverage"])) == pytest.approx(supersampled_area(1050.0), rel=0.02)
+    grad = float(jax.grad(lambda d: jnp.sum(coverage(d)))(1050.0))
+    finite = (supersampled_area(1090.0) - supersampled_area(1010.0)) / 80.0
+    assert grad < 0 and grad == pytest.approx(finite, rel=0.05)
