@@ -65,16 +65,21 @@ def _peak_mb(compiled):
 # ---------------------------------------------------------------------------------------------
 
 RENDER_CASES = {
-    # name: (mesh, image size, batch)
-    "sfm-224": ("sfm", 224, 1),
-    "sfm-512": ("sfm", 512, 1),
-    "dense-224": ("dense", 224, 1),
-    "dense-512": ("dense", 512, 1),
-    "sfm-224-batch16": ("sfm", 224, 16),
+    # name: (mesh, image size, batch, antialias)
+    "sfm-224": ("sfm", 224, 1, False),
+    "sfm-512": ("sfm", 512, 1, False),
+    "dense-224": ("dense", 224, 1, False),
+    "dense-512": ("dense", 512, 1, False),
+    "sfm-224-batch16": ("sfm", 224, 16, False),
+    # the same with render(antialias=True), to read its cost off as a ratio to the row above
+    "sfm-224-aa": ("sfm", 224, 1, True),
+    "dense-224-aa": ("dense", 224, 1, True),
+    "sfm-512-aa": ("sfm", 512, 1, True),
     # Not run by default (about 430k triangles): the SFM subdivided three times.
-    "dense3-512": ("dense3", 512, 1),
+    "dense3-512": ("dense3", 512, 1, False),
 }
-_DEFAULT_RENDER_CASES = ["sfm-224", "sfm-512", "dense-224", "dense-512", "sfm-224-batch16"]
+_DEFAULT_RENDER_CASES = ["sfm-224", "sfm-512", "dense-224", "dense-512", "sfm-224-batch16",
+                         "sfm-224-aa", "sfm-512-aa", "dense-224-aa"]
 
 
 def _render_inputs(mesh, size, batch, model_path):
@@ -111,12 +116,12 @@ def bench_render_case(name, model_path, repeats):
 
     from ganfit_jax import render
 
-    mesh, size, batch = RENDER_CASES[name]
+    mesh, size, batch, antialias = RENDER_CASES[name]
     verts, tris, uv, texture, cam, light = _render_inputs(mesh, size, batch, model_path)
     tris, uv = jnp.asarray(tris), jnp.asarray(uv)
 
     def image(v, t, c, l):
-        return render.render(v, tris, uv, t, c, l, size)[0]
+        return render.render(v, tris, uv, t, c, l, size, antialias=antialias)[0]
 
     if batch > 1:
         image = jax.vmap(image, in_axes=(0, None, 0, None))

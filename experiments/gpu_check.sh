@@ -41,7 +41,8 @@ else
   scan_args=(--config=paper --batch_sizes=128 --repeats=3 --iterations=300 --compute_dtype=bfloat16
              --loop=scan --chunk=10)
   remat_args=(--config=paper --batch_sizes=32 --repeats=3 --iterations=300 --remat)
-  render_args=(--repeats=10)
+  # the default cases less two antialiased ones: sfm-224-aa gives antialiasing's cost
+  render_args=(--cases=sfm-224,sfm-512,dense-224,dense-512,sfm-224-batch16,sfm-224-aa --repeats=10)
   # each paper batch size compiles in 35-92 s (H100, H200: the host's CPU sets it; the session-8
   # H100 took 46 s at batch 1, 53 at 32 in bfloat16, 76 at 128 and 92 at 256); GPU test
   # compiles are slow. The scan row runs first: it holds the target

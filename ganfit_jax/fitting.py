@@ -140,8 +140,11 @@ class FitConfig:
     # research variants of Eq. 12 inside the project's fit (batches, sharding, chunks, progress):
     # (name, weight, fn) triples, each term fn(params, target, pipeline, render) → scalar
     # added to stage 2's loss as weight · fn(...) and reported under `name`; `render` holds the
-    # photo's view as Eq. 12 made it: 'image' (H×W×3 on the photo), 'mask' (H×W coverage),
-    # 'landmarks' (68×2 projected, NaN where the model has none) and 'texture' (G(p_t)).
+    # photo's view as Eq. 12 made it: 'image' (H×W×3 on the photo), 'mask' (H×W, 1 where a
+    # triangle covers the pixel centre), 'coverage' (with `Pipeline.antialias` how much of each
+    # pixel the face covers, differentiable in shape and camera: a silhouette term against a
+    # face parser's mask; otherwise the mask), 'landmarks' (68×2 projected, NaN where the model
+    # has none) and 'texture' (G(p_t)).
     # Pure and jittable, as the terms of `losses` are; under vmap each sees one photo.
     extra_terms: tuple = ()
 
@@ -194,6 +197,8 @@ class Pipeline:
       network *including* its differentiable alignment, so one call per image.
     render_fn(vertices, triangles, uv, colours_or_texture, camera, light, image_size) →
       (image, aux) with aux['mask']; `ganfit_jax.render.render` by default.
+    antialias: the default renderer blends the silhouettes (`render.antialias`): the outline
+      carries gradients, and research terms get the render's `coverage` (see `loss`).
     """
 
     model: morphable.MorphableModel
@@ -203,6 +208,7 @@ class Pipeline:
     identity_fn: Optional[Callable] = flax.struct.field(pytree_node=False, default=None)
     render_fn: Optional[Callable] = flax.struct.field(pytree_node=False, default=None)
     image_size: tuple = flax.struct.field(pytree_node=False, default=(224, 224))
+    antialias: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 def identity_of(net, image, landmarks):
@@ -312,6 +318,11 @@ def render_face(pipeline: Pipeline, params: FitParams, background=None, texture=
     if texture is None:
         texture = pipeline.texture_fn(pipeline.texture_params, params.texture)
     kwargs = {} if background is None else {"background": background}
+    if pipeline.antialias:
+        if pipeline.render_fn is not None:
+            raise ValueError("Pipeline.antialias: only the default renderer antialiases; "
+                             "give a render_fn that does it itself instead")
+        kwargs["antialias"] = True
     if pixel_budget is not None and pipeline.render_fn is None:
         height, width = camera_lib.image_hw(pipeline.image_size)
         kwargs["pixel_budget"] = int(pixel_budget * height * width)
@@ -454,7 +465,8 @@ def loss(params: FitParams, target: Target, pipeline: Pipeline, key,
              + weights.identity * terms.get("identity", 0.0)
              + weights.content * terms.get("content", 0.0)
              + weights.identity_random * terms.get("identity_random", 0.0))
-    render = dict(image=image, mask=mask, landmarks=pred_lm, texture=texture)
+    render = dict(image=image, mask=mask, landmarks=pred_lm, texture=texture,
+                  coverage=aux.get("coverage", mask))
     for name, weight, fn in extra_terms:
         terms[name] = jnp.asarray(fn(params, target, pipeline, render), jnp.float32)
         total = total + weight * terms[name]

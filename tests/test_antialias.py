@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ganfit_jax import camera, render
+from ganfit_jax import camera, fitting, losses, render
 from ganfit_jax.render import antialias, edge_neighbours, rasterize
 
 
@@ -202,3 +202,40 @@ def test_render_antialias_gives_the_face_outline_the_gradient_of_its_area(sfm_mo
     grad = float(jax.grad(lambda d: jnp.sum(coverage(d)))(1050.0))
     finite = (supersampled_area(1090.0) - supersampled_area(1010.0)) / 80.0
     assert grad < 0 and grad == pytest.approx(finite, rel=0.05)
+
+
+def test_a_silhouette_term_fits_the_camera_only_with_antialiasing(sfm_model):
+    """A research variant through `FitConfig.extra_terms`: the face's antialiased coverage
+    against a silhouette (the face 60 mm farther away, 16× supersampled) fits the camera with
+    every other block held; without `Pipeline.antialias` the same term has no gradient and the
+    camera stays where it started."""
+    from test_pixel_weight import frontal_face
+
+    size = (64, 64)
+    pipe, params = frontal_face(sfm_model, size)
+    far = params.camera.at[2].add(60.0)
+    pixels, depth = camera.project(far.at[6].multiply(16), sfm_model.mean, (1024, 1024))
+    ids, _ = rasterize(pixels, depth, sfm_model.triangles, (1024, 1024))
+    silhouette = jnp.asarray(np.asarray(ids >= 0, np.float32).reshape(64, 16, 64, 16)
+                             .mean(axis=(1, 3)))
+
+    def silhouette_term(p, target, pipeline, render):
+        return jnp.mean(jnp.abs(render["coverage"] - silhouette))
+
+    lm = fitting.project_landmarks(pipe, params, None)
+    target = fitting.target_from_image(pipe, np.zeros(size + (3,), np.float32), lm)
+    config = fitting.FitConfig(
+        stage1_iterations=0, stage2_iterations=60, learning_rate=0.1, chunk=60,
+        frozen=("shape", "expression", "texture", "light"),
+        weights=losses.LossWeights(landmark=0, pixel=0, identity=0, content=0,
+                                   identity_random=0),
+        extra_terms=(("silhouette", 1.0, silhouette_term),))
+    start_error = float(silhouette_term(params, target, pipe, dict(
+        coverage=fitting.render_face(pipe.replace(antialias=True), params)[1]["coverage"])))
+    fitted, history = fitting.fit(pipe.replace(antialias=True), params, target, config, log=None)
+    end_error = float(np.asarray(history[2]["silhouette"])[-1])
+    assert end_error < 0.3 * start_error
+    hard, _ = fitting.fit(pipe, params, target, config, log=None)
+    np.testing.assert_array_equal(np.asarray(hard.camera), np.asarray(params.camera))
+    with pytest.raises(ValueError, match="Pipeline.antialias"):
+        fitting.render_face(pipe.replace(antialias=True, render_fn=render.render), params)

@@ -32,14 +32,21 @@ antialiased face's area moves with the camera's distance as a 16× supersampled 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def edge_neighbours(triangles):
     """(F,3) int32: the triangle across edge k (corner k to corner k+1) of every triangle, -1 where
     no other triangle has that edge (the mesh's boundary). Jittable (a sort of the 3F edges); an
-    edge shared by more than two triangles (non-manifold) pairs them arbitrarily."""
+    edge shared by more than two triangles (non-manifold) pairs them arbitrarily. Triangles
+    known before tracing (a model's constants) are paired once, in numpy, and remembered."""
+    if not isinstance(triangles, jax.core.Tracer):
+        key = np.asarray(triangles, np.int32)
+        return jnp.asarray(_edge_neighbours_of(key.shape, key.tobytes()))
     tri = jnp.asarray(triangles, jnp.int32)
     a, b = tri, jnp.roll(tri, -1, axis=1)
     lo, hi = jnp.minimum(a, b).ravel(), jnp.maximum(a, b).ravel()
@@ -57,6 +64,25 @@ def edge_neighbours(triangles):
 # A bound on the walk below, in triangles: each step moves strictly along the segment, so it
 # ends on its own; the bound only guards against float ties at a vertex.
 MAX_WALK = 256
+WALK_CHUNK = 1024
+
+
+@functools.lru_cache(maxsize=8)
+def _edge_neighbours_of(shape, data):
+    tri = np.frombuffer(data, np.int32).reshape(shape)
+    a, b = tri, np.roll(tri, -1, axis=1)
+    lo, hi = np.minimum(a, b).ravel(), np.maximum(a, b).ravel()
+    order = np.lexsort((hi, lo))
+    slo, shi, owner = lo[order], hi[order], (order // 3).astype(np.int32)
+    same = (slo[:-1] == slo[1:]) & (shi[:-1] == shi[1:])
+    neighbour = np.full(order.shape, -1, np.int32)
+    neighbour[:-1] = np.where(same, owner[1:], -1)
+    neighbour[1:] = np.maximum(neighbour[1:], np.where(same, owner[:-1], -1))
+    out = np.empty_like(neighbour)
+    out[order] = neighbour
+    out = out.reshape(shape)
+    out.flags.writeable = False
+    return out
 
 
 def _cross(ax, ay, bx, by):
@@ -74,7 +100,7 @@ def _edge_sides(corner_pixels, tri, fx, fy, kx, ky):
     return side_f, side_k, ex, ey
 
 
-def _outline_edge(corner_pixels, facing, neighbours, front, walking, fx, fy, kx, ky):
+def _walk(corner_pixels, facing, neighbours, front, walking, fx, fy, kx, ky):
     """(found, triangle, edge) per pixel pair: the silhouette edge where the segment F-K leaves
     the surface that covers F, found by walking along the segment through the mesh; no gradient
     (which edge is a combinatorial choice, like visibility).
@@ -104,12 +130,38 @@ def _outline_edge(corner_pixels, facing, neighbours, front, walking, fx, fy, kx,
 
     state = (0, front, walking, jnp.zeros_like(walking), jnp.zeros(front.shape, jnp.int32))
     _, tri, _, found, edge = jax.lax.while_loop(
-        lambda s: (s[0] < MAX_WALK) & jnp.any(s[2]), step,
-        jax.tree.map(jax.lax.stop_gradient, state))
+        lambda s: (s[0] < MAX_WALK) & jnp.any(s[2]), step, state)
     return found, tri, edge
 
 
-def _pass(image, triangle_ids, pixel_depth, corner_pixels, facing, neighbours, axis):
+def _outline_edge(corner_pixels, facing, neighbours, front, walking, fx, fy, kx, ky):
+    """`_walk` over the pairs that need it only, gathered into chunks of WALK_CHUNK: an outline
+    is a few hundred of a 224² image's 50,000 pairs, and each step of a walk over the whole
+    grid cost ~1 ms on one core."""
+    shape = front.shape
+    count = walking.size
+    flat = [x.reshape(-1) for x in (front, fx, fy, kx, ky)]
+    order = jnp.nonzero(walking.reshape(-1), size=count, fill_value=count)[0]
+    chunk = min(WALK_CHUNK, count)
+    order = jnp.concatenate([order, jnp.full((chunk,), count, order.dtype)])
+    total = jnp.sum(walking)
+
+    def body(state):
+        start, found, tri, edge = state
+        index = jax.lax.dynamic_slice(order, (start,), (chunk,))
+        used = index < count
+        picked = [x.at[index].get(mode="fill", fill_value=0) for x in flat]
+        f, t, e = _walk(corner_pixels, facing, neighbours, picked[0], used, *picked[1:])
+        target = jnp.where(used, index, count)
+        return (start + chunk, found.at[target].set(f, mode="drop"),
+                tri.at[target].set(t, mode="drop"), edge.at[target].set(e, mode="drop"))
+
+    state = (0, jnp.zeros((count,), bool), flat[0], jnp.zeros((count,), jnp.int32))
+    _, found, tri, edge = jax.lax.while_loop(lambda s: s[0] < total, body, state)
+    return found.reshape(shape), tri.reshape(shape), edge.reshape(shape)
+
+
+def _pass(image, triangle_ids, pixel_depth, triangles, corner_pixels, facing, neighbours, axis):
     """The colour changes of one pass: neighbours along `axis` (1: left-right, 0: up-down)."""
     height, width = triangle_ids.shape
     lead = [slice(None)] * 2
@@ -131,8 +183,14 @@ def _pass(image, triangle_ids, pixel_depth, corner_pixels, facing, neighbours, a
     fx, fy = jnp.where(a_nearer, ax, ax + step_x), jnp.where(a_nearer, ay, ay + step_y)
     kx, ky = jnp.where(a_nearer, ax + step_x, ax), jnp.where(a_nearer, ay + step_y, ay)
 
-    found, tri, edge = _outline_edge(jax.lax.stop_gradient(corner_pixels), facing, neighbours,
-                                     front, candidate, fx, fy, kx, ky)
+    # two triangles with a corner in common join one surface (a fold's far side lies behind
+    # the near one, never beside it), and the walk between them would find nothing
+    corners_f = triangles[front]
+    corners_k = triangles[jnp.maximum(jnp.where(a_nearer, id_b, id_a), 0)]
+    touching = jnp.any(corners_f[..., :, None] == corners_k[..., None, :], axis=(-2, -1))
+    walking = candidate & ~(touching & (id_a >= 0) & (id_b >= 0))
+    found, tri, edge = _outline_edge(*jax.tree.map(jax.lax.stop_gradient, (
+        corner_pixels, facing, neighbours, front, walking, fx, fy, kx, ky)))
     # the crossing, differentiable in the edge's two projected vertices
     side_f, side_k, ex, ey = _edge_sides(corner_pixels, tri, fx, fy, kx, ky)
 
@@ -191,6 +249,6 @@ def antialias(image, triangle_ids, pixel_depth, pixels, triangles, neighbours=No
     facing = jax.lax.stop_gradient(area2) > 0
     out = image
     for axis in (1, 0):
-        out = out + _pass(image, triangle_ids, pixel_depth, corner_pixels, facing, neighbours,
-                          axis)
+        out = out + _pass(image, triangle_ids, pixel_depth, triangles, corner_pixels, facing,
+                          neighbours, axis)
     return out
