@@ -240,3 +240,17 @@ def crop_face_mask(spec, labels, path, image, crop, lm_crop, transform, report=p
         return np.ones(np.shape(crop)[:2], np.float32)
     weight = inputs.load_pixel_weight(mask, np.shape(image)[:2], labels)
     return inputs.crop_pixel_weight(weight, transform)
+
+
+def render_with_alpha(pipeline, params):
+    """(colour (H,W,3) in [0,1], alpha (H,W)) of the fitted face at the working crop: alpha the
+    mask, or with --antialias the coverage, its outline blended; the colour un-premultiplied
+    there (the render is over black), so that pasting it over a photo leaves no dark fringe."""
+    import numpy as np
+
+    from ganfit_jax import fitting
+
+    rendered, aux = fitting.render_face(pipeline, params)
+    alpha = np.asarray(aux.get("coverage", aux["mask"]))
+    colour = np.asarray(rendered) / np.where(alpha > 0, alpha, 1.0)[..., None]
+    return np.clip(colour, 0, 1), alpha

@@ -172,6 +172,10 @@ flags.DEFINE_bool("resume", False, "--images or --frames --track: go on with an 
                   "finished keyframes give the joint shape and texture (read from their "
                   "params.npz); if any keyframe is unfinished, the keyframes are fitted again "
                   "and every other frame tracked again.")
+flags.DEFINE_bool("antialias", False, "Blend the renders' silhouettes (render.antialias, "
+                  "nvdiffrast's analytic antialiasing): the face's outline carries gradients to "
+                  "shape and camera, and the identity network and the output images see a smooth "
+                  "outline rather than a staircase; ~2.5x the renderer's time (BENCHMARKS.md).")
 flags.DEFINE_bool("remat", False, "Recompute activations in the backward pass (jax.checkpoint): "
                   "less device memory per photo, for large --batch_size.")
 flags.DEFINE_bool("two_threads", True, "One photo on the CPU: run Eq. 12's two views (the photo's "
@@ -717,9 +721,7 @@ def write_result(folder, pipeline, params, item, history, source):
                         rotation=rotation, translation=translation,
                         image_size=np.asarray(pipeline.image_size)),
                    overwrite=over, source=str(source))
-    rendered, aux = fitting.render_face(pipeline, params)
-    rendered = np.clip(np.asarray(rendered), 0, 1)
-    mask = np.asarray(aux["mask"])
+    rendered, mask = common.render_with_alpha(pipeline, params)
     overlay = inputs.paste_back(original, rendered, mask, transform)
     io.save_image(os.path.join(folder, "overlay.png"), overlay, overwrite=over)
     if FLAGS.transforms:  # the frame a head avatar trains on, as the fit saw it (upright)
@@ -1079,7 +1081,7 @@ def run():
     net = load_identity_net(FLAGS.identity, FLAGS.identity_weights, k_id)
     size = (FLAGS.image_size, FLAGS.image_size)
     pipeline = fitting.with_compute_dtype(fitting.make_pipeline(model, texture_model, net, size),
-                                          FLAGS.compute_dtype)
+                                          FLAGS.compute_dtype).replace(antialias=FLAGS.antialias)
     weights = losses.LossWeights(
         identity=FLAGS.lambda_id, identity_random=FLAGS.lambda_id_random,
         content=FLAGS.lambda_content, pixel=FLAGS.lambda_pixel, landmark=FLAGS.lambda_landmark,
@@ -1697,15 +1699,14 @@ def write_faces(folder, pipeline, source, count, faces):
     shape alone the same way, and faces.json, written last: the photo is finished."""
     import numpy as np
 
-    from ganfit_jax import fitting, inputs, io, morphable
+    from ganfit_jax import inputs, io, morphable
 
     over = FLAGS.overwrite or FLAGS.resume
     faces = sorted(faces, key=lambda f: f[0])  # face_00, face_01, ...: largest first
     overlay = shape = faces[0][2].image
     for face_dir, params, item, metrics in sorted(faces, key=lambda f: f[3]["interocular_px"]):
-        render, aux = fitting.render_face(pipeline, params)
-        overlay = inputs.paste_back(overlay, np.clip(np.asarray(render), 0, 1),
-                                    np.asarray(aux["mask"]), item.transform)
+        overlay = inputs.paste_back(overlay, *common.render_with_alpha(pipeline, params),
+                                    item.transform)
         if FLAGS.shape_image:  # recomputed, not kept from each face's result: a 12 MP
             # photo's normals are ~145 MB a face
             verts = np.asarray(morphable.vertices(pipeline.model, params.shape,

@@ -336,7 +336,9 @@ def intrinsic_images(pipeline: Pipeline, params: FitParams):
     RGB: what the light does to a white face), specular (the highlight), mask), each (H,W,3)
     but the mask, black off the face. By re-rendering with the light or the texture replaced:
     ambient 1 and no light gives the albedo, a black texture the highlight alone, a white one
-    shading plus highlight."""
+    shading plus highlight. Never antialiased: blending at the outline is linear in the colours,
+    so it would break albedo ⊙ shading there."""
+    pipeline = pipeline.replace(antialias=False)
     texture = pipeline.texture_fn(pipeline.texture_params, params.texture)
     black = jnp.zeros(3)
     unlit = params.light.at[3:6].set(0.0).at[6:9].set(1.0)

@@ -239,3 +239,22 @@ def test_a_silhouette_term_fits_the_camera_only_with_antialiasing(sfm_model):
     np.testing.assert_array_equal(np.asarray(hard.camera), np.asarray(params.camera))
     with pytest.raises(ValueError, match="Pipeline.antialias"):
         fitting.render_face(pipe.replace(antialias=True, render_fn=render.render), params)
+
+
+def test_an_antialiased_face_pastes_over_a_photo_without_a_dark_fringe(sfm_model):
+    """fit's overlays (`experiments.common.render_with_alpha`): the antialiased render is over
+    black, so its outline pixels are darkened by their coverage; un-premultiplied, a face of one
+    colour is that colour wherever it covers any of a pixel, with the coverage as its alpha."""
+    from experiments import common
+    from test_pixel_weight import frontal_face
+
+    pipe, params = frontal_face(sfm_model, (64, 64))
+    pipe = pipe.replace(texture_fn=lambda _, p_t: jnp.full((8, 8, 3), 0.6), antialias=True)
+    params = params.replace(light=jnp.asarray([0, 0, 1000, 0, 0, 0, 1, 1, 1], jnp.float32))
+    colour, alpha = common.render_with_alpha(pipe, params)
+    partial = (alpha > 0.05) & (alpha < 0.95)
+    assert partial.sum() > 50  # the outline, blended
+    np.testing.assert_allclose(colour[alpha > 0.05], 0.6, atol=1e-4)
+    hard_colour, hard_alpha = common.render_with_alpha(pipe.replace(antialias=False), params)
+    assert set(np.unique(hard_alpha)) == {0.0, 1.0}
+    np.testing.assert_allclose(hard_colour[hard_alpha > 0], 0.6, atol=1e-4)

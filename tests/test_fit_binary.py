@@ -316,10 +316,10 @@ def test_folder_of_photos_in_batches_skips_bad_ones(faces_dir, sfm_dir, tmp_path
             shutil.copy(faces_dir / "ffhq" / "FFHQ" / (name + ext), photos / (name + ext))
     Image.fromarray(np.full((90, 70, 3), 200, np.uint8)).save(photos / "blank.jpg")  # no face
     out = tmp_path / "out"
-    # bfloat16 networks (the GPU setting) through the whole binary
+    # bfloat16 networks (the GPU setting) and antialiased renders through the whole binary
     code, stdout, stderr = run_fit(f"--images={photos}", f"--output_dir={out}", "--batch_size=2",
                                    f"--model={sfm_dir / 'sfm_shape_3448.bin'}", *TINY,
-                                   "--compute_dtype=bfloat16")
+                                   "--compute_dtype=bfloat16", "--antialias")
     assert code == 0, stderr[-2000:]
     assert "skipped" in stdout and "blank.jpg" in stdout
     assert "batch 2: 1 photo(s)" in stdout  # 3 good photos in batches of 2
@@ -368,7 +368,7 @@ def test_folder_of_photos_in_batches_skips_bad_ones(faces_dir, sfm_dir, tmp_path
     kept = {f.name: f.read_bytes() for f in (out / "00003").iterdir()}
     code, stdout, stderr = run_fit(f"--images={photos}", f"--output_dir={out}", "--batch_size=2",
                                    f"--model={sfm_dir / 'sfm_shape_3448.bin'}", *TINY,
-                                   "--compute_dtype=bfloat16", "--resume")
+                                   "--compute_dtype=bfloat16", "--antialias", "--resume")
     assert code == 0, stderr[-2000:]
     assert "--resume: 1 of 4 photo(s) already fitted, 3 to go" in stdout, stdout[-2000:]
     assert "00003.png:" not in stdout and "00004.png:" in stdout and "00005.png:" in stdout
