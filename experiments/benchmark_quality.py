@@ -44,6 +44,10 @@ each face, and a 'full + face mask' row fits the same photos given the occluder'
 their face mask (`fitting.Target.pixel_weight`, fit --face_mask), a 'full + skin mask' row given
 each photo's skin-colour weights (`inputs.skin_pixel_weight`, fit --face_mask=skin).
 
+With --antialias the ground truth is rendered with its outline antialiased (`render.antialias`,
+as a camera's photo has no staircase), and a 'full + antialias' row fits with
+`Pipeline.antialias` (fit --antialias) beside the 'full' row's hard-edged renders.
+
 Rows: 'mean face' (the model mean, same alignment: the number any fit must beat), 'stage 1
 (landmarks)' (the landmark-only initialisation), 'full' (Eq. 12), and with --ablate one row per
 removed term: id (λ_id = 0), id_random (λ̂_id = 0), content (λ_con = 0), pixel (λ_pix = 0),
@@ -57,6 +61,7 @@ no GAN prior to remove.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -102,6 +107,8 @@ def define_flags(flag_values=FLAGS):
         ("bool", "occlude", False, "Paint an occluder (a flat-coloured ellipse, a hand or a "
          "lock of hair) over part of each face and add a 'full + face mask' row: the same fit "
          "given the occluder's complement as its face mask (fit --face_mask)."),
+        ("bool", "antialias", False, "Render the ground truth antialiased and add a 'full + "
+         "antialias' row: the same fit with antialiased renders (fit --antialias)."),
         ("string", "model", None, "3DMM; default ../shared/assets/sfm/sfm_shape_3448.bin."),
         ("bool", "json", False, "Print one JSON object per row instead of a table."),
         ("string", "output", None, "Also write the rows as JSON lines to this file."),
@@ -291,7 +298,7 @@ def occlude(rng, face):
 
 
 def make_faces(model, num_faces, seed=0, image_size=224, uv_dir=None, texture_model=None,
-               landmark_noise_px=1.0, shape_std=0.8):
+               landmark_noise_px=1.0, shape_std=0.8, antialias=False):
     """The benchmark's ground truth (see the module docstring): a list of dicts with image
     (H,W,3), landmarks (68,2) noisy, landmarks_true (68,2), vertices (N,3) mm, shape, expression,
     camera, light, texture (UV map), texture_source."""
@@ -304,7 +311,8 @@ def make_faces(model, num_faces, seed=0, image_size=224, uv_dir=None, texture_mo
         raise ValueError(f"num_faces: expected at least 1, got {num_faces}")
     rng = np.random.default_rng(seed)
     textures, source = ground_truth_textures(rng, num_faces, uv_dir, texture_model)
-    render_fn = jax.jit(render.render, static_argnames=("image_size",))
+    render_fn = jax.jit(functools.partial(render.render, antialias=antialias),
+                        static_argnames=("image_size",))
     faces = []
     for i in range(num_faces):
         shape = (rng.normal(size=model.num_shape) * shape_std).astype(np.float32)
@@ -450,12 +458,13 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
                 identity="dlib", texture="direct", ablate=(), json_out=False, *, batch_size=4,
                 chunk=25, uv_dir=None, texture_model=None, pca_texture_model=None,
                 identity_weights=None, landmark_noise_px=1.0, shape_std=0.8, model=None,
-                occluders=False, log=print):
+                occluders=False, antialias=False, log=print):
     """Runs the benchmark; returns one dict per configuration (see the module docstring), each
     with its per-face rows under 'per_face'. Prints the table (or JSON lines) as it goes.
 
     model: a MorphableModel or a path for `morphable.load` (default: the shared SFM).
-    occluders: paint one over each face (`occlude`) and add the 'full + face mask' row."""
+    occluders: paint one over each face (`occlude`) and add the 'full + face mask' row.
+    antialias: render the ground truth antialiased and add the 'full + antialias' row."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -477,7 +486,7 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
 
     t0 = time.time()
     faces = make_faces(model, num_faces, seed, image_size, uv_dir, texture_model,
-                       landmark_noise_px, shape_std)
+                       landmark_noise_px, shape_std, antialias=antialias)
     if quiet:
         quiet(f"rendered {num_faces} ground-truth faces ({faces[0]['texture_source']}) in "
               f"{time.time() - t0:.1f}s")
@@ -489,6 +498,9 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
     tex = _load_texture(texture)
 
     configs = [("full", losses.LossWeights(), tex, "")]
+    if antialias:
+        configs.append(("full + antialias", losses.LossWeights(), tex,
+                        "Pipeline.antialias (fit --antialias)"))
     if occluders:
         configs.append(("full + face mask", losses.LossWeights(), tex,
                         "the occluder's complement as the face mask"))
@@ -578,7 +590,8 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
     emit(_summary("stage 1 (landmarks)", s1_rows, stage1_s, "shared by every configuration"))
 
     for name, weights, texture_model_, note in configs:
-        pipeline = fitting.make_pipeline(model, texture_model_, net, size)
+        pipeline = fitting.make_pipeline(model, texture_model_, net, size).replace(
+            antialias=name.endswith("antialias"))
         texture_init = np.asarray(texture_model_.init_latent(k_tex))
         cfg = fitting.FitConfig(stage1_iterations=0, stage2_iterations=iterations, chunk=chunk,
                                 weights=weights)
@@ -683,7 +696,7 @@ def main_quality(argv=None):
                        pca_texture_model=FLAGS.pca_texture_model,
                        identity_weights=FLAGS.identity_weights,
                        landmark_noise_px=FLAGS.landmark_noise_px, shape_std=FLAGS.shape_std,
-                       model=FLAGS.model, occluders=FLAGS.occlude)
+                       model=FLAGS.model, occluders=FLAGS.occlude, antialias=FLAGS.antialias)
     write_output(rows)
     return rows
 

@@ -146,3 +146,35 @@ def test_tiny_run_beats_the_mean_face_and_has_ablation_rows(sfm_model, capsys):
     assert [json.loads(ln)["config"] for ln in lines] == names
     table = bq.markdown_table(rows)
     assert table.count("\n") == len(rows) + 1 and "| no pixel |" in table
+
+
+def test_antialiased_truth_differs_on_the_outline_only_and_adds_a_row(sfm_model, faces):
+    from ganfit_jax.render import rasterize
+
+    """--antialias: the same seeded faces with their outline blended into the background (a
+    photo's edge, not a staircase) and a 'full + antialias' row fitted with antialiased renders."""
+    smooth = bq.make_faces(sfm_model, 2, seed=3, image_size=SIZE, landmark_noise_px=0.0,
+                           antialias=True)
+    for hard, soft in zip(faces, smooth):
+        verts = jnp.asarray(hard["vertices"])
+        pixels, depth = cam.project(jnp.asarray(hard["camera"]), verts, (SIZE, SIZE))
+        ids = np.asarray(rasterize(pixels, depth, sfm_model.triangles, (SIZE, SIZE))[0])
+        corners = np.where((ids >= 0)[..., None], np.asarray(sfm_model.triangles)[ids], -1)
+        # an outline pixel: a 4-neighbour shows another surface (the background, or triangles
+        # not sharing a corner: the nose's flank over the cheek)
+        outline = np.zeros(ids.shape, bool)
+        for axis in (0, 1):
+            for shift in (1, -1):
+                other = np.roll(corners, shift, axis)
+                touching = (corners[..., :, None] == other[..., None, :]).any((-2, -1))
+                apart = (np.roll(ids, shift, axis) != ids) & ~(touching & (ids >= 0))
+                outline |= apart | np.roll(apart, -shift, axis)
+        changed = np.abs(soft["image"] - hard["image"]).max(-1) > 1e-6
+        assert changed.sum() > 20 and not changed[~outline].any()
+    rows = bq.run_quality(1, seed=0, iterations=2, stage1_iterations=10, image_size=SIZE,
+                          identity="none", texture="direct", json_out=True, batch_size=1,
+                          chunk=2, model=sfm_model, antialias=True)
+    by = {r["config"]: r for r in rows}
+    assert list(by) == ["mean face", "stage 1 (landmarks)", "full", "full + antialias"]
+    assert by["full + antialias"]["error_mm"] < by["mean face"]["error_mm"]
+    assert by["full + antialias"]["texture_mae"] != by["full"]["texture_mae"]
