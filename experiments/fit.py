@@ -175,7 +175,7 @@ flags.DEFINE_bool("resume", False, "--images or --frames --track: go on with an 
 flags.DEFINE_bool("antialias", False, "Blend the renders' silhouettes (render.antialias, "
                   "nvdiffrast's analytic antialiasing): the face's outline carries gradients to "
                   "shape and camera, and the identity network and the output images see a smooth "
-                  "outline rather than a staircase; ~2.5x the renderer's time (BENCHMARKS.md).")
+                  "outline rather than a staircase; 2-3.5x the renderer's time (BENCHMARKS.md).")
 flags.DEFINE_bool("remat", False, "Recompute activations in the backward pass (jax.checkpoint): "
                   "less device memory per photo, for large --batch_size.")
 flags.DEFINE_bool("two_threads", True, "One photo on the CPU: run Eq. 12's two views (the photo's "
