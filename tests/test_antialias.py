@@ -41,6 +41,8 @@ def test_edge_neighbours_pair_the_triangles_on_either_side_of_every_edge(sfm_mod
             others = [g for g in owners[frozenset((tri[k], tri[(k + 1) % 3]))] if g != f]
             assert got[f, k] == (others[0] if others else -1)
     assert (got == -1).any() and (got >= 0).mean() > 0.9  # an open face mesh: a boundary
+    # traced (a model passed to a jitted function as an argument): the sort in jnp, same pairs
+    np.testing.assert_array_equal(np.asarray(jax.jit(edge_neighbours)(triangles)), got)
 
 
 RECT = np.array([[3.3, 4.2], [11.8, 4.2], [11.8, 12.6], [3.3, 12.6]], np.float32)
