@@ -67,6 +67,9 @@ flags.DEFINE_bool("sequence_pose", True, "--sequence: each frame's head pose (it
                   "expression alone")
 flags.DEFINE_bool("save_frames", False, "--sequence: also write every frame as "
                   "frame_NNNNNN.png (its number in the video)")
+flags.DEFINE_bool("antialias", False, "blend the silhouettes (render.antialias, nvdiffrast's "
+                  "analytic antialiasing): smooth outlines against the background, textured "
+                  "or --shape_only; --save_mask then saves each pixel's coverage")
 flags.DEFINE_bool("overwrite", False, "replace existing output files")
 common.require_positive("distance")
 
@@ -146,7 +149,7 @@ def orbit_camera(base_camera, yaw_degrees):
 
 
 def render_views(model, params, yaws, image_size, distance, light=None, background=1.0,
-                 texture_sampling="pixel", normals=False, shape_only=False):
+                 texture_sampling="pixel", normals=False, shape_only=False, antialias=False):
     """Yields (yaw, image, aux) for each yaw; library code kept here free of file I/O.
     `normals`: aux also holds `normals`, the visible surface's (`render.geometry_maps`).
     `shape_only`: the image is that surface's grey shading (`render.shape_shading`)."""
@@ -166,7 +169,8 @@ def render_views(model, params, yaws, image_size, distance, light=None, backgrou
                                 [0.75, 0.75, 0.75, 0.35, 0.35, 0.35]]).astype(np.float32)
 
     one = jax.jit(lambda cam: _render_one(model, verts, appearance, cam, light, image_size,
-                                          background, texture_sampling, normals, shape_only))
+                                          background, texture_sampling, normals, shape_only,
+                                          antialias))
     for yaw in yaws:
         image, aux = one(jnp.asarray(orbit_camera(base, yaw)))
         yield yaw, np.asarray(image), {k: np.asarray(v) for k, v in aux.items()}
@@ -194,9 +198,10 @@ def _appearance(model, params):
 
 
 def _render_one(model, verts, appearance, cam, light, image_size, background, texture_sampling,
-                normals=False, shape_only=False):
+                normals=False, shape_only=False, antialias=False):
     """One view (traced): (image, aux), aux with `normals` when asked or `shape_only` (the
-    image then the shape's grey shading over the background)."""
+    image then the shape's grey shading over the background). `antialias`: the outline blended
+    into the background after either, and aux's mask the pixels' coverage."""
     import jax.numpy as jnp
 
     from ganfit_jax import camera as camera_lib
@@ -212,6 +217,11 @@ def _render_one(model, verts, appearance, cam, light, image_size, background, te
         grey = render.shape_shading(aux["normals"])
         image = jnp.where(jnp.isnan(grey)[..., None], jnp.asarray(background, jnp.float32),
                           jnp.repeat(grey[..., None], 3, axis=-1))
+    if antialias:
+        pixels, _ = camera_lib.project(cam, verts, camera_lib.image_hw(image_size))
+        blended = render.antialias(jnp.concatenate([image, aux["mask"][..., None]], axis=-1),
+                                   aux["triangle_ids"], aux["depth"], pixels, model.triangles)
+        image, aux["mask"] = blended[..., :3], blended[..., 3]
     return image, aux
 
 
@@ -243,7 +253,8 @@ def load_sequence(path, model):
 
 
 def render_sequence(model, params, sequence, image_size, light=None, background=1.0,
-                    texture_sampling="pixel", shape_only=False, pose=True, distance=800.0):
+                    texture_sampling="pixel", shape_only=False, pose=True, distance=800.0,
+                    antialias=False):
     """Yields (frame number, image) for every frame of `sequence` (`load_sequence`): the face of
     `params` (its shape; the sequence's own without one) with that frame's expression, seen by
     that frame's camera (its focal scaled from the fit's working size to `image_size`) when
@@ -272,7 +283,7 @@ def render_sequence(model, params, sequence, image_size, light=None, background=
     def one(expression, cam, frame_light):
         verts = morphable.vertices(model, shape, expression)
         return _render_one(model, verts, appearance, cam, frame_light, image_size, background,
-                           texture_sampling, shape_only=shape_only)[0]
+                           texture_sampling, shape_only=shape_only, antialias=antialias)[0]
 
     for number, expression, cam, frame_light in zip(sequence["frame"], sequence["expression"],
                                                     cameras, lights):
@@ -306,7 +317,8 @@ def render_sequence_files(model, params, sequence, light):
     def frames():
         for k, (number, image) in enumerate(render_sequence(
                 model, params, sequence, FLAGS.image_size, light, FLAGS.background,
-                FLAGS.texture_sampling, FLAGS.shape_only, FLAGS.sequence_pose, FLAGS.distance)):
+                FLAGS.texture_sampling, FLAGS.shape_only, FLAGS.sequence_pose, FLAGS.distance,
+                FLAGS.antialias)):
             png = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
             if FLAGS.save_frames:
                 io.save_image(stems[k], png, overwrite=FLAGS.overwrite)
@@ -384,7 +396,7 @@ def main(argv):
     names, frames = [], {}
     for yaw, image, aux in render_views(model, params, yaws, FLAGS.image_size, FLAGS.distance,
                                         light, FLAGS.background, FLAGS.texture_sampling,
-                                        FLAGS.save_normals, FLAGS.shape_only):
+                                        FLAGS.save_normals, FLAGS.shape_only, FLAGS.antialias):
         stem = _stem(FLAGS.output_dir, yaw)
         png = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
         _write(stem + ".png", lambda p: Image.fromarray(png).save(p), FLAGS.overwrite)

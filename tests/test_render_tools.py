@@ -106,6 +106,20 @@ def test_render_experiment_writes_views_and_refuses_to_overwrite(sfm_dir, tmp_pa
     np.testing.assert_array_equal(grey[~covered], 0.0)
     expected = np.asarray(render.shape_shading(normals[covered]))
     np.testing.assert_allclose(grey[covered], np.repeat(expected[:, None], 3, 1), atol=0.6 / 255)
+    # --antialias: the same grey view with its outline blended into the background by coverage
+    result = _run(["--model", model, "--params", str(params), "--output_dir",
+                   str(tmp_path / "a"), "--image_size", "48", "--shape_only", "--background=0",
+                   "--antialias", "--save_mask"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    smooth = np.asarray(Image.open(tmp_path / "a" / "yaw+0000.0.png"), np.float64) / 255
+    coverage = np.load(tmp_path / "a" / "yaw+0000.0_mask.npy")
+    partial = (coverage > 0.02) & (coverage < 0.98)
+    assert partial.sum() > 20 and coverage.min() >= 0 and coverage.max() <= 1 + 1e-6
+    # whole pixels keep their hard value (grey inside, background out); the outline's are in
+    # between, a fraction of a neighbour's grey
+    whole = (coverage == 0) | (coverage == 1)
+    assert np.mean(np.abs(smooth - grey).max(-1)[whole] < 1 / 255) > 0.98
+    assert np.all(smooth[coverage == 0] == 0) and smooth[partial].max() <= grey.max() + 1 / 255
     result = _run(["--model", model, "--output_dir", str(tmp_path / "w"), "--turntable_video"])
     assert result.returncode == 1 and "--turntable_video needs --turntable" in result.stderr
     bad = tmp_path / "bad.npz"
