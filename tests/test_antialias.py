@@ -260,3 +260,28 @@ def test_an_antialiased_face_pastes_over_a_photo_without_a_dark_fringe(sfm_model
     hard_colour, hard_alpha = common.render_with_alpha(pipe.replace(antialias=False), params)
     assert set(np.unique(hard_alpha)) == {0.0, 1.0}
     np.testing.assert_allclose(hard_colour[hard_alpha > 0], 0.6, atol=1e-4)
+
+
+def test_antialiasing_under_vmap_equals_one_view_at_a_time(sfm_model):
+    """A batch of views (fit's vmapped steps on accelerators): the walks' loops run until every
+    item's pairs are done, and each item's image and gradient are its own."""
+    size = (48, 48)
+    focal = camera.default_focal(size)
+    colours = jnp.full((sfm_model.num_vertices, 3), 0.6, jnp.float32)
+    light = jnp.asarray([0, 0, 1000, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5], jnp.float32)
+    cams = jnp.asarray([[0, 0, 1050, 0, 10, 0, focal], [300, 0, 1000, 0, 10, 0, focal]],
+                       jnp.float32)
+
+    def view(cam):
+        image, aux = render.render(sfm_model.mean, sfm_model.triangles, sfm_model.uv, colours,
+                                   cam, light, size, antialias=True)
+        return image, jnp.sum(aux["coverage"])
+
+    images, _ = jax.vmap(view)(cams)
+    grads = jax.vmap(jax.grad(lambda c: view(c)[1]))(cams)
+    for k in range(2):
+        image, _ = view(cams[k])
+        np.testing.assert_allclose(np.asarray(images[k]), np.asarray(image), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(jax.grad(
+            lambda c: view(c)[1])(cams[k])), rtol=1e-4, atol=1e-4)
+    assert np.abs(np.asarray(grads)).max() > 0
