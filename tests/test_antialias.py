@@ -87,8 +87,6 @@ def test_a_slanted_outline_comes_close_to_supersampling_and_its_gradient_to_the_
     x, y = TRIANGLE[:, 0], TRIANGLE[:, 1]
     area = 0.5 * abs((x[1] - x[0]) * (y[2] - y[0]) - (x[2] - x[0]) * (y[1] - y[0]))
     assert float(jax.grad(coverage)(1.0)) == pytest.approx(2 * area, rel=0.08)
-    # without antialiasing the image is a step function of the vertices: no gradient at all
-    assert float(jax.grad(lambda s: jnp.sum(colour * s))(1.0)) == pytest.approx(float(colour.sum()))
 
 
 def test_the_outline_alone_pulls_the_mesh_towards_its_target():

@@ -44,11 +44,15 @@ def edge_neighbours(triangles):
     """(F,3) int32: the triangle across edge k (corner k to corner k+1) of every triangle, -1 where
     no other triangle has that edge (the mesh's boundary). Jittable (a sort of the 3F edges); an
     edge shared by more than two triangles (non-manifold) pairs them arbitrarily. Triangles
-    known before tracing (a model's constants) are paired once, in numpy, and remembered."""
+    known before tracing (a model's constants) are paired once, eagerly, and remembered: staged
+    into a program, XLA constant-folds the sort at length."""
     if not isinstance(triangles, jax.core.Tracer):
         key = np.asarray(triangles, np.int32)
         return jnp.asarray(_edge_neighbours_of(key.shape, key.tobytes()))
-    tri = jnp.asarray(triangles, jnp.int32)
+    return _pair_edges(jnp.asarray(triangles, jnp.int32))
+
+
+def _pair_edges(tri):
     a, b = tri, jnp.roll(tri, -1, axis=1)
     lo, hi = jnp.minimum(a, b).ravel(), jnp.maximum(a, b).ravel()
     order = jnp.lexsort((hi, lo))
@@ -62,28 +66,18 @@ def edge_neighbours(triangles):
     return jnp.zeros_like(neighbour).at[order].set(neighbour).reshape(tri.shape)
 
 
+@functools.lru_cache(maxsize=8)
+def _edge_neighbours_of(shape, data):
+    with jax.ensure_compile_time_eval():
+        out = np.asarray(_pair_edges(jnp.asarray(np.frombuffer(data, np.int32).reshape(shape))))
+    out.flags.writeable = False
+    return out
+
+
 # A bound on the walk below, in triangles: each step moves strictly along the segment, so it
 # ends on its own; the bound only guards against float ties at a vertex.
 MAX_WALK = 256
 WALK_CHUNK = 1024
-
-
-@functools.lru_cache(maxsize=8)
-def _edge_neighbours_of(shape, data):
-    tri = np.frombuffer(data, np.int32).reshape(shape)
-    a, b = tri, np.roll(tri, -1, axis=1)
-    lo, hi = np.minimum(a, b).ravel(), np.maximum(a, b).ravel()
-    order = np.lexsort((hi, lo))
-    slo, shi, owner = lo[order], hi[order], (order // 3).astype(np.int32)
-    same = (slo[:-1] == slo[1:]) & (shi[:-1] == shi[1:])
-    neighbour = np.full(order.shape, -1, np.int32)
-    neighbour[:-1] = np.where(same, owner[1:], -1)
-    neighbour[1:] = np.maximum(neighbour[1:], np.where(same, owner[:-1], -1))
-    out = np.empty_like(neighbour)
-    out[order] = neighbour
-    out = out.reshape(shape)
-    out.flags.writeable = False
-    return out
 
 
 def _cross(ax, ay, bx, by):
