@@ -219,9 +219,8 @@ def _render_one(model, verts, appearance, cam, light, image_size, background, te
                           jnp.repeat(grey[..., None], 3, axis=-1))
     if antialias:
         pixels, _ = camera_lib.project(cam, verts, camera_lib.image_hw(image_size))
-        blended = render.antialias(jnp.concatenate([image, aux["mask"][..., None]], axis=-1),
-                                   aux["triangle_ids"], aux["depth"], pixels, model.triangles)
-        image, aux["mask"] = blended[..., :3], blended[..., 3]
+        image, aux["mask"] = render.antialias_with_coverage(
+            image, aux["mask"], aux["triangle_ids"], aux["depth"], pixels, model.triangles)
     return image, aux
 
 

@@ -13,7 +13,7 @@ Primitives, composable on their own (nvdiffrast-style), plus one entry point:
   antialias      silhouettes blended analytically, so outlines carry gradients (nvdiffrast's)
 """
 
-from ganfit_jax.render.silhouette import antialias, edge_neighbours
+from ganfit_jax.render.silhouette import antialias, antialias_with_coverage, edge_neighbours
 from ganfit_jax.render.mesh_utils import subdivide
 from ganfit_jax.render.raster import DEFAULT_NEAR, barycentrics, rasterize
 from ganfit_jax.render.shading import (DEFAULT_SHININESS, DEFAULT_SPECULAR, SHAPE_LIGHT,
@@ -22,6 +22,6 @@ from ganfit_jax.render.shading import (DEFAULT_SHININESS, DEFAULT_SPECULAR, SHAP
                                        shape_shading, vertex_normals)
 
 __all__ = ["rasterize", "barycentrics", "interpolate", "sample_texture", "phong", "render",
-           "vertex_normals", "antialias", "edge_neighbours", "geometry_maps", "shape_shading",
+           "vertex_normals", "antialias", "antialias_with_coverage", "edge_neighbours", "geometry_maps", "shape_shading",
            "subdivide", "DEFAULT_NEAR",
            "DEFAULT_SPECULAR", "DEFAULT_SHININESS", "SHAPE_LIGHT"]

@@ -16,7 +16,7 @@ import numpy as np
 
 from ganfit_jax import camera as camera_lib
 from ganfit_jax.morphable import vertex_normals
-from ganfit_jax.render.silhouette import antialias as antialias_silhouettes
+from ganfit_jax.render.silhouette import antialias_with_coverage
 from ganfit_jax.render import raster as rasterize_lib
 from ganfit_jax.stored import stored
 
@@ -449,11 +449,8 @@ def render(vertices, triangles, uv, colours_or_texture, camera, light, image_siz
     aux = dict(triangle_ids=triangle_ids, mask=mask.astype(image.dtype), depth=pixel_depth,
                bary=bary)
     if antialias:
-        # the mask rides along as a fourth channel: its blend is the pixel's coverage
-        blended = antialias_silhouettes(
-            jnp.concatenate([image, aux["mask"][..., None]], axis=-1), triangle_ids,
-            pixel_depth, pixels, triangles)
-        image, aux["coverage"] = blended[..., :3], blended[..., 3]
+        image, aux["coverage"] = antialias_with_coverage(image, aux["mask"], triangle_ids,
+                                                         pixel_depth, pixels, triangles)
     return image, aux
 
 

@@ -247,3 +247,14 @@ def antialias(image, triangle_ids, pixel_depth, pixels, triangles, neighbours=No
         out = out + _pass(image, triangle_ids, pixel_depth, triangles, corner_pixels, facing,
                           neighbours, axis)
     return out
+
+
+def antialias_with_coverage(image, mask, triangle_ids, pixel_depth, pixels, triangles,
+                            neighbours=None):
+    """(image, coverage): `antialias` of an (H,W,3) render and of its (H,W) 0/1 `mask` at once.
+    The mask rides along as a fourth channel, so its blend is how much of each pixel the mesh
+    covers (differentiable, like the image's)."""
+    image = jnp.asarray(image)
+    stacked = jnp.concatenate([image, jnp.asarray(mask, image.dtype)[..., None]], axis=-1)
+    blended = antialias(stacked, triangle_ids, pixel_depth, pixels, triangles, neighbours)
+    return blended[..., :-1], blended[..., -1]
