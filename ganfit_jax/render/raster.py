@@ -21,7 +21,7 @@ Visibility here is a scatter z-buffer over per-triangle fragments:
 Cost is linear in triangles plus the total bounding-box area (≈ covered pixels × overdraw),
 never pixels × triangles; a triangle covering the whole image costs H·W fragments, and any
 number of overlapping triangles is exact because every fragment is visited. Ties at equal depth
-go to the larger triangle id, whatever the chunking.
+(to within float32 round-off, `NEAREST_ROUNDOFF`) go to the larger triangle id.
 
 Near plane: a triangle with any vertex at depth <= `near` is culled whole (not clipped). A face
 in front of a portrait camera never crosses the near plane; culling keeps shapes static and the
@@ -47,6 +47,9 @@ DEFAULT_NEAR = 1e-3
 # as inside, so that float32 round-off along a shared edge cannot open a one-pixel crack.
 INSIDE_TOLERANCE = 1e-5
 _TINY_AREA = 1e-10
+# Fragments whose inverse depth is within this relative distance of a pixel's nearest are taken
+# as reaching it (a few float32 ulps; the larger triangle id wins among them, as at equal depth).
+NEAREST_ROUNDOFF = 4e-7
 
 
 def _setup(pixels, depth, triangles, height, width, near):
@@ -163,7 +166,12 @@ def rasterize(pixels, depth, triangles, image_size, near=DEFAULT_NEAR, chunk_siz
         new_zbuf = inv_zbuf.at[pix].max(inv_z, mode="drop")
         # A nearer fragment in this chunk supersedes the earlier winner of that pixel.
         ids = jnp.where(new_zbuf > inv_zbuf, -1, ids)
-        hit = new_zbuf.at[pix].get(mode="fill", fill_value=jnp.inf) == inv_z
+        # The winners: fragments at the stored maximum, to within NEAREST_ROUNDOFF. Not `==`:
+        # XLA may recompute inv_z inside each fusion that reads it, and two fusions compiled
+        # differently (an FMA contracted in one) disagree in the last bit; the test would then
+        # drop a covered pixel's triangle (seen with XLA:CPU at --xla_backend_optimization_level=0).
+        nearest = new_zbuf.at[pix].get(mode="fill", fill_value=jnp.inf)
+        hit = inv_z >= nearest * (1 - NEAREST_ROUNDOFF)
         ids = ids.at[jnp.where(hit, pix, num_pixels)].max(tri, mode="drop")
         return s + chunk, new_zbuf, ids
 
