@@ -34,8 +34,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def run(devices, out, sfm_dir, tmp_path):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(  # the suite's own flags kept
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = tmp_path / "shard.py"
     script.write_text(SCRIPT)

@@ -382,8 +382,8 @@ def test_binary_resume_with_raised_max_resolution_grows(uv_dir, tmp_path):
 
 
 def test_binary_data_parallel_on_two_devices(uv_dir, tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(  # the suite's own flags kept
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"))
     cmd = [sys.executable, "-m", "experiments.train_texture_gan", f"--uv_dir={uv_dir}",
            f"--output_dir={tmp_path / 'two'}", "--max_resolution=4", "--steps_per_phase=4",
            "--batch_size=4", "--latent_dim=8", "--fmap_base=64", "--fmap_max=8", "--seed=5",
