@@ -96,6 +96,21 @@ def test_triangle_crossing_the_image_border():
     assert 0 < np.mean(np.asarray(ids) == 0) < 1
 
 
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_nearer_wins_beyond_round_off_and_the_larger_id_within_it(chunk_size):
+    # Two squares over the whole 8x8 image, one behind the other: the nearer one wins wherever
+    # the gap exceeds float32 round-off, whichever id it has; within NEAREST_ROUNDOFF the two
+    # are a tie, which the larger id takes (as at equal depth).
+    square = np.array([[-1, -1], [9, -1], [9, 9], [-1, 9]], np.float32)
+    pixels = np.concatenate([square, square])
+    quads = np.array([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]])
+    for gap, winners in ((1e-4, (0, 1)), (-1e-4, (2, 3)),
+                         (0.25 * render.raster.NEAREST_ROUNDOFF, (2, 3))):
+        depth = np.array([100.0] * 4 + [100.0 * (1 + gap)] * 4, np.float32)
+        ids, _ = render.rasterize(pixels, depth, quads, 8, chunk_size=chunk_size)
+        assert set(np.unique(np.asarray(ids))) == set(winners), (gap, np.unique(ids))
+
+
 @pytest.mark.parametrize("chunk_size", [None, 5, 333])
 def test_random_soup_matches_brute_force(chunk_size):
     # Many overlapping triangles of every size, some leaving the image; any chunking is exact.
