@@ -37,10 +37,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _TEST_CACHE = tempfile.mkdtemp(prefix="ganfit_jax_test_xla_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _TEST_CACHE
     os.environ["GANFIT_TEST_CACHE_OWNER"] = str(os.getpid())
-# Every program cached, not only those that took a second (JAX's default, and fit's for users):
-# a binary compiles hundreds of small ones, and the suite starts the same binary many times (a
-# tiny fit run twice: 15.2 -> 10.6 s the second time; BENCHMARKS.md, session 25).
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 def pytest_unconfigure(config):

@@ -389,10 +389,9 @@ def test_compilation_cache_is_filled_and_reused(ffhq_photo, sfm_dir, tmp_path, r
     each hit) and gives the same result; the second run reads its flags from the first one's
     flags.txt (`--flagfile`), so that file reproduces the fit.
 
-    Which programs get written depends on their compile time (>= 1 s by default; the suite
-    caches every one), so a program near that line may be written by one run and not the
-    other: the test asks that the first run's entries are all hits in the second, not that the
-    folder is unchanged."""
+    Which programs get written depends on their compile time (>= 1 s), so a program near that
+    line may be written by one run and not the other: the test asks that the first run's
+    entries are all hits in the second, not that the folder is unchanged."""
     # the fused step (the other tests fit with the default two-view step)
     args = [f"--image={ffhq_photo}", f"--model={sfm_dir / 'sfm_shape_3448.bin'}", *TINY,
             "--notwo_threads"]
