@@ -22,9 +22,23 @@ FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
 # assumed bit-equal recomputation, the z-buffer's winner test, no longer does. Users' programs
 # keep XLA's default; `XLA_FLAGS=--xla_backend_optimization_level=3 python -m pytest` runs the
 # suite as they compile.
+# CPU only: on a GPU the same flag would lower the optimisation of the kernels' PTX, and the
+# GPU check (experiments/gpu_check.sh) runs tests to see what the device computes.
 TEST_OPT_FLAG = "--xla_backend_optimization_level=0"
+
+
+def _accelerator_jax():
+    """Whether a JAX plugin for a GPU or TPU is installed (checked before JAX starts)."""
+    names = {(d.metadata["Name"] or "").lower().replace("_", "-")
+             for d in importlib.metadata.distributions()}
+    return any(n.startswith(("jax-cuda", "jax-rocm", "libtpu")) for n in names)
+
+
 if importlib.metadata.version("jaxlib") == "0.10.2":
-    for _flag in (FAST_COMPILE_FLAG, TEST_OPT_FLAG):
+    _flags = [FAST_COMPILE_FLAG]
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu" or not _accelerator_jax():
+        _flags.append(TEST_OPT_FLAG)
+    for _flag in _flags:
         if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
             os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
