@@ -74,6 +74,8 @@ from experiments import common
 FLAGS = flags.FLAGS
 
 ABLATIONS = ("id", "id_random", "content", "pixel", "landmark", "gan")
+# the row fitted with `Pipeline.antialias` (--antialias)
+ANTIALIAS_ROW = "full + antialias"
 # ablation name → the LossWeights field it zeroes
 _ABLATED_WEIGHT = {"id": "identity", "id_random": "identity_random", "content": "content",
                    "pixel": "pixel", "landmark": "landmark"}
@@ -499,7 +501,7 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
 
     configs = [("full", losses.LossWeights(), tex, "")]
     if antialias:
-        configs.append(("full + antialias", losses.LossWeights(), tex,
+        configs.append((ANTIALIAS_ROW, losses.LossWeights(), tex,
                         "Pipeline.antialias (fit --antialias)"))
     if occluders:
         configs.append(("full + face mask", losses.LossWeights(), tex,
@@ -591,7 +593,7 @@ def run_quality(num_faces=8, seed=0, iterations=200, stage1_iterations=100, imag
 
     for name, weights, texture_model_, note in configs:
         pipeline = fitting.make_pipeline(model, texture_model_, net, size).replace(
-            antialias=name.endswith("antialias"))
+            antialias=name == ANTIALIAS_ROW)
         texture_init = np.asarray(texture_model_.init_latent(k_tex))
         cfg = fitting.FitConfig(stage1_iterations=0, stage2_iterations=iterations, chunk=chunk,
                                 weights=weights)

@@ -18,10 +18,9 @@ FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
 # The suite is mostly compilation of tiny programs: LLVM's backend optimisations off (the same
 # XLA programs, code generated without LLVM's passes) halve its time, 1,557 -> 800 s on the
 # 2-core dev VM (BENCHMARKS.md, session 25); the tests that run long computations lose a
-# little. Results agree to float round-off; the one place that
-# assumed bit-equal recomputation, the z-buffer's winner test, no longer does. Users' programs
-# keep XLA's default; `XLA_FLAGS=--xla_backend_optimization_level=3 python -m pytest` runs the
-# suite as they compile.
+# little. Results agree to float round-off; the one place that assumed bit-equal
+# recomputation, the z-buffer's winner test, no longer does. Users' programs keep XLA's default;
+# `XLA_FLAGS=--xla_backend_optimization_level=3 python -m pytest` runs the suite as they compile.
 # CPU only: on a GPU the same flag would lower the optimisation of the kernels' PTX, and the
 # GPU check (experiments/gpu_check.sh) runs tests to see what the device computes.
 TEST_OPT_FLAG = "--xla_backend_optimization_level=0"

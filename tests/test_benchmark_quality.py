@@ -149,10 +149,10 @@ def test_tiny_run_beats_the_mean_face_and_has_ablation_rows(sfm_model, capsys):
 
 
 def test_antialiased_truth_differs_on_the_outline_only_and_adds_a_row(sfm_model, faces):
-    from ganfit_jax.render import rasterize
-
     """--antialias: the same seeded faces with their outline blended into the background (a
     photo's edge, not a staircase) and a 'full + antialias' row fitted with antialiased renders."""
+    from ganfit_jax.render import rasterize
+
     smooth = bq.make_faces(sfm_model, 2, seed=3, image_size=SIZE, landmark_noise_px=0.0,
                            antialias=True)
     for hard, soft in zip(faces, smooth):

@@ -22,6 +22,6 @@ from ganfit_jax.render.shading import (DEFAULT_SHININESS, DEFAULT_SPECULAR, SHAP
                                        shape_shading, vertex_normals)
 
 __all__ = ["rasterize", "barycentrics", "interpolate", "sample_texture", "phong", "render",
-           "vertex_normals", "antialias", "antialias_with_coverage", "edge_neighbours", "geometry_maps", "shape_shading",
-           "subdivide", "DEFAULT_NEAR",
-           "DEFAULT_SPECULAR", "DEFAULT_SHININESS", "SHAPE_LIGHT"]
+           "vertex_normals", "antialias", "antialias_with_coverage", "edge_neighbours",
+           "geometry_maps", "shape_shading", "subdivide", "DEFAULT_NEAR", "DEFAULT_SPECULAR",
+           "DEFAULT_SHININESS", "SHAPE_LIGHT"]
