@@ -242,15 +242,46 @@ def crop_face_mask(spec, labels, path, image, crop, lm_crop, transform, report=p
     return inputs.crop_pixel_weight(weight, transform)
 
 
+_JITTED = {}
+
+
+def jitted(fn, static_argnames=()):
+    """`fn` under `jax.jit`, made once per process. What the binaries compute outside the fit's
+    steps (every output's renders, the metrics) calls the library's functions on concrete
+    arrays, where JAX would trace, lower and compile each of their operations as a program of
+    its own, and every `lax.while_loop` again at each call: ~290 programs and ~10 s in a fit's
+    first outputs, against a few programs under one jit."""
+    import jax
+
+    key = (fn, tuple(static_argnames))
+    if key not in _JITTED:
+        _JITTED[key] = jax.jit(fn, static_argnames=static_argnames)
+    return _JITTED[key]
+
+
+def _face_texture(pipeline, latent):
+    return pipeline.texture_fn(pipeline.texture_params, latent)
+
+
+def face_texture(pipeline, latent):
+    """G(p_t): the pipeline's UV texture (or per-vertex colours) of a texture latent, jitted."""
+    return jitted(_face_texture)(pipeline, latent)
+
+
+def render_face(pipeline, params, background=None):
+    """`fitting.render_face` jitted (its image and aux)."""
+    from ganfit_jax import fitting
+
+    return jitted(fitting.render_face)(pipeline, params, background)
+
+
 def render_with_alpha(pipeline, params):
     """(colour (H,W,3) in [0,1], alpha (H,W)) of the fitted face at the working crop: alpha the
     mask, or with --antialias the coverage, its outline blended; the colour un-premultiplied
     there (the render is over black), so that pasting it over a photo leaves no dark fringe."""
     import numpy as np
 
-    from ganfit_jax import fitting
-
-    rendered, aux = fitting.render_face(pipeline, params)
+    rendered, aux = render_face(pipeline, params)
     alpha = np.asarray(aux.get("coverage", aux["mask"]))
     colour = np.asarray(rendered) / np.where(alpha > 0, alpha, 1.0)[..., None]
     return np.clip(colour, 0, 1), alpha

@@ -552,14 +552,15 @@ def fit_metrics(pipeline, params, landmarks_crop, transform, history):
 
     from ganfit_jax import camera, fitting, landmarks
 
-    pred = np.asarray(fitting.project_landmarks(pipeline, params, jnp.asarray(landmarks_crop)))
+    pred = np.asarray(common.jitted(fitting.project_landmarks)(pipeline, params,
+                                                                jnp.asarray(landmarks_crop)))
     pred, truth = transform.to_original(pred), transform.to_original(landmarks_crop)
     ok = np.all(np.isfinite(pred), 1) & np.all(np.isfinite(truth), 1)
     err = np.linalg.norm(pred[ok] - truth[ok], axis=1)
     iod = float(landmarks.interocular_distance(truth))
     out = dict(landmark_error_px=float(err.mean()), landmark_error_iod=float(err.mean() / iod),
                landmarks_compared=int(ok.sum()), interocular_px=iod)
-    for name, angle in zip(POSE_COLUMNS, camera.orbit_angles(params.camera)):
+    for name, angle in zip(POSE_COLUMNS, common.jitted(camera.orbit_angles)(params.camera)):
         out[name] = float(np.degrees(angle))
     stage2 = history.get(2, {})
     if "identity" in stage2 and len(stage2["identity"]):
@@ -626,8 +627,8 @@ def photo_geometry(verts, triangles, camera, transform):
     from ganfit_jax import inputs, render
 
     resolution, camera = camera_at_face_resolution(transform, camera)
-    depth, normals, mask = render.geometry_maps(verts, np.asarray(triangles), camera,
-                                                (resolution, resolution))
+    depth, normals, mask = common.jitted(render.geometry_maps, ("image_size",))(
+        verts, np.asarray(triangles), camera, (resolution, resolution))
     # depth and normals mapped together: the photo's window and its bilinear weights once
     both = inputs.map_to_original(np.concatenate([np.asarray(depth)[..., None],
                                                   np.asarray(normals)], -1),
@@ -643,7 +644,7 @@ def shape_overlay(photo, normals):
 
     from ganfit_jax import render
 
-    grey = np.asarray(render.shape_shading(normals))
+    grey = np.asarray(common.jitted(render.shape_shading)(normals))
     return np.where(np.isfinite(grey)[..., None], grey[..., None], photo).astype(np.float32)
 
 
@@ -679,7 +680,7 @@ def write_intrinsics(folder, pipeline, params, over):
     from ganfit_jax import fitting, io
 
     albedo, shading, specular, mask = (np.asarray(a) for a in
-                                       fitting.intrinsic_images(pipeline, params))
+                                       common.jitted(fitting.intrinsic_images)(pipeline, params))
     face = mask > 0.5
     scale = float(np.percentile(shading[face], 99)) if face.any() else 1.0
     scale = max(scale, 1e-6)
@@ -690,7 +691,6 @@ def write_intrinsics(folder, pipeline, params, over):
 
 def write_result(folder, pipeline, params, item, history, source):
     """Every output of one fit (`item`: the Prepared photo it was fitted to) into `folder`."""
-    import jax.numpy as jnp
     import numpy as np
 
     from ganfit_jax import camera, fitting, inputs, io, landmarks, morphable, render
@@ -700,21 +700,21 @@ def write_result(folder, pipeline, params, item, history, source):
     write_run_flags()
     os.makedirs(folder, exist_ok=True)
     model = pipeline.model
-    verts = np.asarray(morphable.vertices(model, params.shape, params.expression))
-    texture = np.clip(np.asarray(pipeline.texture_fn(pipeline.texture_params, params.texture)), 0, 1)
+    verts = np.asarray(common.jitted(morphable.vertices)(model, params.shape, params.expression))
+    texture = np.clip(np.asarray(common.face_texture(pipeline, params.texture)), 0, 1)
     over = FLAGS.overwrite or FLAGS.resume  # --resume: what an interrupted write left
     io.write_obj(os.path.join(folder, "mesh.obj"), verts, np.asarray(model.triangles),
                  np.asarray(model.uv), texture, overwrite=over)
     if FLAGS.glb:
         io.write_glb(os.path.join(folder, "mesh.glb"), verts, np.asarray(model.triangles),
                      np.asarray(model.uv), texture, overwrite=over)
-    lm2d_crop = np.asarray(fitting.project_landmarks(pipeline, params, None))
+    lm2d_crop = np.asarray(common.jitted(fitting.project_landmarks)(pipeline, params, None))
     # the fitted camera as other tools (OpenCV, Open3D, pyrender) take one, in the photo's pixels
     intrinsics, rotation, translation = camera.opencv_matrices(params.camera, pipeline.image_size)
     io.save_params(os.path.join(folder, "params.npz"),
                    dict(shape=params.shape, expression=params.expression, texture=params.texture,
                         camera=params.camera, light=params.light, vertices=verts,
-                        landmarks3d=np.asarray(morphable.landmarks3d(model, jnp.asarray(verts))),
+                        landmarks3d=np.asarray(common.jitted(morphable.landmarks3d)(model, verts)),
                         landmarks2d=transform.to_original(lm2d_crop),
                         crop_origin=np.asarray(transform.origin), crop_scale=transform.scale,
                         camera_matrix=transform.intrinsics_to_original(intrinsics),
@@ -751,12 +751,13 @@ def write_result(folder, pipeline, params, item, history, source):
     views, shapes = [], []
     for yaw in (-60.0, 0.0, 60.0):
         turned = _turn(params, yaw)
-        img, _ = fitting.render_face(pipeline, turned, background=jnp.ones(3))
+        img, _ = common.render_face(pipeline, turned, background=np.ones(3, np.float32))
         views.append(np.clip(np.asarray(img), 0, 1))
         if FLAGS.shape_image:
-            _, view_normals, _ = render.geometry_maps(verts, np.asarray(model.triangles),
-                                                      turned.camera, pipeline.image_size)
-            grey = np.nan_to_num(np.asarray(render.shape_shading(view_normals)), nan=1.0)
+            _, view_normals, _ = common.jitted(render.geometry_maps, ("image_size",))(
+                verts, np.asarray(model.triangles), turned.camera, pipeline.image_size)
+            grey = np.nan_to_num(np.asarray(common.jitted(render.shape_shading)(view_normals)),
+                                 nan=1.0)
             shapes.append(np.repeat(grey[..., None], 3, -1))
     # textured views above, the same views of the shape alone below
     rows = [np.concatenate(views, 1)] + ([np.concatenate(shapes, 1)] if shapes else [])
@@ -790,10 +791,11 @@ def _turn(params, yaw_degrees):
     import jax.numpy as jnp
     import numpy as np
 
-    distance = float(jnp.linalg.norm(params.camera[0:3] - params.camera[3:6]))
+    camera = np.asarray(params.camera)
+    distance = float(np.linalg.norm(camera[0:3] - camera[3:6]))
     yaw = np.deg2rad(yaw_degrees)
     eye = np.array([distance * np.sin(yaw), 0.0, distance * np.cos(yaw)])
-    cam = np.concatenate([eye, [0.0, 0.0, 0.0], [float(params.camera[6])], [0.0]])
+    cam = np.concatenate([eye, [0.0, 0.0, 0.0], [float(camera[6])], [0.0]])
     light = np.asarray(params.light).copy()
     light[0:3] = eye + np.array([0.0, 300.0, 0.0])
     return params.replace(camera=jnp.asarray(cam, jnp.float32),
@@ -1709,8 +1711,8 @@ def write_faces(folder, pipeline, source, count, faces):
                                     item.transform)
         if FLAGS.shape_image:  # recomputed, not kept from each face's result: a 12 MP
             # photo's normals are ~145 MB a face
-            verts = np.asarray(morphable.vertices(pipeline.model, params.shape,
-                                                  params.expression))
+            verts = np.asarray(common.jitted(morphable.vertices)(pipeline.model, params.shape,
+                                                                 params.expression))
             _, normals = photo_geometry(verts, pipeline.model.triangles, params.camera,
                                         item.transform)
             shape = shape_overlay(shape, normals)

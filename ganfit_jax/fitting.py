@@ -1176,8 +1176,21 @@ def fit_frames(frames, model, seed=0, identity="dlib", identity_weights=None, te
 
 def stack(trees):
     """A batch pytree from a list of pytrees (leading axis)."""
-    return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+    return _stack(list(trees))
 
 
 def unstack(tree, n):
+    """The first `n` entries of a batch pytree, a pytree each."""
+    return _unstack(tree, n)
+
+
+# one program each rather than a stack or slice per leaf: outside jit every leaf's shape would
+# be its own compilation
+@jax.jit
+def _stack(trees):
+    return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(tree, n):
     return [jax.tree.map(lambda x: x[i], tree) for i in range(n)]
