@@ -104,7 +104,8 @@ MISSING_MODEL = ("no --model given, and neither checkpoints/sfm.npz nor "
 
 def enable_compilation_cache(folder):
     """JAX's persistent compilation cache in `folder` (created; OSError if it cannot be), for
-    every program that took at least a second to compile; '' or None leaves it off."""
+    every program that took at least a second to compile (or what
+    $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says); '' or None leaves it off."""
     if not folder:
         return
     import jax
@@ -112,7 +113,8 @@ def enable_compilation_cache(folder):
     folder = os.path.expanduser(folder)
     os.makedirs(folder, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(
+        os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 1.0)))
 
 
 def require_positive(*names):

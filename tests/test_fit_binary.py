@@ -434,6 +434,27 @@ def test_empty_compilation_cache_leaves_jax_alone(tmp_path):
     assert jax.config.jax_compilation_cache_dir == before
 
 
+def test_compilation_cache_keeps_programs_over_a_second_or_what_the_environment_says(
+        tmp_path, monkeypatch):
+    import jax
+
+    from experiments import common
+
+    before = (jax.config.jax_compilation_cache_dir,
+              jax.config.jax_persistent_cache_min_compile_time_secs)
+    try:
+        monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+        common.enable_compilation_cache(str(tmp_path / "a"))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "a")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 1.0
+        monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.25")
+        common.enable_compilation_cache(str(tmp_path / "b"))
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.25
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
 def test_face_picks_a_group_photos_other_face_and_too_few_faces_is_one_line(faces_dir, sfm_dir,
                                                                             tmp_path, run_fit):
     """dlib finds two faces in this PASCAL photo (boxes 89 and 62 px wide): --face=1 fits the
