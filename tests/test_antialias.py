@@ -86,7 +86,7 @@ def test_a_slanted_outline_comes_close_to_supersampling_and_its_gradient_to_the_
 
     x, y = TRIANGLE[:, 0], TRIANGLE[:, 1]
     area = 0.5 * abs((x[1] - x[0]) * (y[2] - y[0]) - (x[2] - x[0]) * (y[1] - y[0]))
-    assert float(jax.grad(coverage)(1.0)) == pytest.approx(2 * area, rel=0.08)
+    assert float(jax.jit(jax.grad(coverage))(1.0)) == pytest.approx(2 * area, rel=0.08)
 
 
 def test_the_outline_alone_pulls_the_mesh_towards_its_target():
@@ -178,20 +178,23 @@ def test_render_antialias_gives_the_face_outline_the_gradient_of_its_area(sfm_mo
     def cam(distance, factor=1):
         return jnp.asarray([0, 0, distance, 0, 10, 0, focal * factor], jnp.float32)
 
+    def draw(distance, antialias):
+        return render.render(verts, sfm_model.triangles, sfm_model.uv, colours, cam(distance),
+                             light, size, antialias=antialias)
+
+    # jitted, as fit runs the renderer (op by op, every call traces the walks' loops again)
+    draw = jax.jit(draw, static_argnums=1)
+
     def coverage(distance):
-        _, aux = render.render(verts, sfm_model.triangles, sfm_model.uv, colours, cam(distance),
-                               light, size, antialias=True)
-        return aux["coverage"]
+        return draw(distance, True)[1]["coverage"]
 
     def supersampled_area(distance, factor=16):
         pixels, depth = camera.project(cam(distance, factor), verts, (64 * factor, 64 * factor))
         ids, _ = rasterize(pixels, depth, sfm_model.triangles, (64 * factor, 64 * factor))
         return float(jnp.sum(ids >= 0)) / factor ** 2
 
-    image, aux = render.render(verts, sfm_model.triangles, sfm_model.uv, colours, cam(1050.0),
-                               light, size, antialias=True)
-    hard, hard_aux = render.render(verts, sfm_model.triangles, sfm_model.uv, colours,
-                                   cam(1050.0), light, size)
+    image, aux = draw(1050.0, True)
+    hard, hard_aux = draw(1050.0, False)
     cov, mask = np.asarray(aux["coverage"]), np.asarray(hard_aux["mask"])
     assert cov.min() >= 0 and cov.max() <= 1 + 1e-6
     outline = np.abs(cov - mask) > 1e-6
@@ -199,7 +202,7 @@ def test_render_antialias_gives_the_face_outline_the_gradient_of_its_area(sfm_mo
     same = ~outline
     np.testing.assert_allclose(np.asarray(image)[same], np.asarray(hard)[same], atol=1e-6)
     assert float(jnp.sum(aux["coverage"])) == pytest.approx(supersampled_area(1050.0), rel=0.02)
-    grad = float(jax.grad(lambda d: jnp.sum(coverage(d)))(1050.0))
+    grad = float(jax.jit(jax.grad(lambda d: jnp.sum(coverage(d))))(1050.0))
     finite = (supersampled_area(1090.0) - supersampled_area(1010.0)) / 80.0
     assert grad < 0 and grad == pytest.approx(finite, rel=0.05)
 
@@ -275,11 +278,16 @@ def test_antialiasing_under_vmap_equals_one_view_at_a_time(sfm_model):
                                    cam, light, size, antialias=True)
         return image, jnp.sum(aux["coverage"])
 
-    images, _ = jax.vmap(view)(cams)
-    grads = jax.vmap(jax.grad(lambda c: view(c)[1]))(cams)
+    def coverage(cam):
+        return view(cam)[1]
+
+    # jitted, as fit runs them (op by op, every call would trace the walks' loops again)
+    images, _ = jax.jit(jax.vmap(view))(cams)
+    grads = jax.jit(jax.vmap(jax.grad(coverage)))(cams)
+    one_view, one_grad = jax.jit(view), jax.jit(jax.grad(coverage))
     for k in range(2):
-        image, _ = view(cams[k])
+        image, _ = one_view(cams[k])
         np.testing.assert_allclose(np.asarray(images[k]), np.asarray(image), atol=1e-5)
-        np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(jax.grad(
-            lambda c: view(c)[1])(cams[k])), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(one_grad(cams[k])),
+                                   rtol=1e-4, atol=1e-4)
     assert np.abs(np.asarray(grads)).max() > 0
