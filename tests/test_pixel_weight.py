@@ -53,12 +53,14 @@ def test_what_the_mask_hides_neither_moves_the_loss_nor_its_gradient(sfm_model):
     assert np.asarray(aux["mask"])[:, 32:].sum() > 100  # the hand covers part of the face
     weights = losses.LossWeights(identity=0, identity_random=0, content=0, landmark=0)
 
-    def pixel_term(image, pixel_weight):
-        target = fitting.target_from_image(pipe, image, full, pixel_weight=pixel_weight)
+    @jax.jit
+    @jax.value_and_grad
+    def pixel_value_and_grad(p, target):
+        return fitting.loss(p, target, pipe, jax.random.key(0), weights)[1]["pixel"]
 
-        def f(p):
-            return fitting.loss(p, target, pipe, jax.random.key(0), weights)[1]["pixel"]
-        return jax.value_and_grad(f)(params)
+    def pixel_term(image, pixel_weight):
+        return pixel_value_and_grad(params, fitting.target_from_image(
+            pipe, image, full, pixel_weight=pixel_weight))
 
     clean, clean_grad = pixel_term(photo, weight)
     masked, masked_grad = pixel_term(occluded, weight)
