@@ -129,6 +129,9 @@ def _walk(corner_pixels, facing, neighbours, front, walking, fx, fy, kx, ky):
     return found, tri, edge
 
 
+# jitted: called on concrete arrays (an eager `render(..., antialias=True)`), JAX would trace
+# both loops' bodies again and compile them at every call; inside a jitted caller it is inlined
+@jax.jit
 def _outline_edge(corner_pixels, facing, neighbours, front, walking, fx, fy, kx, ky):
     """`_walk` over the pairs that need it only, gathered into chunks of WALK_CHUNK: an outline
     is a few hundred of a 224² image's 50,000 pairs, and each step of a walk over the whole
