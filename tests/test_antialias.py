@@ -182,7 +182,7 @@ def test_render_antialias_gives_the_face_outline_the_gradient_of_its_area(sfm_mo
         return render.render(verts, sfm_model.triangles, sfm_model.uv, colours, cam(distance),
                              light, size, antialias=antialias)
 
-    # jitted, as fit runs the renderer (op by op, every call traces the walks' loops again)
+    # jitted, as fit runs the renderer (op by op, each of its operations compiles on its own)
     draw = jax.jit(draw, static_argnums=1)
 
     def coverage(distance):
@@ -281,7 +281,7 @@ def test_antialiasing_under_vmap_equals_one_view_at_a_time(sfm_model):
     def coverage(cam):
         return view(cam)[1]
 
-    # jitted, as fit runs them (op by op, every call would trace the walks' loops again)
+    # jitted, as fit runs them (op by op, vmap and grad compile each operation on its own)
     images, _ = jax.jit(jax.vmap(view))(cams)
     grads = jax.jit(jax.vmap(jax.grad(coverage)))(cams)
     one_view, one_grad = jax.jit(view), jax.jit(jax.grad(coverage))
