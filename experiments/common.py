@@ -251,8 +251,8 @@ def jitted(fn, static_argnames=()):
     """`fn` under `jax.jit`, made once per process. What the binaries compute outside the fit's
     steps (every output's renders, the metrics) calls the library's functions on concrete
     arrays, where JAX would trace, lower and compile each of their operations as a program of
-    its own, and antialiasing's `lax.while_loop`s again at each call (a tiny three-photo
-    `--antialias` fit: 579 programs and 32.5 s op by op, 254 and 26.5 s jitted)."""
+    its own (BENCHMARKS.md, session 26: a tiny three-photo `--antialias` fit compiled 578
+    programs, 228 with these and antialiasing's walks jitted)."""
     import jax
 
     key = (fn, tuple(static_argnames))

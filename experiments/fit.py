@@ -618,17 +618,26 @@ def write_photo_texture(folder, model, verts, camera, item, size, over):
                   np.concatenate([uv_map, seen[..., None]], -1), overwrite=over)
 
 
+def geometry_maps(verts, triangles, camera, image_size):
+    """`render.geometry_maps` as one program per image size: (depth, normals, mask)."""
+    import numpy as np
+
+    from ganfit_jax import render
+
+    return common.jitted(render.geometry_maps, ("image_size",))(verts, np.asarray(triangles),
+                                                                 camera, image_size)
+
+
 def photo_geometry(verts, triangles, camera, transform):
     """The fitted surface in the photo's pixels: depth (H,W) in mm along the camera's axis and
     unit normals (H,W,3) in OpenCV's camera frame, NaN off the face, rendered by
     render.geometry_maps at the face's own resolution (face_resolution)."""
     import numpy as np
 
-    from ganfit_jax import inputs, render
+    from ganfit_jax import inputs
 
     resolution, camera = camera_at_face_resolution(transform, camera)
-    depth, normals, mask = common.jitted(render.geometry_maps, ("image_size",))(
-        verts, np.asarray(triangles), camera, (resolution, resolution))
+    depth, normals, mask = geometry_maps(verts, triangles, camera, (resolution, resolution))
     # depth and normals mapped together: the photo's window and its bilinear weights once
     both = inputs.map_to_original(np.concatenate([np.asarray(depth)[..., None],
                                                   np.asarray(normals)], -1),
@@ -754,8 +763,8 @@ def write_result(folder, pipeline, params, item, history, source):
         img, _ = common.render_face(pipeline, turned, background=np.ones(3, np.float32))
         views.append(np.clip(np.asarray(img), 0, 1))
         if FLAGS.shape_image:
-            _, view_normals, _ = common.jitted(render.geometry_maps, ("image_size",))(
-                verts, np.asarray(model.triangles), turned.camera, pipeline.image_size)
+            _, view_normals, _ = geometry_maps(verts, model.triangles, turned.camera,
+                                               pipeline.image_size)
             grey = np.nan_to_num(np.asarray(common.jitted(render.shape_shading)(view_normals)),
                                  nan=1.0)
             shapes.append(np.repeat(grey[..., None], 3, -1))
