@@ -52,6 +52,25 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["GANFIT_TEST_CACHE_OWNER"] = str(os.getpid())
 
 
+# The test files that take longest (worker-seconds of `python -m pytest --durations=0`, session
+# 27), heaviest first. pytest-xdist hands each worker a whole file at a time (`--dist loadfile`)
+# in collection order (`--no-loadscope-reorder` in pytest.ini; by default it orders files by
+# their count of tests, which left the one-test 60 s GPU check and the few long multi-process
+# tests to the end, with one worker idle): longest first, the many short files last, so the
+# two workers finish within a short file of each other. A file not listed runs after these.
+SLOW_FILES_FIRST = (
+    "test_fit_binary.py", "test_video.py", "test_fitting.py", "test_distributed.py",
+    "test_benchmark_fit.py", "test_fitting_steps.py", "test_gpu_check.py", "test_render.py",
+    "test_antialias.py", "test_benchmark_tracking.py", "test_render_tools.py",
+    "test_pixel_weight.py", "test_evaluate_now.py", "test_texture_chain.py",
+    "test_identity_arcface.py", "test_benchmark_quality.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within
+
+
 def pytest_unconfigure(config):
     if os.environ.get("GANFIT_TEST_CACHE_OWNER") == str(os.getpid()):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
