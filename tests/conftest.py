@@ -191,3 +191,17 @@ def _read_glb(path):
 @pytest.fixture(scope="session")
 def read_glb():
     return _read_glb
+
+
+@pytest.fixture
+def optimised_steps(monkeypatch):
+    """The fitting steps compiled with LLVM's optimisations (-O3, as users' programs are) in a
+    test that runs long fits, while the rest of the suite compiles at -O0 (TEST_OPT_FLAG)."""
+    from ganfit_jax import fitting
+
+    monkeypatch.setattr(fitting, "CPU_STEP_COMPILER_OPTIONS",
+                        dict(fitting.CPU_STEP_COMPILER_OPTIONS, xla_backend_optimization_level=3))
+    fitting.cpu_step_compiler_options.cache_clear()
+    yield
+    monkeypatch.undo()
+    fitting.cpu_step_compiler_options.cache_clear()

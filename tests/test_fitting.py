@@ -156,7 +156,7 @@ def similarity_aligned_median_error(a, b):
     return np.median(np.linalg.norm(s * A @ R.T - B, axis=1))
 
 
-def test_synthetic_recovery_two_stages(sfm_model):
+def test_synthetic_recovery_two_stages(sfm_model, optimised_steps):
     """Render the SFM with known parameters; fit from the mean face with the full loss (a tiny
     random identity network stands in for dlib/ArcFace).
 
