@@ -21,8 +21,8 @@ import numpy as np
 WORLD_UP = (0.0, 1.0, 0.0)
 
 
-def _normalise(v):
-    return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+def _normalise(v, xp=jnp):
+    return v / xp.linalg.norm(v, axis=-1, keepdims=True)
 
 
 def _check_camera(camera):
@@ -40,20 +40,22 @@ def image_hw(image_size):
     return int(h), int(w)
 
 
-def axes(camera):
+def axes(camera, xp=jnp):
     """Camera axes in world coordinates: (right, up, forward), each (3,).
 
     forward points from eye to target; right = forward x world-up, so that a camera on +z looking
     at the origin has right = +x and up = +y; then the roll rotates right towards up.
+    xp=numpy computes them on the host in the camera's own precision (float64 for the OpenCV
+    matrices), without compiling JAX's operations one by one outside jit.
     """
-    camera = jnp.asarray(camera)
+    camera = xp.asarray(camera)
     _check_camera(camera)
     eye, target = camera[0:3], camera[3:6]
-    forward = _normalise(target - eye)
-    right = _normalise(jnp.cross(forward, jnp.asarray(WORLD_UP, camera.dtype)))
-    up = jnp.cross(right, forward)
+    forward = _normalise(target - eye, xp)
+    right = _normalise(xp.cross(forward, xp.asarray(WORLD_UP, camera.dtype)), xp)
+    up = xp.cross(right, forward)
     if camera.shape[-1] == 8:
-        c, s = jnp.cos(camera[7]), jnp.sin(camera[7])
+        c, s = xp.cos(camera[7]), xp.sin(camera[7])
         right, up = c * right + s * up, -s * right + c * up
     return right, up, forward
 
@@ -100,7 +102,7 @@ def opencv_matrices(camera, image_size):
     camera = np.asarray(camera, np.float64)
     _check_camera(camera)
     height, width = image_hw(image_size)
-    right, up, forward = (np.asarray(a, np.float64) for a in axes(camera))
+    right, up, forward = axes(camera, np)
     rotation = np.stack([right, -up, forward])
     translation = -rotation @ camera[0:3]
     focal = camera[6]

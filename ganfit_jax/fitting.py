@@ -280,7 +280,7 @@ def init_params(model: morphable.MorphableModel, landmarks, image_size, texture_
                          f"got {int(ok.sum())}")
     points3d = np.asarray(model.mean)[idx[ok]]
     cam = camera_lib.camera_from_landmarks(points3d, landmarks[ok], image_size, focal=focal)
-    right, up, forward = (np.asarray(a) for a in camera_lib.axes(jnp.asarray(cam)))
+    right, up, forward = camera_lib.axes(np.asarray(cam), np)
     light = DEFAULT_LIGHT.copy()
     # in front of the face, above the camera: portrait key light
     light[:3] = cam[:3] + 300.0 * up

@@ -8,6 +8,9 @@ was seen. Visibility uses the renderer's z-buffer; everything here is plain arra
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.spatial import cKDTree
@@ -22,12 +25,29 @@ def uv_texel_surface(model: morphable.MorphableModel, resolution: int):
     Rasterises the mesh in UV space (x = u·R, y = (1 − v)·R, constant depth), so the same exact
     z-buffer serves both the photo and the UV layout. Returns (triangle_ids (R,R), bary (R,R,3)).
     """
-    uv = jnp.asarray(model.uv)
+    return _uv_texel_surface(jnp.asarray(model.uv, jnp.float32),
+                             jnp.asarray(model.triangles, jnp.int32), resolution)
+
+
+# One program each (the jax parts of an unwrap), not op by op: outside jit every operation is
+# traced and compiled as a program of its own (~40 of a tiny fit's ~160 compilations).
+@functools.partial(jax.jit, static_argnames=("resolution",))
+def _uv_texel_surface(uv, triangles, resolution):
     pixels = jnp.stack([uv[:, 0] * resolution, (1.0 - uv[:, 1]) * resolution], axis=1)
-    depth = jnp.ones(uv.shape[0])
-    ids, _ = render.rasterize(pixels, depth, model.triangles, resolution)
-    bary = render.barycentrics(pixels, depth, model.triangles, ids)
-    return ids, bary
+    depth = jnp.ones(uv.shape[0], uv.dtype)
+    ids, _ = render.rasterize(pixels, depth, triangles, resolution)
+    return ids, render.barycentrics(pixels, depth, triangles, ids)
+
+
+@functools.partial(jax.jit, static_argnames=("image_size",))
+def _photo_visibility(camera, vertices, points, triangles, image_size):
+    """The photo's z-buffer of the mesh, where the texels' surface points project (and their
+    depth), and the mesh's vertex normals."""
+    pixels, depth = camera_lib.project(camera, vertices, image_size)
+    photo_ids, photo_depth = render.rasterize(pixels, depth, triangles, image_size)
+    texel_px, texel_depth = camera_lib.project(camera, points, image_size)
+    return (photo_ids, photo_depth, texel_px, texel_depth,
+            morphable.vertex_normals(vertices, triangles))
 
 
 def mirror_symmetry(model: morphable.MorphableModel, tolerance_mm=3.0):
@@ -79,14 +99,10 @@ def unwrap(model: morphable.MorphableModel, vertices, camera, image, resolution=
     corners = tris[np.maximum(ids, 0)]  # (R,R,3)
     points = np.einsum("rck,rckd->rcd", bary, verts[corners])  # texel positions on the surface
 
-    pixels, depth = camera_lib.project(jnp.asarray(camera), jnp.asarray(verts), (height, width))
-    photo_ids, photo_depth = render.rasterize(pixels, depth, model.triangles, (height, width))
-    photo_ids = np.asarray(photo_ids)
-
-    texel_px, texel_depth = camera_lib.project(jnp.asarray(camera),
-                                               jnp.asarray(points.reshape(-1, 3)),
-                                               (height, width))
-    texel_px = np.asarray(texel_px).reshape(resolution, resolution, 2)
+    photo_ids, photo_depth, texel_px, texel_depth, normals = jax.device_get(_photo_visibility(
+        jnp.asarray(camera, jnp.float32), jnp.asarray(verts), jnp.asarray(points.reshape(-1, 3)),
+        jnp.asarray(tris, jnp.int32), (height, width)))
+    texel_px = texel_px.reshape(resolution, resolution, 2)
     col = np.floor(texel_px[..., 0]).astype(int)
     row = np.floor(texel_px[..., 1]).astype(int)
     inside = (col >= 0) & (col < width) & (row >= 0) & (row < height) & covered
@@ -94,7 +110,6 @@ def unwrap(model: morphable.MorphableModel, vertices, camera, image, resolution=
                        -2)
     # visible if the photo's z-buffer shows this triangle or one of its neighbours at that pixel:
     # a texel on a shared edge may land on the pixel of the triangle next door
-    normals = np.asarray(morphable.vertex_normals(jnp.asarray(verts), model.triangles))
     texel_normal = np.einsum("rck,rckd->rcd", bary, normals[corners])
     texel_normal /= np.maximum(np.linalg.norm(texel_normal, axis=-1, keepdims=True), 1e-9)
     to_eye = np.asarray(camera)[None, None, 0:3] - points
