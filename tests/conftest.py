@@ -59,11 +59,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # tests to the end, with one worker idle): longest first, the many short files last, so the
 # two workers finish within a short file of each other. A file not listed runs after these.
 SLOW_FILES_FIRST = (
-    "test_fit_binary.py", "test_video.py", "test_fitting.py", "test_distributed.py",
-    "test_benchmark_fit.py", "test_fitting_steps.py", "test_gpu_check.py", "test_render.py",
-    "test_antialias.py", "test_benchmark_tracking.py", "test_render_tools.py",
-    "test_pixel_weight.py", "test_evaluate_now.py", "test_texture_chain.py",
-    "test_identity_arcface.py", "test_benchmark_quality.py")
+    "test_fit_binary.py", "test_video.py", "test_benchmark_fit.py", "test_distributed.py",
+    "test_fitting.py", "test_gpu_check.py", "test_fitting_steps.py", "test_render.py",
+    "test_benchmark_tracking.py", "test_antialias.py", "test_texture_chain.py",
+    "test_benchmark_quality.py", "test_render_tools.py", "test_texture_gan.py",
+    "test_evaluate_now.py", "test_precision.py", "test_identity_arcface.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -55,3 +55,22 @@ def test_every_name_in_the_paper_map_exists():
         if not callable(getattr(module, attr, None)):
             missing.append(name)
     assert not missing, missing
+
+
+def test_the_suite_hands_out_its_slowest_files_first():
+    """pytest.ini keeps the collection order (--no-loadscope-reorder) and conftest puts the files
+    of SLOW_FILES_FIRST at its head: each of them must exist (a renamed file would silently fall
+    to the end and leave one worker idle) and be named once."""
+    import configparser
+    import pathlib
+
+    import conftest
+
+    tests = pathlib.Path(__file__).resolve().parent
+    missing = [name for name in conftest.SLOW_FILES_FIRST if not (tests / name).is_file()]
+    assert not missing, missing
+    assert len(set(conftest.SLOW_FILES_FIRST)) == len(conftest.SLOW_FILES_FIRST)
+    ini = configparser.ConfigParser()
+    ini.read(tests.parent / "pytest.ini")
+    assert "--no-loadscope-reorder" in ini["pytest"]["addopts"].split()
+    assert "loadfile" in ini["pytest"]["addopts"].split()
