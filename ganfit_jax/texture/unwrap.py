@@ -101,7 +101,7 @@ def unwrap(model: morphable.MorphableModel, vertices, camera, image, resolution=
 
     photo_ids, photo_depth, texel_px, texel_depth, normals = jax.device_get(_photo_visibility(
         jnp.asarray(camera, jnp.float32), jnp.asarray(verts), jnp.asarray(points.reshape(-1, 3)),
-        jnp.asarray(tris, jnp.int32), (height, width)))
+        jnp.asarray(model.triangles, jnp.int32), (height, width)))
     texel_px = texel_px.reshape(resolution, resolution, 2)
     col = np.floor(texel_px[..., 0]).astype(int)
     row = np.floor(texel_px[..., 1]).astype(int)
