@@ -964,7 +964,7 @@ def check_face_mask(mode):
 
 def check_flags():
     """Every check of the flags and the files they name that needs neither JAX nor a model, so
-    that a mistake is one line in a fraction of a second (importing JAX alone takes ~1.5 s) →
+    that a mistake is one line in a fraction of a second (importing JAX takes 0.5–1.5 s) →
     the mode: 'image', 'images' or 'frames'."""
     from ganfit_jax import inputs
 
@@ -1603,7 +1603,8 @@ def start_processes():
     try:
         # a process whose share is done waits at exit for the others (JAX's shutdown barrier),
         # not 5 minutes (JAX's default) and then an error: shares take hours and finish apart
-        jax.distributed.initialize(**given_process_flags(), shutdown_timeout_seconds=SHUTDOWN_WAIT_S)
+        jax.distributed.initialize(**given_process_flags(),
+                                   shutdown_timeout_seconds=SHUTDOWN_WAIT_S)
     except (ValueError, RuntimeError) as e:
         raise InputError(f"--distributed: jax.distributed.initialize failed ({e}); give "
                          f"--coordinator_address, --num_processes and --process_id outside a "

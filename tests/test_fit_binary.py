@@ -218,7 +218,8 @@ def test_render_takes_a_fits_params_as_they_stand(ffhq_photo, sfm_dir, tmp_path,
 
 
 FLAG_MISTAKES = [["--resume"], ["--track"], ["--all_faces", "--face=1"], ["--num_processes=2"],
-                 ["--mask_labels=celebamask"], ["--landmarks=nope.npy"], ["--images=a", "--image=b"]]
+                 ["--mask_labels=celebamask"], ["--landmarks=nope.npy"],
+                 ["--images=a", "--image=b"]]
 
 
 @pytest.mark.parametrize("extra", FLAG_MISTAKES, ids=[" ".join(e) for e in FLAG_MISTAKES])
