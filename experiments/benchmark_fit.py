@@ -218,13 +218,15 @@ def step_arguments(config, pipeline, params, target, batch_size, key):
 
     from ganfit_jax import fitting
 
-    tx = fitting.optimiser(config.learning_rate, params, 2, fitting.texture_step_scale(pipeline))
+    texture_step = fitting.texture_step_scale(pipeline)
     if batch_size == 1:
-        args = (params, tx.init(params), target, key, params.light)
+        args = (params, fitting.init_opt_state(config, 2, params, texture_step), target, key,
+                params.light)
         return fitting.bound_step(config, 2, "single", pipeline), args
     ps = fitting.stack([params] * batch_size)
     ts = fitting.stack([target] * batch_size)
-    args = (ps, jax.vmap(tx.init)(ps), ts, jax.random.split(key, batch_size), ps.light)
+    args = (ps, fitting.init_opt_state(config, 2, ps, texture_step, vectorised=True), ts,
+            jax.random.split(key, batch_size), ps.light)
     sharding = fitting.batch_sharding(batch_size)
     if sharding is not None:
         args = jax.device_put(args, sharding)

@@ -286,9 +286,12 @@ def init_params(model: morphable.MorphableModel, landmarks, image_size, texture_
     light[:3] = cam[:3] + 300.0 * up
     texture = (np.zeros(texture_dim, np.float32) if texture_init is None
                else np.asarray(texture_init, np.float32))
-    return FitParams(shape=jnp.zeros(model.num_shape), expression=jnp.zeros(model.num_expression),
-                     texture=jnp.asarray(texture), camera=jnp.asarray(cam),
-                     light=jnp.asarray(light))
+    # copied to the device as they are: jnp.zeros and jnp.asarray compile a program per shape
+    return FitParams(shape=jax.device_put(np.zeros(model.num_shape, np.float32)),
+                     expression=jax.device_put(np.zeros(model.num_expression, np.float32)),
+                     texture=jax.device_put(texture),
+                     camera=jax.device_put(np.asarray(cam, np.float32)),
+                     light=jax.device_put(np.asarray(light, np.float32)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -1022,6 +1025,18 @@ def batch_sharding(batch_size: int):
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
 
 
+def init_opt_state(config: FitConfig, stage: int, params: FitParams, texture_step=1.0,
+                   vectorised=False):
+    """The stage's optimiser state (`optimiser`) for `params`, vmapped over their leading axis
+    when `vectorised`, as one program: run op by op, optax's zeros and the blocks' units would
+    each compile a program for every leaf's shape (14 in a batch fit)."""
+    def init(p):
+        return optimiser(stage_learning_rate(config, stage), p, stage, texture_step,
+                         config.frozen).init(p)
+
+    return jax.jit(jax.vmap(init) if vectorised else init)(params)
+
+
 def run_stage(pipeline: Pipeline, params: FitParams, target: Target, config: FitConfig,
               stage: int, iterations: int, key, batched=False, frames=False, log=print):
     """Runs one stage; returns (params, history: term → (iterations[, batch]) arrays).
@@ -1038,11 +1053,9 @@ def run_stage(pipeline: Pipeline, params: FitParams, target: Target, config: Fit
                                     batched, frames, log)
         return params.replace(texture=latent), history
     run = compiled_chunk(config, stage, "frames" if frames else "batch" if batched else "single")
-    tx = optimiser(stage_learning_rate(config, stage), params, stage, texture_step_scale(pipeline),
-                   config.frozen)
     light_init = params.light  # Reg on light pulls towards where stage 2 starts
+    opt_state = init_opt_state(config, stage, params, texture_step_scale(pipeline), vectorised)
     if vectorised:
-        opt_state = jax.vmap(tx.init)(params)
         n = params.shape.shape[0]
         # frames too: their shared shape and texture are a mean over the vmapped axis
         # (`make_step`), which the partitioned step takes across devices
@@ -1061,7 +1074,6 @@ def run_stage(pipeline: Pipeline, params: FitParams, target: Target, config: Fit
                 keys = jax.device_put(keys, sharding)
             return run(pipeline, p, s, target, keys, light_init)
     else:
-        opt_state = tx.init(params)
         call = lambda p, s, k: run(pipeline, p, s, target, k, light_init)
     history = {}
     t0 = time.time()

@@ -136,12 +136,18 @@ def vertex_normals(verts, triangles):
 # --------------------------------------------------------------------------------------------
 
 
+def _on_device(x, dtype):
+    """A host array on the default device: `jax.device_put` copies it; `jnp.asarray` would
+    also compile a program (`jit(stage)`) for every new shape, a dozen at each model load."""
+    return jax.device_put(np.asarray(x, dtype))
+
+
 def _opt_int(x):
-    return None if x is None else jnp.asarray(np.asarray(x, np.int32))
+    return None if x is None else _on_device(x, np.int32)
 
 
 def _opt_float(x):
-    return None if x is None else jnp.asarray(np.asarray(x, np.float32))
+    return None if x is None else _on_device(x, np.float32)
 
 
 def make_model(mean, shape_basis, expression_basis=None, triangles=None, uv=None,
@@ -187,10 +193,10 @@ def make_model(mean, shape_basis, expression_basis=None, triangles=None, uv=None
         if np.asarray(texture_mean).shape != (n, 3) or np.asarray(texture_basis).shape[:2] != (n, 3):
             raise ValueError(f"{source}: texture_mean must be ({n},3) and texture_basis ({n},3,T)")
     return MorphableModel(
-        mean=jnp.asarray(mean), shape_basis=jnp.asarray(shape_basis),
-        expression_basis=jnp.asarray(expression_basis),
-        triangles=jnp.asarray(triangles.astype(np.int32)), uv=jnp.asarray(uv),
-        landmark_indices=jnp.asarray(landmark_indices.astype(np.int32)),
+        mean=_on_device(mean, np.float32), shape_basis=_on_device(shape_basis, np.float32),
+        expression_basis=_on_device(expression_basis, np.float32),
+        triangles=_on_device(triangles, np.int32), uv=_on_device(uv, np.float32),
+        landmark_indices=_on_device(landmark_indices, np.int32),
         contour_right=_opt_int(contour_right), contour_left=_opt_int(contour_left),
         symmetry=_opt_int(symmetry), texture_mean=_opt_float(texture_mean),
         texture_basis=_opt_float(texture_basis))

@@ -106,13 +106,13 @@ def _random_variables(module, key, input_size):
         name = jax.tree_util.keystr(path)
         if name.endswith("['kernel']"):
             fan_in = int(np.prod(leaf.shape[:-1]))
-            # cast by numpy: jnp.asarray(..., dtype), jnp.ones and jnp.zeros would each compile
+            # made by numpy and copied: jnp.asarray, jnp.ones and jnp.zeros would each compile
             # a program for every leaf's shape
-            return jnp.asarray((rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in))
-                               .astype(leaf.dtype))
+            return jax.device_put((rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in))
+                                  .astype(leaf.dtype))
         if name.endswith("['scale']") or name.endswith("['var']"):  # BN running variance: 1
-            return jnp.asarray(np.ones(leaf.shape, leaf.dtype))
-        return jnp.asarray(np.zeros(leaf.shape, leaf.dtype))
+            return jax.device_put(np.ones(leaf.shape, leaf.dtype))
+        return jax.device_put(np.zeros(leaf.shape, leaf.dtype))
 
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
