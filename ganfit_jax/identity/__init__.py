@@ -132,7 +132,7 @@ def load_identity(name=DEFAULT_NAME, weights=None, key=None):
             variables = _weights.load_variables(path, dlib_resnet.DlibResNet(), dlib_resnet.DLIB_INPUT_SIZE)
         else:
             variables = {"params": dlib_resnet.load_dlib_resnet_params(path)}
-        variables = jax.tree_util.tree_map(jnp.asarray, variables)
+        variables = jax.device_put(variables)  # jnp.asarray: a program per leaf's shape
         return IdentityNet(variables, dlib_resnet.DlibResNet(), dlib_resnet.DLIB_INPUT_SIZE, "dlib", name)
     if name == "tiny":
         if key is None and weights is not None and not isinstance(weights, (str, os.PathLike)):
@@ -152,7 +152,7 @@ def load_identity(name=DEFAULT_NAME, weights=None, key=None):
                              "insightface .onnx, or a .msgpack written by experiments/convert_identity"
                              " (or key=PRNGKey for untrained weights, as the benchmark uses)")
         variables = _weights.load_arcface_variables(module, weights)
-        variables = jax.tree_util.tree_map(jnp.asarray, variables)
+        variables = jax.device_put(variables)  # jnp.asarray: a program per leaf's shape
         return IdentityNet(variables, module, 112, "arcface", name)
     raise ValueError(f"unknown identity network {name!r}; expected 'dlib', 'tiny', 'arcface' or "
                      "'arcface-<r18|r34|r50|r100|mbf>'")

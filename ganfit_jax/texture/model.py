@@ -202,7 +202,7 @@ def gan_from_bytes(data: bytes, source: str = "bytes") -> GANTexture:
     config = progan.ProGANConfig(**json.loads(payload["config"]))
     template = progan.init_generator(jax.random.key(0), config)
     params = flax.serialization.from_state_dict(template, payload["params"])
-    params = jax.tree_util.tree_map(jnp.asarray, params)
+    params = jax.device_put(params)  # jnp.asarray: a program per leaf's shape
     return GANTexture(params, config, int(payload["level"]))
 
 
