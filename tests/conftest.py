@@ -1,6 +1,8 @@
 """Shared fixtures: the real public assets beside the checkout (skipped with a reason if absent)."""
 
+import contextlib
 import importlib.metadata
+import logging
 import os
 import pathlib
 import shutil
@@ -205,3 +207,22 @@ def optimised_steps(monkeypatch):
     yield
     monkeypatch.undo()
     fitting.cpu_step_compiler_options.cache_clear()
+
+
+@pytest.fixture
+def compilations(caplog):
+    """`with compilations() as compiled:` lists, once the block ends, the XLA compilations JAX
+    logged inside it (a program compiled per operation or per array is the cost several tests
+    guard against)."""
+    import jax
+
+    @contextlib.contextmanager
+    def record():
+        compiled = []
+        start = len(caplog.records)
+        with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+            yield compiled
+        compiled.extend(r.getMessage() for r in caplog.records[start:]
+                        if "Finished XLA compilation" in r.getMessage())
+
+    return record

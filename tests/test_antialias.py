@@ -293,19 +293,16 @@ def test_antialiasing_under_vmap_equals_one_view_at_a_time(sfm_model):
     assert np.abs(np.asarray(grads)).max() > 0
 
 
-def test_an_eager_call_compiles_the_walks_once(caplog):
+def test_an_eager_call_compiles_the_walks_once(compilations):
     """Called on concrete arrays (a notebook's `render(..., antialias=True)`), a second call of
     the same shapes compiles nothing: the outline's walks are one jitted program, not while
     loops traced and compiled again at every call (0.6 s a call at 128² before)."""
-    import logging
-
     pixels = jnp.asarray(TRIANGLE)
     ids, depth_map = rasterize(pixels, jnp.full(3, 10.0), ONE, (32, 32))
     colour = (ids >= 0).astype(jnp.float32)[..., None]
     first = antialias(colour, ids, depth_map, pixels, ONE)
     moved = pixels + 0.25
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+    with compilations() as compiled:
         second = antialias(colour, ids, depth_map, moved, ONE)
-    compiled = [r.getMessage() for r in caplog.records if "XLA compilation" in r.getMessage()]
     assert not compiled, compiled
     assert np.abs(np.asarray(second) - np.asarray(first)).max() > 0.01  # it did run

@@ -103,27 +103,23 @@ def test_frames_share_shape_and_keep_own_pose(sfm_model):
     assert np.ptp(eyes) > 50  # poses stay per frame
 
 
-def test_a_model_its_start_and_adams_state_compile_one_program_not_one_per_array(sfm_model,
-                                                                                 caplog):
+def test_a_model_its_start_and_adams_state_compile_one_program_not_one_per_array(
+        sfm_model, compilations):
     """A model's arrays are copied to the device as they are, the start's zeros made by numpy
     and Adam's state by one jitted program: `jnp.asarray`, `jnp.zeros` and optax's init run op
     by op compile a program for every new shape (a tiny batch fit compiled 110 programs, now
     73). Sizes no other test uses, so that nothing is in JAX's cache already."""
-    import logging
-
     m = sfm_model
     lm = synthetic_landmarks(m, random_truth(m, 0))
     parts = (np.asarray(m.mean), np.asarray(m.shape_basis)[:, :, :11],
              np.asarray(m.expression_basis)[:, :, :3], np.asarray(m.triangles), np.asarray(m.uv),
              np.asarray(m.landmark_indices))
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+    with compilations() as compiled:
         model = morphable.make_model(*parts, source="test")
         p0 = fitting.init_params(model, lm, SIZE, 7)
         single = fitting.init_opt_state(fitting.FitConfig(), 2, p0, 0.5)
         batch = fitting.init_opt_state(fitting.FitConfig(), 1, fitting.stack([p0] * 3),
                                        vectorised=True)
-    compiled = [r.getMessage() for r in caplog.records
-                if "Finished XLA compilation" in r.getMessage()]
     assert len(compiled) <= 3, compiled  # the two jitted inits (and `stack`)
     assert model.shape_basis.shape == (3448, 3, 11) and model.triangles.dtype == jnp.int32
     assert p0.shape.shape == (11,) and p0.texture.shape == (7,) and p0.camera.dtype == jnp.float32

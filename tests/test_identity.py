@@ -1,7 +1,5 @@
 """The single identity interface the losses use: load_identity / align / embed."""
 
-import logging
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,16 +56,16 @@ def test_errors(tiny):
         identity.load_identity("tiny")
 
 
-def test_dlib_pipeline_matches_dlib_on_a_photo(faces_dir, caplog):
+def test_dlib_pipeline_matches_dlib_on_a_photo(faces_dir, compilations):
     """Photo → dlib landmarks → our chip → our net vs dlib's compute_face_descriptor(img, shape)."""
     dlib = pytest.importorskip("dlib")
     frm = pytest.importorskip("face_recognition_models")
     from ganfit_jax import landmarks
 
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+    with compilations() as compiled:
         net = identity.load_identity("dlib")
     # its weights copied to the device, not by jnp.asarray (a program per leaf's shape: 13)
-    assert not [r for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
+    assert not compiled, compiled
     assert (net.input_size, net.alignment) == (150, "dlib")
     img8 = landmarks.to_uint8(landmarks.load_image(faces_dir / "ffhq" / "FFHQ" / "00002.png"))
     shape = dlib.shape_predictor(frm.pose_predictor_model_location())(

@@ -220,12 +220,10 @@ def test_vertex_pca_texture_matches_morphable_vertex_colours():
                                  triangles=[[0, 1, 2]]))
 
 
-def test_unwrap_compiles_two_programs_not_each_operation(sfm_model, caplog):
+def test_unwrap_compiles_two_programs_not_each_operation(sfm_model, compilations):
     """unwrap's JAX work (the UV layout's z-buffer and barycentrics; the photo's z-buffer, the
     texels' projection, the normals) runs as jitted programs: outside jit each operation would be
     traced and compiled as a program of its own (~40 of a tiny fit's compilations before)."""
-    import logging
-
     from ganfit_jax import camera, morphable
     from ganfit_jax.texture import unwrap
 
@@ -233,8 +231,7 @@ def test_unwrap_compiles_two_programs_not_each_operation(sfm_model, caplog):
     verts = morphable.vertices(sfm_model, jnp.zeros(sfm_model.num_shape),
                                jnp.zeros(sfm_model.num_expression))
     cam = np.array([0.0, 0.0, 700.0, 0.0, 0.0, 0.0, camera.default_focal((40, 48))], np.float32)
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+    with compilations() as compiled:
         uv_map, mask = unwrap.unwrap(sfm_model, verts, cam, image, resolution=24)
-    compiled = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
     assert len(compiled) <= 4, compiled  # the two programs, the z-buffers they call jitted
     assert mask.max() == 1.0 and uv_map[mask == 1].std() > 0.05  # the photo's texels, unwrapped
