@@ -118,6 +118,11 @@ class FitConfig:
     # more (`render.render`'s pixel_budget; same result, ~30% less renderer time for a face
     # covering ~40% of the image); batched steps (vmap) always shade the whole grid. None: off
     pixel_budget: Optional[float] = 0.5
+    # ... but only for renders of at least this many pixels: the compaction's lax.cond costs
+    # 2-3 s more tracing and compilation per program, which a small render's step never earns
+    # back (a tiny step's gradient, one core: 0.7 ms a step saved at 64², 0.9 at 128², 2.5 at
+    # 160², 13 at 192², 11 at 224²; BENCHMARKS.md session 29). 0: compact at every size
+    pixel_budget_min_pixels: int = 192 * 192
     # one photo on the CPU, pipeline compiled in: Eq. 12's two views (the photo's and the random
     # one of Eq. 7) run as separate programs on two threads (`TwoViewStep`); XLA:CPU runs one
     # program's many small ops one after another, two programs overlap (~10% off the cpu-small
@@ -181,6 +186,11 @@ class FitConfig:
         if self.pixel_budget is not None and not 0 < self.pixel_budget <= 1:
             raise ValueError("FitConfig.pixel_budget must be None or a fraction in (0, 1], got "
                              f"{self.pixel_budget!r}")
+        if (isinstance(self.pixel_budget_min_pixels, bool)
+                or not isinstance(self.pixel_budget_min_pixels, (int, np.integer))
+                or self.pixel_budget_min_pixels < 0):
+            raise ValueError("FitConfig.pixel_budget_min_pixels must be an int ≥ 0, got "
+                             f"{self.pixel_budget_min_pixels!r}")
         for field in dataclasses.fields(self.weights):
             value = getattr(self.weights, field.name)
             if isinstance(value, (int, float, np.number)) and not 0 <= value < np.inf:
@@ -539,6 +549,14 @@ def without_gradient(params: FitParams, blocks) -> FitParams:
     return params.replace(**{b: jax.lax.stop_gradient(getattr(params, b)) for b in blocks})
 
 
+def pixel_budget_for(config: FitConfig, image_size) -> Optional[float]:
+    """The fraction of an unbatched step's render `render_face` may shade as a compacted list:
+    `config.pixel_budget`, or None (the whole grid) for a render of fewer than
+    `config.pixel_budget_min_pixels` pixels."""
+    height, width = camera_lib.image_hw(image_size)
+    return None if height * width < config.pixel_budget_min_pixels else config.pixel_budget
+
+
 def _stage_loss(stage, config: FitConfig, pixel_budget, pipeline, params, target, key,
                 light_init):
     params = without_gradient(params, config.frozen)
@@ -558,11 +576,12 @@ def make_step(config: FitConfig, stage: int, share_axis: Optional[str] = None,
     (params, opt_state, terms). With `share_axis` (a vmap axis name), shape and texture are
     averaged across that axis after the step (Eq. 13, multi-frame fitting). `batched`: the step
     will run under vmap (no compacted shading: `FitConfig.pixel_budget`)."""
-    pixel_budget = None if batched or share_axis is not None else config.pixel_budget
+    unbatched = not batched and share_axis is None
 
     def step(pipeline, params, opt_state, target, key, light_init):
         tx = optimiser(stage_learning_rate(config, stage), params, stage,
                        texture_step_scale(pipeline), config.frozen)
+        pixel_budget = pixel_budget_for(config, pipeline.image_size) if unbatched else None
         loss_fn = functools.partial(_stage_loss, stage, config, pixel_budget, pipeline)
         if config.remat:
             loss_fn = jax.checkpoint(loss_fn)
@@ -769,7 +788,8 @@ class TwoViewStep:
             def view_loss(params, texture, target, key, light_init):
                 params = without_gradient(params.replace(texture=texture), config.frozen)
                 return loss(params, target, given_texture, key, w,
-                            config.random_render, light_init, config.pixel_budget, extra_terms)
+                            config.random_render, light_init,
+                            pixel_budget_for(config, pipeline.image_size), extra_terms)
 
             return jax.jit(jax.value_and_grad(view_loss, argnums=(0, 1), has_aux=True),
                            compiler_options=compiler_options)

@@ -97,7 +97,8 @@ def test_the_count_of_a_compacted_step_is_the_whole_grid_step(sfm_dir):
 
     pipe, params, target = benchmark_fit.build("tiny", str(sfm_dir / "sfm_shape_3448.bin"),
                                                jax.random.PRNGKey(0))
-    config = fitting.FitConfig(two_threads=False)
+    # the tiny render (64²) is compacted only below the default pixel_budget_min_pixels
+    config = fitting.FitConfig(two_threads=False, pixel_budget_min_pixels=0)
     step, args = benchmark_fit.step_arguments(config, pipe, params, target, 1,
                                               jax.random.PRNGKey(1))
     whole, _ = benchmark_fit.step_arguments(dataclasses.replace(config, pixel_budget=None), pipe,

@@ -143,6 +143,8 @@ def test_too_few_landmarks_is_a_clear_error(sfm_model):
     (dict(learning_rate=0.0), "learning_rate must be a finite number > 0"),
     (dict(stage1_learning_rate=float("nan")), "stage1_learning_rate must be"),
     (dict(pixel_budget=1.5), "pixel_budget must be None or a fraction"),
+    (dict(pixel_budget_min_pixels=-1), "pixel_budget_min_pixels must be an int ≥ 0"),
+    (dict(pixel_budget_min_pixels=0.5), "pixel_budget_min_pixels must be an int"),
     (dict(weights=losses.LossWeights(identity=-2.0)), "weights.identity"),
     (dict(weights=losses.LossWeights(pixel=float("inf"))), "weights.pixel"),
     (dict(frozen=("shape", "albedo")), "frozen must be a tuple of parameter blocks"),

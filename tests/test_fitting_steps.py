@@ -65,6 +65,13 @@ def test_pixel_budget_leaves_the_loss_and_its_gradient_unchanged(sfm_model):
     conds = lambda step: str(jax.make_jaxpr(step)(*args)).count(" cond[")  # noqa: E731
     assert conds(fitting.make_step(cfg, 2)) >= 1  # the main render (no identity net here)
     assert conds(fitting.make_step(cfg, 2, batched=True)) == 0
+    # a render of fewer pixels is shaded whole: its step never earns the cond's compilation back
+    small = dataclasses.replace(cfg, pixel_budget_min_pixels=SIZE[0] * SIZE[1] + 1)
+    assert conds(fitting.make_step(small, 2)) == 0
+    assert fitting.pixel_budget_for(cfg, SIZE) == cfg.pixel_budget
+    assert fitting.pixel_budget_for(cfg, (64, 64)) is None
+    assert fitting.pixel_budget_for(dataclasses.replace(cfg, pixel_budget_min_pixels=0),
+                                    (64, 64)) == cfg.pixel_budget
 
 
 def test_a_landmark_term_weighted_zero_is_reported_but_not_differentiated(sfm_model):
