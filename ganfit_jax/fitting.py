@@ -441,9 +441,14 @@ def loss(params: FitParams, target: Target, pipeline: Pipeline, key,
     # G(p_t) once: the main and the random render share the texture, and a second generator
     # pass would double its backward pass too (XLA merges equal forwards, not their gradients)
     texture = pipeline.texture_fn(pipeline.texture_params, params.texture)
-    image, aux = render_face(pipeline, params, background=target.image, texture=texture,
-                             pixel_budget=pixel_budget)
-    mask = aux["mask"]
+    use_identity = pipeline.identity_fn is not None and target.embedding is not None
+    if weights.pixel or extra_terms or use_identity and (weights.identity or weights.content):
+        image, aux = render_face(pipeline, params, background=target.image, texture=texture,
+                                 pixel_budget=pixel_budget)
+        mask = aux["mask"]
+    # else no term sees the photo's view (the random view's program of a TwoViewStep): not
+    # traced at all, which XLA's dead-code elimination would only undo after seconds of
+    # differentiating and lowering it
     pred_lm = project_landmarks(pipeline, params, target.landmarks)
     terms = {}
     terms["landmark"] = landmark_term(pipeline, pred_lm, target.landmarks)
@@ -454,7 +459,6 @@ def loss(params: FitParams, target: Target, pipeline: Pipeline, key,
     if weights.pixel:
         compared = mask if target.pixel_weight is None else mask * target.pixel_weight
         terms["pixel"] = losses.pixel_loss(image, target.image, compared)
-    use_identity = pipeline.identity_fn is not None and target.embedding is not None
     if use_identity and (weights.identity or weights.content):
         # the render's landmarks are known exactly: align it with its own projected landmarks
         emb, feats = pipeline.identity_fn(
@@ -480,8 +484,9 @@ def loss(params: FitParams, target: Target, pipeline: Pipeline, key,
              + weights.identity * terms.get("identity", 0.0)
              + weights.content * terms.get("content", 0.0)
              + weights.identity_random * terms.get("identity_random", 0.0))
-    render = dict(image=image, mask=mask, landmarks=pred_lm, texture=texture,
-                  coverage=aux.get("coverage", mask))
+    if extra_terms:
+        render = dict(image=image, mask=mask, landmarks=pred_lm, texture=texture,
+                      coverage=aux.get("coverage", mask))
     for name, weight, fn in extra_terms:
         terms[name] = jnp.asarray(fn(params, target, pipeline, render), jnp.float32)
         total = total + weight * terms[name]

@@ -151,6 +151,43 @@ def test_two_view_step_equals_the_fused_step(tiny, two_views):
     assert fitting.two_view_step_applies(threaded, 2, "single", pipe) == on_cpu
 
 
+def test_the_photos_view_is_rendered_only_where_a_term_sees_it(tiny):
+    """The random view's program of a TwoViewStep weighs every term but λ̂_id·L̂_id zero: the
+    photo's view is then not rendered (nor differentiated, nor lowered) at all; with the
+    pixel, identity, content or a research term on, it is."""
+    from ganfit_jax import render
+
+    pipe, params, target = tiny
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[4])  # the camera it renders from
+        return render.render(*args, **kwargs)
+
+    pipe = pipe.replace(render_fn=counted)
+    zero = losses.LossWeights(**{f.name: 0.0 for f in dataclasses.fields(losses.LossWeights)})
+    key = jax.random.PRNGKey(0)
+
+    def renders(weights, extra_terms=()):
+        calls.clear()
+        f = lambda p: fitting.loss(p, target, pipe, key, weights,  # noqa: E731
+                                   extra_terms=extra_terms)[0]
+        jax.make_jaxpr(jax.value_and_grad(f))(params)
+        return len(calls)
+
+    assert renders(dataclasses.replace(zero, identity_random=2.0)) == 1  # the random view only
+    assert renders(zero) == 0
+    for name in ("pixel", "identity", "content"):
+        assert renders(dataclasses.replace(zero, **{name: 1.0})) == 1, name
+    assert renders(zero, (("coverage", 1.0, lambda p, t, pl, r: r["coverage"].mean()),)) == 1
+    assert renders(losses.LossWeights()) == 2
+    # and the random view alone still reports L_lan, unweighted, for the photo's program
+    value, terms = fitting.loss(params, target, pipe, key, dataclasses.replace(
+        zero, identity_random=2.0))
+    assert set(terms) == {"landmark", "reg", "identity_random"}
+    np.testing.assert_allclose(float(value), 2.0 * float(terms["identity_random"]), rtol=1e-6)
+
+
 def test_two_view_step_dispatch_paths_agree_and_reraise_the_random_views_error(tiny, two_views):
     """The random view enqueued from the worker thread (overlap=True) and run after the photo's
     on the caller's thread (overlap=False) give the same step; an error on the random view's
