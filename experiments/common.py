@@ -102,10 +102,19 @@ MISSING_MODEL = ("no --model given, and neither checkpoints/sfm.npz nor "
                  "WORKSPACE.md")
 
 
+MIN_CACHED_COMPILE_S = 0.1
+
+
 def enable_compilation_cache(folder):
     """JAX's persistent compilation cache in `folder` (created; OSError if it cannot be), for
-    every program that took at least a second to compile (or what
-    $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says); '' or None leaves it off."""
+    every program that took at least 0.1 s to compile (or what
+    $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says); '' or None leaves it off.
+
+    Not JAX's default of 1 s: the identity network's embedding, stage 1's step and a dozen more
+    compile in 0.1-0.8 s each and are read back in milliseconds (the README's fit run again
+    with a warm cache: ~16 -> ~14 s, BENCHMARKS.md session 29). Quicker programs are left out:
+    reading them back saves little, and several are shaped by each photo's size, so a data set
+    of many sizes would leave a file per size."""
     if not folder:
         return
     import jax
@@ -114,7 +123,7 @@ def enable_compilation_cache(folder):
     os.makedirs(folder, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(
-        os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 1.0)))
+        os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", MIN_CACHED_COMPILE_S)))
 
 
 def require_positive(*names):
