@@ -122,10 +122,11 @@ def run_fit(tmp_path_factory):
     stderr). fit's default --compilation_cache lives under $XDG_CACHE_HOME, so the tests keep
     theirs in a folder of their own (`cache_home=` gives a test a fresh one).
 
-    The fits keep every program that took 0.2 s to compile (fit's default is 1 s): at LLVM -O0
-    few pass a second, and the tests' fits compile many of the same mid-sized programs (the
-    outputs' renders at 64², the tiny step): test_fit_binary.py 236 -> 215 s, test_video.py
-    129 -> 122 s (one process, session 27)."""
+    The fits keep every program that took 0.2 s to compile (JAX's default is 1 s, fit's 0.1 s
+    since session 29): at LLVM -O0 few pass a second, and the tests' fits compile many of the
+    same mid-sized programs (the outputs' renders at 64², the tiny step): test_fit_binary.py
+    236 -> 215 s, test_video.py 129 -> 122 s against 1 s (one process, session 27); caching
+    every program cost the suite more than it saved (session 25)."""
     root = pathlib.Path(__file__).resolve().parent.parent
     shared_home = tmp_path_factory.mktemp("xdg")
 
