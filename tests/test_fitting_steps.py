@@ -188,6 +188,32 @@ def test_the_photos_view_is_rendered_only_where_a_term_sees_it(tiny):
     np.testing.assert_allclose(float(value), 2.0 * float(terms["identity_random"]), rtol=1e-6)
 
 
+def test_a_render_of_given_shapes_is_traced_once_for_every_program(sfm_dir, monkeypatch):
+    """Both renders of Eq. 12 (the photo's view, the random view) have the same shapes: the
+    default renderer is a jitted function of its own (`fitting._default_render`), traced and
+    differentiated once and reused in the fused step and across a TwoViewStep's programs."""
+    from experiments import benchmark_fit
+    from ganfit_jax.render import raster
+
+    # a render size no other test traces, so JAX's trace cache starts empty for it
+    monkeypatch.setitem(benchmark_fit.CONFIGS, "tiny-72",
+                        dict(benchmark_fit.CONFIGS["tiny"], render=72))
+    pipe, params, target = benchmark_fit.build("tiny-72", str(sfm_dir / "sfm_shape_3448.bin"),
+                                               jax.random.PRNGKey(0))
+    traced = []
+    rasterize = raster.rasterize
+    monkeypatch.setattr(raster, "rasterize", lambda *a, **k: traced.append(1) or rasterize(*a, **k))
+    key = jax.random.PRNGKey(1)
+    f = lambda p: fitting.loss(p, target, pipe, key)  # noqa: E731
+    jax.make_jaxpr(jax.value_and_grad(f, has_aux=True))(params)
+    assert len(traced) == 1
+    # the programs of a TwoViewStep's two views, as its first call traces them
+    texture = pipe.texture_fn(pipe.texture_params, params.texture)
+    for view in fitting.TwoViewStep(fitting.FitConfig(), pipe, None)._views:
+        view.trace(params, texture, target, key, params.light)
+    assert len(traced) == 1
+
+
 def test_two_view_step_dispatch_paths_agree_and_reraise_the_random_views_error(tiny, two_views):
     """The random view enqueued from the worker thread (overlap=True) and run after the photo's
     on the caller's thread (overlap=False) give the same step; an error on the random view's
