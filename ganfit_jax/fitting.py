@@ -221,9 +221,13 @@ class Pipeline:
     antialias: bool = flax.struct.field(pytree_node=False, default=False)
 
 
+@jax.jit
 def identity_of(net, image, landmarks):
     """F(align(I)): the identity network's (embedding, features) of an image, aligned with its
-    68 landmarks; the `identity_fn` of a Pipeline using `ganfit_jax.identity`."""
+    68 landmarks; the `identity_fn` of a Pipeline using `ganfit_jax.identity`. Jitted, so
+    that nested in the programs of a fit (both views of Eq. 12, each program of a
+    `TwoViewStep`) the network is traced and differentiated once per image size, as
+    `_default_render` is."""
     from ganfit_jax import identity
 
     return identity.embed(net, identity.align(net, image, landmarks))

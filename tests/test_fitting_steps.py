@@ -188,30 +188,41 @@ def test_the_photos_view_is_rendered_only_where_a_term_sees_it(tiny):
     np.testing.assert_allclose(float(value), 2.0 * float(terms["identity_random"]), rtol=1e-6)
 
 
-def test_a_render_of_given_shapes_is_traced_once_for_every_program(sfm_dir, monkeypatch):
-    """Both renders of Eq. 12 (the photo's view, the random view) have the same shapes: the
-    default renderer is a jitted function of its own (`fitting._default_render`), traced and
-    differentiated once and reused in the fused step and across a TwoViewStep's programs."""
+def test_a_render_and_an_identity_of_given_shapes_are_traced_once_for_every_program(
+        sfm_dir, monkeypatch):
+    """Both renders of Eq. 12 (the photo's view, the random view) have the same shapes, and so
+    have both images the identity network sees: the default renderer and `identity_of` are
+    jitted functions of their own (`fitting._default_render`), each traced and differentiated
+    once and reused in the fused step and across a TwoViewStep's programs."""
     from experiments import benchmark_fit
+    from ganfit_jax import identity
     from ganfit_jax.render import raster
 
-    # a render size no other test traces, so JAX's trace cache starts empty for it
+    traced = {"render": 0, "identity": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            traced[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(raster, "rasterize", counted("render", raster.rasterize))
+    monkeypatch.setattr(identity, "embed", counted("identity", identity.embed))
+    # a render size no other test traces, so JAX's trace caches start empty for it
     monkeypatch.setitem(benchmark_fit.CONFIGS, "tiny-72",
                         dict(benchmark_fit.CONFIGS["tiny"], render=72))
     pipe, params, target = benchmark_fit.build("tiny-72", str(sfm_dir / "sfm_shape_3448.bin"),
                                                jax.random.PRNGKey(0))
-    traced = []
-    rasterize = raster.rasterize
-    monkeypatch.setattr(raster, "rasterize", lambda *a, **k: traced.append(1) or rasterize(*a, **k))
+    assert traced == {"render": 0, "identity": 1}  # the photo's features (Target)
     key = jax.random.PRNGKey(1)
     f = lambda p: fitting.loss(p, target, pipe, key)  # noqa: E731
     jax.make_jaxpr(jax.value_and_grad(f, has_aux=True))(params)
-    assert len(traced) == 1
+    assert traced == {"render": 1, "identity": 1}
     # the programs of a TwoViewStep's two views, as its first call traces them
     texture = pipe.texture_fn(pipe.texture_params, params.texture)
     for view in fitting.TwoViewStep(fitting.FitConfig(), pipe, None)._views:
         view.trace(params, texture, target, key, params.light)
-    assert len(traced) == 1
+    assert traced == {"render": 1, "identity": 1}
 
 
 def test_two_view_step_dispatch_paths_agree_and_reraise_the_random_views_error(tiny, two_views):
