@@ -120,7 +120,7 @@ class FitConfig:
     pixel_budget: Optional[float] = 0.5
     # ... but only for renders of at least this many pixels: the compaction's lax.cond costs
     # 2-3 s more tracing and compilation per program, which a small render's step never earns
-    # back (a tiny step's gradient, one core: 0.7 ms a step saved at 64², 0.9 at 128², 2.5 at
+    # back (a tiny step's gradient on 2 CPU cores: 0.7 ms a step saved at 64², 0.9 at 128², 2.5 at
     # 160², 13 at 192², 11 at 224²; BENCHMARKS.md session 29). 0: compact at every size
     pixel_budget_min_pixels: int = 192 * 192
     # one photo on the CPU, pipeline compiled in: Eq. 12's two views (the photo's and the random
