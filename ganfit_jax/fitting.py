@@ -456,7 +456,8 @@ def loss(params: FitParams, target: Target, pipeline: Pipeline, key,
     # pass would double its backward pass too (XLA merges equal forwards, not their gradients)
     texture = pipeline.texture_fn(pipeline.texture_params, params.texture)
     use_identity = pipeline.identity_fn is not None and target.embedding is not None
-    if weights.pixel or extra_terms or use_identity and (weights.identity or weights.content):
+    photo_identity = use_identity and bool(weights.identity or weights.content)
+    if weights.pixel or extra_terms or photo_identity:
         image, aux = render_face(pipeline, params, background=target.image, texture=texture,
                                  pixel_budget=pixel_budget)
         mask = aux["mask"]
@@ -473,7 +474,7 @@ def loss(params: FitParams, target: Target, pipeline: Pipeline, key,
     if weights.pixel:
         compared = mask if target.pixel_weight is None else mask * target.pixel_weight
         terms["pixel"] = losses.pixel_loss(image, target.image, compared)
-    if use_identity and (weights.identity or weights.content):
+    if photo_identity:
         # the render's landmarks are known exactly: align it with its own projected landmarks
         emb, feats = pipeline.identity_fn(
             pipeline.identity_params, identity_view(image, target),
@@ -815,7 +816,6 @@ class TwoViewStep:
 
         self._config, self._pipeline, self._options = config, pipeline, compiler_options
         self._generate = self._update = None  # compiled for p_t's shape on the first call
-        self._lowered = False
         # a research term belongs to the photo's view, whose render it is given
         self._views = (view(view_weights[0], config.extra_terms), view(view_weights[1], ()))
 
@@ -841,17 +841,17 @@ class TwoViewStep:
 
     def __call__(self, params, opt_state, target, key, light_init, overlap=True):
         """overlap=False runs the random view after the photo's, on this thread (for timing)."""
-        if self._generate is None:
+        first_call = self._generate is None
+        if first_call:
             self._compile_texture_programs(params.texture)
         texture, texture_residuals = self._generate(params.texture)
         args = (params, texture, target, key, light_init)
-        if not self._lowered:
+        if first_call:
             # traced and lowered here one after the other, so the random view reuses the photo
             # view's traced render (`_default_render`), then compiled on two threads below;
             # traced on two threads, each would trace its own while holding the other back
             for view in self._views:
                 view.trace(*args).lower()
-            self._lowered = True
         if overlap:
             # Dispatched, not waited for: the random view's program is enqueued from the worker
             # thread (XLA:CPU runs programs enqueued from one thread one after another, from two
