@@ -1,0 +1,116 @@
+"""pyproject.toml: the package builds, installs and imports away from the clone, and names the
+packages requirements.txt pins."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _pyproject():
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)
+
+
+def _pins(path):
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-r"):
+            req = Requirement(line)
+            pins[canonicalize_name(req.name)] = next(iter(req.specifier)).version
+    return pins
+
+
+def test_pyproject_names_what_requirements_pins_and_accepts_each_pin():
+    project = _pyproject()["project"]
+    needed = {canonicalize_name(Requirement(r).name): Requirement(r)
+              for r in project["dependencies"]}
+    pins = _pins(ROOT / "requirements.txt")
+    assert set(needed) == set(pins), set(needed) ^ set(pins)
+    for name, version in pins.items():
+        assert needed[name].specifier.contains(version), (name, version, needed[name])
+    # the optional ONNX import is tested with requirements-test.txt's onnx
+    onnx = Requirement(project["optional-dependencies"]["onnx"][0])
+    assert onnx.specifier.contains(_pins(ROOT / "requirements-test.txt")["onnx"])
+
+
+def _pip(*args, cwd):
+    proc = subprocess.run([sys.executable, "-m", "pip", *args, "--no-deps", "--no-build-isolation",
+                           "--disable-pip-version-check", "-q"],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def _import_elsewhere(site_dir, cwd):
+    """Import the package with `site_dir` as a site directory (its .pth files read, as an
+    editable install needs) from a folder outside the clone; → ganfit_jax's file."""
+    code = ("import site, sys; site.addsitedir(sys.argv[1]); "
+            "import ganfit_jax, ganfit_jax.losses, ganfit_jax.render, ganfit_jax.fitting; "
+            "import importlib.util; "
+            "assert importlib.util.find_spec('experiments') is None, 'experiments installed'; "
+            "print(ganfit_jax.__version__, ganfit_jax.__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code, str(site_dir)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    version, path = proc.stdout.split()
+    return version, pathlib.Path(path)
+
+
+@pytest.fixture
+def source(tmp_path):
+    """What a clone holds for the package, copied (a build writes build/ and *.egg-info beside
+    pyproject.toml; the test leaves the repository as it was)."""
+    try:
+        import setuptools
+    except ImportError:
+        pytest.skip("setuptools (requirements-test.txt) is not installed")
+    if tuple(int(x) for x in setuptools.__version__.split(".")[:2]) < (70, 1):
+        pytest.skip(f"setuptools {setuptools.__version__} builds no wheel alone; "
+                    "requirements-test.txt pins a newer one")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "ganfit_jax", src / "ganfit_jax",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return src
+
+
+def test_the_wheel_holds_the_package_alone_and_imports_away_from_the_clone(source, tmp_path):
+    import ganfit_jax
+
+    _pip("wheel", "-w", str(tmp_path / "dist"), str(source), cwd=tmp_path)
+    (wheel,) = (tmp_path / "dist").glob("ganfit_jax-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "ganfit_jax").rglob("*.py")}
+    assert modules <= names, modules - names
+    assert not [n for n in names if n.startswith(("experiments/", "tests/", "checkpoints/"))]
+    assert f"Version: {ganfit_jax.__version__}" in metadata
+    assert "Requires-Dist: jax>=" in metadata and "Requires-Python: >=3.11" in metadata
+
+    _pip("install", "--target", str(tmp_path / "site"), str(wheel), cwd=tmp_path)
+    version, path = _import_elsewhere(tmp_path / "site", cwd=tmp_path)
+    assert version == ganfit_jax.__version__
+    assert path == tmp_path / "site" / "ganfit_jax" / "__init__.py"
+
+
+def test_an_editable_install_imports_the_source_itself(source, tmp_path):
+    prefix = tmp_path / "prefix"
+    _pip("install", "--prefix", str(prefix), "-e", str(source), cwd=tmp_path)
+    (site_dir,) = prefix.glob("lib/python*/site-packages")
+    _, path = _import_elsewhere(site_dir, cwd=tmp_path)
+    # an edit to the clone is what the next import sees
+    assert path == source / "ganfit_jax" / "__init__.py"
