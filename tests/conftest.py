@@ -29,8 +29,9 @@ TEST_OPT_FLAG = "--xla_backend_optimization_level=0"
 # Two more savings on the suite's compilations, CPU only like the one above: XLA's HLO verifier
 # re-checks the whole module after every pass pipeline (~9% of a tiny step's compilation,
 # perf), and the module is split for parallel LLVM code generation (~14%, on threads the two
-# workers' cores do not have to spare). Together ~25% less CPU time per compilation
-# (BENCHMARKS.md, session 30); neither changes the compiled program.
+# workers' cores do not have to spare). Together ~25% less CPU time in the tiny step's
+# compilation (perf samples), 11-19% less in a tiny uncached fit (BENCHMARKS.md, session 30);
+# neither changes the compiled program.
 TEST_COMPILE_FLAGS = ("--xla_disable_hlo_passes=hlo-verifier",
                       "--xla_cpu_parallel_codegen_split_count=1")
 
