@@ -497,8 +497,8 @@ def iter_video_frames(path, step: int = 1, max_frames: int = 0):
     try:
         import av
     except ImportError:
-        raise ValueError(f"{path}: reading video needs PyAV (pip install av, in requirements.txt)"
-                         ) from None
+        raise ValueError(f"{path}: reading video needs PyAV (pip install 'ganfit-jax[video]', "
+                         "or av from requirements.txt)") from None
     count = 0
     try:
         with av.open(str(path)) as container:

@@ -141,8 +141,9 @@ def write_video(path, frames, fps, overwrite=False, crf=18) -> int:
     import fractions
     import itertools
 
-    import av
+    from ganfit_jax import optional
 
+    av = optional.require("av", "video", "writing MP4 video (PyAV)")
     path = refuse_overwrite(path, overwrite)
     frames = iter(frames)
     first = next(frames, None)

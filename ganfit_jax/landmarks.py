@@ -25,6 +25,8 @@ import threading
 
 import numpy as np
 
+from ganfit_jax import optional
+
 NUM_LANDMARKS = 68
 # Where the centre of the first pixel lies in each source's coordinates.
 PIXEL_CENTRE = {".pts": 1.0, ".npy": 0.0, ".json": 0.5, "dlib": 0.0}
@@ -222,9 +224,18 @@ SAME_PERSON = 0.6
 SAME_MARGIN = 0.1
 
 
+def _dlib():
+    return optional.require("dlib", "dlib", "finding faces and their landmarks (dlib)")
+
+
+def _dlib_models():
+    return optional.require("face_recognition_models", "dlib",
+                            "dlib's landmark and face detector models")
+
+
 def _new_model(kind):
-    import dlib
-    import face_recognition_models as frm
+    dlib = _dlib()
+    frm = _dlib_models()
 
     if kind == "hog":
         return dlib.get_frontal_face_detector()
@@ -256,8 +267,8 @@ def _own_detector(detector):
 
 
 def _shape_predictor():
-    import dlib
-    import face_recognition_models as frm
+    dlib = _dlib()
+    frm = _dlib_models()
 
     with _DLIB_LOCK:  # loaded once (~100 MB), by whichever thread asks first
         if not _PREDICTOR:
@@ -340,7 +351,7 @@ def face_descriptor(image, points):
     """dlib's 128-D face descriptor (the ResNet `identity.dlib_resnet` ports) of the face whose
     68 points (the project's convention) are `points`: who a face is, for following one person
     through a video (`detect_landmarks(like=...)`)."""
-    import dlib
+    dlib = _dlib()
 
     img = _pixels(image)
     pts = np.round(np.asarray(points, np.float64) - (0.5 - PIXEL_CENTRE["dlib"])).astype(int)
@@ -378,7 +389,7 @@ def detect_landmarks(image, detector="hog", face=None, upsample=1, name=None, ne
     is found. Faces are searched for at `max_side` pixels (`detect_faces`); the points are
     placed on the full image. Returns float32 (68, 2) in the project's convention.
     """
-    import dlib
+    dlib = _dlib()
 
     if face is not None and near is not None:
         raise ValueError("give face (an index by size) or near (a point), not both")
@@ -417,7 +428,7 @@ def detect_all_landmarks(image, detector="hog", upsample=1, name=None,
     """68 iBUG landmarks of every face dlib finds, largest box first (the order of
     `detect_landmarks(face=k)`): float32 (faces, 68, 2) in the project's convention. Raises
     ValueError naming `name` (default: the path, if `image` is one) when there is none."""
-    import dlib
+    dlib = _dlib()
 
     img, boxes, _ = _found_faces(image, detector, upsample, max_side, name)
     boxes = sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))

@@ -31,10 +31,16 @@ def _pins(path):
     return pins
 
 
+# the extras requirements.txt installs for the binaries; the others are the test
+# references' (onnx) or another JAX build's (cuda12, tpu)
+BINARY_EXTRAS = ("dlib", "video")
+
+
 def test_pyproject_names_what_requirements_pins_and_accepts_each_pin():
     project = _pyproject()["project"]
+    extras = project["optional-dependencies"]
     needed = {canonicalize_name(Requirement(r).name): Requirement(r)
-              for r in project["dependencies"]}
+              for r in [*project["dependencies"], *(r for e in BINARY_EXTRAS for r in extras[e])]}
     pins = _pins(ROOT / "requirements.txt")
     assert set(needed) == set(pins), set(needed) ^ set(pins)
     for name, version in pins.items():
@@ -114,3 +120,36 @@ def test_an_editable_install_imports_the_source_itself(source, tmp_path):
     _, path = _import_elsewhere(site_dir, cwd=tmp_path)
     # an edit to the clone is what the next import sees
     assert path == source / "ganfit_jax" / "__init__.py"
+
+
+def test_the_core_imports_without_the_extras_and_a_missing_extra_is_named(tmp_path):
+    """What `pip install ganfit-jax` without extras gives: every module imports, and a feature
+    that needs an extra says which, instead of a bare ModuleNotFoundError."""
+    code = """
+import sys, pkgutil, importlib
+for name in ("dlib", "face_recognition_models", "av"):
+    sys.modules[name] = None  # as if not installed: importing it raises ImportError
+import ganfit_jax
+for m in pkgutil.walk_packages(ganfit_jax.__path__, "ganfit_jax."):
+    importlib.import_module(m.name)
+import numpy as np
+from ganfit_jax import identity, io, landmarks
+for call in (lambda: landmarks.detect_landmarks(np.zeros((64, 64, 3), np.uint8)),
+             identity.default_dlib_weights,
+             lambda: io.write_video(sys.argv[1], [np.zeros((16, 16, 3), np.uint8)], 25)):
+    try:
+        call()
+    except ImportError as e:
+        print(e)
+    else:
+        raise SystemExit("no ImportError")
+"""
+    out = tmp_path / "clip.mp4"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3, proc.stdout
+    for line, extra in zip(lines, ("dlib", "dlib", "video")):
+        assert f"pip install 'ganfit-jax[{extra}]'" in line, line
+    assert not out.exists()

@@ -83,9 +83,11 @@ def cosine_similarity(a, b, eps=1e-8):
 
 
 def default_dlib_weights():
-    import face_recognition_models
+    from ganfit_jax import optional
 
-    return face_recognition_models.face_recognition_model_location()
+    models = optional.require("face_recognition_models", "dlib",
+                              "dlib's identity network without a weights file given")
+    return models.face_recognition_model_location()
 
 
 def _tiny_module():
