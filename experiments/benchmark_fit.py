@@ -20,6 +20,7 @@ to the machine's limit is a ratio, not a guess.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 
@@ -86,7 +87,7 @@ def build(config_name, model_path, key, compute_dtype="float32"):
     rng = np.random.default_rng(0)
     # jitted, and numpy arguments: op by op, the projection alone compiled ~50 programs (~0.8 s
     # of every benchmark run)
-    zeros = lambda n: np.zeros(n, np.float32)  # noqa: E731
+    zeros = functools.partial(np.zeros, dtype=np.float32)
     landmarks = np.array(jitted(fitting.project_landmarks)(
         pipeline, fitting.FitParams(shape=zeros(model.num_shape),
                                     expression=zeros(model.num_expression),
