@@ -124,19 +124,22 @@ def test_an_editable_install_imports_the_source_itself(source, tmp_path):
 
 def test_the_core_imports_without_the_extras_and_a_missing_extra_is_named(tmp_path):
     """What `pip install ganfit-jax` without extras gives: every module imports, and a feature
-    that needs an extra says which, instead of a bare ModuleNotFoundError."""
+    that needs an extra says which, instead of a bare ModuleNotFoundError (or an import error
+    from deep inside)."""
     code = """
 import sys, pkgutil, importlib
-for name in ("dlib", "face_recognition_models", "av"):
+for name in ("dlib", "face_recognition_models", "av", "onnx"):
     sys.modules[name] = None  # as if not installed: importing it raises ImportError
 import ganfit_jax
 for m in pkgutil.walk_packages(ganfit_jax.__path__, "ganfit_jax."):
     importlib.import_module(m.name)
 import numpy as np
 from ganfit_jax import identity, io, landmarks
+from ganfit_jax.identity import arcface, weights
 for call in (lambda: landmarks.detect_landmarks(np.zeros((64, 64, 3), np.uint8)),
              identity.default_dlib_weights,
-             lambda: io.write_video(sys.argv[1], [np.zeros((16, 16, 3), np.uint8)], 25)):
+             lambda: io.write_video(sys.argv[1], [np.zeros((16, 16, 3), np.uint8)], 25),
+             lambda: weights.variables_from_onnx(arcface.make_arcface("r18"), sys.argv[2])):
     try:
         call()
     except ImportError as e:
@@ -145,11 +148,13 @@ for call in (lambda: landmarks.detect_landmarks(np.zeros((64, 64, 3), np.uint8))
         raise SystemExit("no ImportError")
 """
     out = tmp_path / "clip.mp4"
-    proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"")
+    proc = subprocess.run([sys.executable, "-c", code, str(out), str(onnx_file)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 3, proc.stdout
-    for line, extra in zip(lines, ("dlib", "dlib", "video")):
+    assert len(lines) == 4, proc.stdout
+    for line, extra in zip(lines, ("dlib", "dlib", "video", "onnx")):
         assert f"pip install 'ganfit-jax[{extra}]'" in line, line
     assert not out.exists()

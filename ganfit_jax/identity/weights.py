@@ -29,6 +29,7 @@ import numpy as np
 import flax.linen as nn
 from flax import serialization
 
+from ganfit_jax import optional
 from ganfit_jax.identity import arcface
 
 
@@ -216,11 +217,8 @@ def variables_from_state_dict(module, state_dict, path="state dict", log=None):
 # ----------------------------------------------------------------------------- ONNX
 
 def _onnx_entries(path):
-    try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError:
-        raise ImportError("importing ONNX weights needs the 'onnx' package (pip install onnx)") from None
+    onnx = optional.require("onnx", "onnx", "importing ONNX weights")
+    from onnx import numpy_helper
     try:
         model = onnx.load(os.fspath(path))
     except Exception as e:
