@@ -1,5 +1,6 @@
-"""pyproject.toml: the package builds, installs and imports away from the clone, and names the
-packages requirements.txt pins."""
+"""pyproject.toml: the package builds, installs and imports away from the clone, names the
+packages requirements.txt pins, and imports without its extras (a feature that needs one names
+it)."""
 
 import os
 import pathlib
