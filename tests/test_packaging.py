@@ -47,7 +47,7 @@ def test_pyproject_names_what_requirements_pins_and_accepts_each_pin():
     for name, version in pins.items():
         assert needed[name].specifier.contains(version), (name, version, needed[name])
     # the optional ONNX import is tested with requirements-test.txt's onnx
-    onnx = Requirement(project["optional-dependencies"]["onnx"][0])
+    onnx = Requirement(extras["onnx"][0])
     assert onnx.specifier.contains(_pins(ROOT / "requirements-test.txt")["onnx"])
 
 
