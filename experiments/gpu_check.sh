@@ -2,8 +2,8 @@
 # One prepared GPU check (the device image already has jax with CUDA; nothing is installed):
 #   bash experiments/gpu_check.sh OUT_DIR            # on a GPU machine, within ~8 minutes
 #   bash experiments/gpu_check.sh OUT_DIR --dry_run  # CPU, tiny sizes: checks the script itself
-# Writes OUT_DIR/devices.txt, fit.jsonl, fit_bf16.jsonl, fit_scan.jsonl, render.jsonl,
-# tests.txt (and fit_remat.jsonl when the largest batch does not fit without
+# Writes OUT_DIR/devices.txt, fit_scan.jsonl, fit_track.jsonl, fit.jsonl, fit_bf16.jsonl,
+# render.jsonl, tests.txt (and fit_remat.jsonl when the largest batch does not fit without
 # rematerialisation). The fit rows leave `flops` null (--nocount_flops: counting costs a CPU
 # compilation per batch size, ~30 s of the lease each); the count does not depend on the
 # device, so take it on any CPU (`benchmark fit --config=paper --json`). The tests run in one process:
@@ -26,27 +26,33 @@ if [[ $dry == --dry_run ]]; then
              --batch_steps=vmap)
   scan_args=(--config=tiny --batch_sizes=2 --repeats=1 --iterations=10 --compute_dtype=bfloat16
              --loop=scan --chunk=2)
+  track_args=("${scan_args[@]}" --frozen=shape,texture)
   remat_args=(--config=tiny --batch_sizes=2 --repeats=1 --iterations=10 --remat --batch_steps=vmap)
   render_args=(--cases=sfm-224 --repeats=1)
-  t_fit=300 t_bf16=300 t_scan=300 t_render=120 t_tests=300 t_remat=300
+  t_fit=300 t_bf16=300 t_scan=300 t_track=300 t_render=120 t_tests=300 t_remat=300
 else
   # what GPUs change: the renderer's scatters, TF32 products, bfloat16 networks
   tests=(tests/test_render.py tests/test_fitting.py tests/test_precision.py tests/test_camera.py)
   # float32 at batch 32 only: batch 1 (latency, 20-30 ms a step) costs a compilation and says
   # little about throughput
   fit_args=(--config=paper --batch_sizes=32 --repeats=5 --iterations=300)
-  bf16_args=(--config=paper --batch_sizes=32,64 --repeats=5 --iterations=300 --compute_dtype=bfloat16)
+  # batch 64 only: 32 in float32 is the row above, and every batch size is a compilation
+  bf16_args=(--config=paper --batch_sizes=64 --repeats=5 --iterations=300 --compute_dtype=bfloat16)
   # a batch of 128 as `fitting.fit` runs it on accelerators (10 steps in one lax.scan), the
   # issue's target row: ~26 GB; throughput is flat from 128 to 256 (H100, session 8)
   scan_args=(--config=paper --batch_sizes=128 --repeats=3 --iterations=300 --compute_dtype=bfloat16
              --loop=scan --chunk=10)
+  # the same batch as `fit --frames --track` steps a video's tracked frames: shape and texture
+  # held, G(p_t) generated once, so no generator in the step (90 GFLOP a frame against 183)
+  track_args=("${scan_args[@]}" --frozen=shape,texture)
   remat_args=(--config=paper --batch_sizes=32 --repeats=3 --iterations=300 --remat)
   # the default cases less two antialiased ones: sfm-224-aa gives antialiasing's cost
   render_args=(--cases=sfm-224,sfm-512,dense-224,dense-512,sfm-224-batch16,sfm-224-aa --repeats=10)
   # each paper batch size compiles in 35-92 s (H100, H200: the host's CPU sets it; the session-8
   # H100 took 46 s at batch 1, 53 at 32 in bfloat16, 76 at 128 and 92 at 256); GPU test
   # compiles are slow. The scan row runs first: it holds the target
-  t_fit=100 t_bf16=150 t_scan=130 t_render=50 t_tests=50 t_remat=60
+  # (8 minutes in all; 9 only when the batch of 32 runs out of memory without remat)
+  t_fit=80 t_bf16=80 t_scan=120 t_track=100 t_render=50 t_tests=50 t_remat=60
 fi
 "$py" -c "import jax; print(jax.__version__, jax.devices(), jax.default_backend())" | tee "$out/devices.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$out/devices.txt" 2>/dev/null
@@ -61,6 +67,8 @@ step() {  # step NAME SECONDS OUTFILE CMD...: run with a time limit, report how 
 }
 step "fit benchmark, lax.scan chunks" "$t_scan" "$out/fit_scan.jsonl" "$py" -m experiments.benchmark fit --json --nocount_flops "${scan_args[@]}"
 cat "$out/fit_scan.jsonl"
+step "fit benchmark, tracked frames (shape and texture held)" "$t_track" "$out/fit_track.jsonl" "$py" -m experiments.benchmark fit --json --nocount_flops "${track_args[@]}"
+cat "$out/fit_track.jsonl"
 step "fit benchmark" "$t_fit" "$out/fit.jsonl" "$py" -m experiments.benchmark fit --json --nocount_flops "${fit_args[@]}"
 cat "$out/fit.jsonl"
 step "fit benchmark, bfloat16 networks" "$t_bf16" "$out/fit_bf16.jsonl" "$py" -m experiments.benchmark fit --json --nocount_flops "${bf16_args[@]}"

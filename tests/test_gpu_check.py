@@ -28,6 +28,10 @@ def test_gpu_check_dry_run(tmp_path, sfm_dir):
     assert bf16[0]["compute_dtype"] == "bfloat16" and bf16[0]["step_ms"] > 0
     scan = [json.loads(l) for l in (tmp_path / "fit_scan.jsonl").read_text().splitlines()]
     assert scan[0]["loop"] == "scan" and scan[0]["chunk"] == 2 and scan[0]["step_ms"] > 0
+    # a video's tracked frames: the same batch with shape and texture held (`fit --track`)
+    track = [json.loads(l) for l in (tmp_path / "fit_track.jsonl").read_text().splitlines()]
+    assert track[0]["frozen"] == "shape,texture" and scan[0]["frozen"] == ""
+    assert track[0]["loop"] == "scan" and track[0]["batch_size"] == 2 and track[0]["step_ms"] > 0
     remat = [json.loads(l) for l in (tmp_path / "fit_remat.jsonl").read_text().splitlines()]
     assert remat[0]["remat"] is True and remat[0]["batch_size"] == 2 and remat[0]["step_ms"] > 0
     # rematerialisation recomputes instead of storing: never more scratch memory than without
