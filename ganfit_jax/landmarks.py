@@ -228,20 +228,28 @@ def _dlib():
     return optional.require("dlib", "dlib", "finding faces and their landmarks (dlib)")
 
 
-def _dlib_models():
-    return optional.require("face_recognition_models", "dlib",
-                            "dlib's landmark and face detector models")
+# dlib's model files as the face_recognition_models package installs them (models/NAME)
+SHAPE_PREDICTOR_68 = "shape_predictor_68_face_landmarks.dat"
+SHAPE_PREDICTOR_5 = "shape_predictor_5_face_landmarks.dat"
+FACE_RECOGNITION_RESNET = "dlib_face_recognition_resnet_model_v1.dat"
+CNN_FACE_DETECTOR = "mmod_human_face_detector.dat"
+
+
+def dlib_model_file(name, purpose=None):
+    """The path of one of dlib's model files (the names above) from face_recognition_models,
+    found without importing that package (its `pkg_resources` import fails on setuptools >= 81
+    and in Python 3.12's virtual environments: `optional.package_file`)."""
+    return optional.package_file("face_recognition_models", "models/" + name, "dlib",
+                                 purpose or f"dlib's model file {name}")
 
 
 def _new_model(kind):
     dlib = _dlib()
-    frm = _dlib_models()
-
     if kind == "hog":
         return dlib.get_frontal_face_detector()
     if kind == "cnn":
-        return dlib.cnn_face_detection_model_v1(frm.cnn_face_detector_model_location())
-    return dlib.face_recognition_model_v1(frm.face_recognition_model_location())
+        return dlib.cnn_face_detection_model_v1(dlib_model_file(CNN_FACE_DETECTOR))
+    return dlib.face_recognition_model_v1(dlib_model_file(FACE_RECOGNITION_RESNET))
 
 
 @contextlib.contextmanager
@@ -268,11 +276,10 @@ def _own_detector(detector):
 
 def _shape_predictor():
     dlib = _dlib()
-    frm = _dlib_models()
-
+    path = dlib_model_file(SHAPE_PREDICTOR_68)
     with _DLIB_LOCK:  # loaded once (~100 MB), by whichever thread asks first
         if not _PREDICTOR:
-            _PREDICTOR.append(dlib.shape_predictor(frm.pose_predictor_model_location()))
+            _PREDICTOR.append(dlib.shape_predictor(path))
         return _PREDICTOR[0]
 
 

@@ -1,6 +1,13 @@
 """Optional dependencies: what only some features need (pyproject.toml's extras)."""
 
 import importlib
+import importlib.util
+import os
+
+
+def _install_hint(module, extra, purpose):
+    return (f"{purpose} needs the '{module}' package: pip install 'ganfit-jax[{extra}]' (or, in "
+            f"the clone, pip install -r requirements.txt)")
 
 
 def require(module, extra, purpose):
@@ -13,6 +20,26 @@ def require(module, extra, purpose):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ImportError(
-            f"{purpose} needs the '{module}' package: pip install 'ganfit-jax[{extra}]' (or, "
-            f"in the clone, pip install -r requirements.txt)") from None
+        raise ImportError(_install_hint(module, extra, purpose)) from None
+
+
+def package_file(package, relative, extra, purpose):
+    """The path of a data file installed inside `package`, found without importing it.
+
+    face_recognition_models (dlib's model files) imports `pkg_resources` to name its own files;
+    setuptools 81 removed that module and Python 3.12's virtual environments have no setuptools
+    at all, so importing the package fails where it is installed. Its files are plain files in
+    its folder: the import system's spec gives the folder without running the package's code.
+    """
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(_install_hint(package, extra, purpose))
+    path = os.path.join(list(spec.submodule_search_locations)[0], relative)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: the '{package}' package is installed but has no "
+                                f"{relative}; reinstall it (pip install --force-reinstall "
+                                f"{package})")
+    return path

@@ -103,6 +103,21 @@ def assets_dir():
 
 
 @pytest.fixture(scope="session")
+def dlib_models():
+    """`landmarks.dlib_model_file` (dlib's model files by name), or a skip when dlib or
+    face_recognition_models is not installed; the package is found, not imported (its import
+    needs pkg_resources, which setuptools >= 81 and Python 3.12's venvs lack)."""
+    pytest.importorskip("dlib")
+    from ganfit_jax import landmarks
+
+    try:
+        landmarks.dlib_model_file(landmarks.SHAPE_PREDICTOR_68)
+    except ImportError as e:
+        pytest.skip(str(e))
+    return landmarks.dlib_model_file
+
+
+@pytest.fixture(scope="session")
 def sfm_dir():
     return _asset("sfm")
 

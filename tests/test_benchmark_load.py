@@ -13,9 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def dlib_available():
-    pytest.importorskip("dlib")
-    pytest.importorskip("face_recognition_models")
+def dlib_available(dlib_models):
+    pass
 
 
 def test_rows_count_every_photo_and_the_faceless_one_as_failed(faces_dir, dlib_available,

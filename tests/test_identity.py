@@ -56,10 +56,10 @@ def test_errors(tiny):
         identity.load_identity("tiny")
 
 
-def test_dlib_pipeline_matches_dlib_on_a_photo(faces_dir, compilations):
+def test_dlib_pipeline_matches_dlib_on_a_photo(faces_dir, compilations, dlib_models):
     """Photo → dlib landmarks → our chip → our net vs dlib's compute_face_descriptor(img, shape)."""
-    dlib = pytest.importorskip("dlib")
-    frm = pytest.importorskip("face_recognition_models")
+    import dlib
+
     from ganfit_jax import landmarks
 
     with compilations() as compiled:
@@ -68,9 +68,9 @@ def test_dlib_pipeline_matches_dlib_on_a_photo(faces_dir, compilations):
     assert not compiled, compiled
     assert (net.input_size, net.alignment) == (150, "dlib")
     img8 = landmarks.to_uint8(landmarks.load_image(faces_dir / "ffhq" / "FFHQ" / "00002.png"))
-    shape = dlib.shape_predictor(frm.pose_predictor_model_location())(
+    shape = dlib.shape_predictor(dlib_models(landmarks.SHAPE_PREDICTOR_68))(
         img8, dlib.get_frontal_face_detector()(img8, 1)[0])
-    ref = np.asarray(dlib.face_recognition_model_v1(frm.face_recognition_model_location())
+    ref = np.asarray(dlib.face_recognition_model_v1(dlib_models(landmarks.FACE_RECOGNITION_RESNET))
                      .compute_face_descriptor(img8, shape, 0))
     lm = jnp.asarray([[shape.part(i).x + 0.5, shape.part(i).y + 0.5] for i in range(68)])
 

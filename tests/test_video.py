@@ -112,11 +112,10 @@ def test_a_skewed_display_matrix_is_refused_by_name(tmp_path):
         inputs.read_video_frames(path)
 
 
-def test_a_portrait_phone_clip_is_detected_where_the_upright_photo_is(faces_dir, tmp_path):
+def test_a_portrait_phone_clip_is_detected_where_the_upright_photo_is(faces_dir, tmp_path,
+                                                                        dlib_models):
     """A phone's portrait clip: frames stored turned 90° clockwise, displayed turned back.
     dlib finds no face in the stored frames; the decoded frame has the upright photo's."""
-    pytest.importorskip("dlib")
-    pytest.importorskip("face_recognition_models")
     from PIL import Image
 
     from ganfit_jax import landmarks

@@ -83,11 +83,12 @@ def cosine_similarity(a, b, eps=1e-8):
 
 
 def default_dlib_weights():
-    from ganfit_jax import optional
+    """face_recognition_models' copy of dlib's face recognition ResNet (dlib_face_recognition_
+    resnet_model_v1.dat), the identity network's default weights."""
+    from ganfit_jax import landmarks
 
-    models = optional.require("face_recognition_models", "dlib",
-                              "dlib's identity network without a weights file given")
-    return models.face_recognition_model_location()
+    return landmarks.dlib_model_file(landmarks.FACE_RECOGNITION_RESNET,
+                                     "dlib's identity network without a weights file given")
 
 
 def _tiny_module():
