@@ -138,16 +138,20 @@ def require_positive(*names):
 
 def input_errors_as_one_line(main):
     """Wraps a binary's absl main: a ValueError or OSError (what the loaders raise for a bad or
-    missing file or argument, each naming it) ends the run as one `error: ...` line on stderr
-    and exit status 1, not a traceback; GANFIT_TRACEBACK=1 re-raises, to debug."""
+    missing file or argument, each naming it), or an optional package a feature needs and this
+    installation lacks (`optional.MissingDependency`, saying how to install it), ends the run as
+    one `error: ...` line on stderr and exit status 1, not a traceback; GANFIT_TRACEBACK=1
+    re-raises, to debug."""
     import functools
     import sys
+
+    from ganfit_jax.optional import MissingDependency
 
     @functools.wraps(main)
     def wrapped(argv):
         try:
             return main(argv)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, MissingDependency) as e:
             if os.environ.get("GANFIT_TRACEBACK"):
                 raise
             print(f"error: {e}", file=sys.stderr)

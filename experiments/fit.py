@@ -44,6 +44,7 @@ import typing
 from absl import app, flags
 
 from experiments import common, processes
+from ganfit_jax.optional import MissingDependency
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("image", None, "One photo.")
@@ -1773,7 +1774,7 @@ def main(argv):
         except OSError as e:
             raise app.UsageError(f"--compilation_cache: {e}") from e
         run(mode)
-    except InputError as e:
+    except (InputError, MissingDependency) as e:  # the latter: dlib or PyAV not installed
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

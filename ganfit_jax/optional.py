@@ -3,24 +3,43 @@
 import importlib
 import importlib.util
 import os
+import platform
+import sys
+
+
+class MissingDependency(ImportError):
+    """An optional package a feature needs is not installed; the message says how to get it."""
+
+
+def dlib_has_wheels():
+    """Whether dlib-bin (dlib's prebuilt wheels) exists for this platform: x86-64 Linux and
+    Windows only, as requirements.txt's marker on it says; elsewhere (macOS, ARM Linux) dlib
+    builds from source."""
+    return (sys.platform, platform.machine()) in {("linux", "x86_64"), ("win32", "AMD64")}
 
 
 def _install_hint(module, extra, purpose):
+    if module == "dlib" and not dlib_has_wheels():
+        return (f"{purpose} needs the 'dlib' package, which has no prebuilt wheel for "
+                f"{sys.platform} {platform.machine()}: pip install dlib builds it from source "
+                f"(it needs CMake and a C++ compiler)")
     return (f"{purpose} needs the '{module}' package: pip install 'ganfit-jax[{extra}]' (or, in "
             f"the clone, pip install -r requirements.txt)")
 
 
 def require(module, extra, purpose):
-    """`module` imported, or an ImportError that says what needed it and how to install it.
+    """`module` imported, or a MissingDependency (an ImportError) that says what needed it and
+    how to install it.
 
     `pip install ganfit-jax` brings what the loss terms, the renderer, the models and the fit
     need; dlib's detector (landmarks of a photo) and video files are extras, so that the library
-    installs where their wheels do not exist (dlib-bin has none for macOS arm64 or Linux
-    aarch64). requirements.txt, which the binaries run with, pins them all."""
+    installs where their wheels do not exist (dlib-bin has none for macOS or ARM Linux).
+    requirements.txt, which the binaries run with, pins them all (dlib-bin where it has wheels).
+    """
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ImportError(_install_hint(module, extra, purpose)) from None
+        raise MissingDependency(_install_hint(module, extra, purpose)) from None
 
 
 def package_file(package, relative, extra, purpose):
@@ -36,7 +55,7 @@ def package_file(package, relative, extra, purpose):
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(_install_hint(package, extra, purpose))
+        raise MissingDependency(_install_hint(package, extra, purpose))
     path = os.path.join(list(spec.submodule_search_locations)[0], relative)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: the '{package}' package is installed but has no "

@@ -1,6 +1,7 @@
 """pyproject.toml: the package builds, installs and imports away from the clone, names the
-packages requirements.txt pins, and imports without its extras (a feature that needs one names
-it)."""
+packages requirements.txt pins (on the same platforms), and imports without its extras (a
+feature that needs one names it, and a fit that needs dlib where it is missing says so in one
+line)."""
 
 import os
 import pathlib
@@ -10,6 +11,7 @@ import sys
 import tomllib
 import zipfile
 
+import numpy as np
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -23,18 +25,26 @@ def _pyproject():
 
 
 def _pins(path):
+    """{name: Requirement} of a requirements file's pins (one `==` each, markers kept)."""
     pins = {}
     for line in path.read_text().splitlines():
         line = line.split("#")[0].strip()
         if line and not line.startswith("-r"):
             req = Requirement(line)
-            pins[canonicalize_name(req.name)] = next(iter(req.specifier)).version
+            pins[canonicalize_name(req.name)] = req
     return pins
+
+
+def _version(req):
+    return next(iter(req.specifier)).version
 
 
 # the extras requirements.txt installs for the binaries; the others are the test
 # references' (onnx) or another JAX build's (cuda12, tpu)
 BINARY_EXTRAS = ("dlib", "video")
+# [dlib]'s source build for the platforms dlib-bin has no wheel for: requirements.txt leaves it
+# to the user there (a compiler and CMake; the fit runs without it on given landmarks)
+EXTRA_ONLY = {"dlib"}
 
 
 def test_pyproject_names_what_requirements_pins_and_accepts_each_pin():
@@ -43,12 +53,52 @@ def test_pyproject_names_what_requirements_pins_and_accepts_each_pin():
     needed = {canonicalize_name(Requirement(r).name): Requirement(r)
               for r in [*project["dependencies"], *(r for e in BINARY_EXTRAS for r in extras[e])]}
     pins = _pins(ROOT / "requirements.txt")
-    assert set(needed) == set(pins), set(needed) ^ set(pins)
-    for name, version in pins.items():
-        assert needed[name].specifier.contains(version), (name, version, needed[name])
+    assert set(needed) - EXTRA_ONLY == set(pins), set(needed) ^ set(pins)
+    for name, req in pins.items():
+        assert needed[name].specifier.contains(_version(req)), (name, req, needed[name])
+        # installed on the same platforms either way
+        assert str(needed[name].marker) == str(req.marker), (name, req, needed[name])
     # the optional ONNX import is tested with requirements-test.txt's onnx
     onnx = Requirement(extras["onnx"][0])
-    assert onnx.specifier.contains(_pins(ROOT / "requirements-test.txt")["onnx"])
+    assert onnx.specifier.contains(_version(_pins(ROOT / "requirements-test.txt")["onnx"]))
+
+
+PLATFORMS = [("linux", "x86_64"), ("win32", "AMD64"), ("darwin", "arm64"), ("darwin", "x86_64"),
+             ("linux", "aarch64")]
+
+
+@pytest.mark.parametrize("system,machine", PLATFORMS)
+def test_dlib_is_prebuilt_where_wheels_exist_and_built_from_source_elsewhere(
+        system, machine, monkeypatch):
+    """dlib-bin has wheels for x86-64 Linux and Windows only: requirements.txt installs it
+    there and nowhere else (so the rest installs on a Mac or an ARM machine and fits photos with
+    given landmarks); [dlib] asks for it there and for dlib, built from source, elsewhere; and
+    a feature that needs dlib says which way to install it on this platform."""
+    import platform
+
+    from ganfit_jax import landmarks, optional
+
+    env = {"sys_platform": system, "platform_machine": machine}
+    wanted = lambda reqs: {canonicalize_name(r.name) for r in reqs  # noqa: E731
+                           if r.marker is None or r.marker.evaluate(env)}
+    pins = wanted(_pins(ROOT / "requirements.txt").values())
+    extra = wanted(Requirement(r) for r in _pyproject()["project"]["optional-dependencies"]["dlib"])
+    monkeypatch.setattr(sys, "platform", system)
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    prebuilt = optional.dlib_has_wheels()
+    # the platforms PyPI has dlib-bin 20.0.1.post1 wheels for (pip download --platform ...)
+    assert prebuilt == ((system, machine) in (("linux", "x86_64"), ("win32", "AMD64")))
+    assert ("dlib-bin" in pins) == prebuilt and "dlib" not in pins
+    assert "face-recognition-models" in pins  # data only: every platform
+    assert extra == ({"dlib-bin"} if prebuilt else {"dlib"}) | {"face-recognition-models"}
+    monkeypatch.setitem(sys.modules, "dlib", None)
+    with pytest.raises(optional.MissingDependency) as error:
+        landmarks.detect_landmarks(np.zeros((64, 64, 3), np.uint8))
+    if prebuilt:
+        assert "pip install 'ganfit-jax[dlib]'" in str(error.value)
+    else:
+        assert "pip install dlib builds it from source" in str(error.value)
+        assert f"{system} {machine}" in str(error.value)
 
 
 def _pip(*args, cwd):
@@ -159,3 +209,21 @@ for call in (lambda: landmarks.detect_landmarks(np.zeros((64, 64, 3), np.uint8))
     for line, extra in zip(lines, ("dlib", "dlib", "video", "onnx")):
         assert f"pip install 'ganfit-jax[{extra}]'" in line, line
     assert not out.exists()
+
+
+def test_a_fit_that_needs_dlib_where_it_is_missing_says_so_in_one_line(faces_dir, tmp_path):
+    """Without dlib (a Mac or an ARM machine), a photo with no landmarks beside it ends the fit
+    as one line saying how to install dlib, before anything is written; one with its landmarks
+    beside it needs no dlib (the README's FFHQ photo)."""
+    photo = tmp_path / "face.png"
+    shutil.copy(faces_dir / "ffhq" / "FFHQ" / "00001.png", photo)
+    code = ("import runpy, sys; sys.modules['dlib'] = None; sys.argv = ['fit', *sys.argv[1:]]; "
+            "runpy.run_module('experiments.fit', run_name='__main__')")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", code, f"--image={photo}", f"--output_dir={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: finding faces and their landmarks (dlib) needs the 'dlib'"), \
+        proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not out.exists()
