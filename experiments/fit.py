@@ -1677,6 +1677,8 @@ def fit_in_batches(jobs, load, total, pipeline, config, start, photo_texture, ke
             if job is None:
                 break
             (what, folder), item = job
+            if isinstance(item, MissingDependency):  # every photo would fail the same way
+                raise item
             if isinstance(item, Exception):
                 skipped += 1
                 print(f"skipped {source(what)}: {item}", flush=True)

@@ -95,7 +95,8 @@ def test_distributed_flags_are_checked(tmp_path, run_fit):
         assert not (tmp_path / "out").exists()
 
 
-def test_processes_track_a_video_with_process_zeros_keyframes(faces_dir, sfm_dir, tmp_path):
+def test_processes_track_a_video_with_process_zeros_keyframes(faces_dir, sfm_dir, tmp_path,
+                                                              dlib_models):
     """Keyframes 0, 2, 4 fitted by process 0 alone; the tracked frames 1, 3, 5 split (1 and 5
     on process 0, 3 on process 1), all with the keyframes' shape and texture to the bit; process
     0 writes the whole sequence after process 1 is done."""
@@ -133,7 +134,7 @@ def test_processes_track_a_video_with_process_zeros_keyframes(faces_dir, sfm_dir
     assert "waiting for the other 1 process(es) to finish" in logs[0]
 
 
-def test_process_zeros_keyframe_error_ends_the_others_with_it(sfm_dir, tmp_path):
+def test_process_zeros_keyframe_error_ends_the_others_with_it(sfm_dir, tmp_path, dlib_models):
     """No face in the keyframes: process 0 reports it, and process 1, waiting for the keyframes'
     shape and texture, ends with process 0's error instead of waiting for ever."""
     pytest.importorskip("av", reason="PyAV (requirements.txt) reads video files")

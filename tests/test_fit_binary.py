@@ -250,7 +250,9 @@ def test_flag_mistakes_are_refused_before_jax_is_imported(extra, ffhq_photo, tmp
                                   "spread_without_max_frames", "photo_texture_without_uv",
                                   "mask_of_another_size", "mask_labels_without_mask",
                                   "mask_of_a_video", "transforms_one_photo"])
-def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fit):
+def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fit, request):
+    if case in ("no_face", "all_faces_no_face"):  # dlib's search finds none
+        request.getfixturevalue("dlib_models")
     out = tmp_path / "out"
     image, extra, expect = ffhq_photo, [], None
     model = f"--model={sfm_dir / 'sfm_shape_3448.bin'}"
@@ -332,7 +334,8 @@ def test_bad_input_is_one_clear_line(case, ffhq_photo, sfm_dir, tmp_path, run_fi
     assert not out.exists()
 
 
-def test_folder_of_photos_in_batches_skips_bad_ones(faces_dir, sfm_dir, tmp_path, run_fit):
+def test_folder_of_photos_in_batches_skips_bad_ones(faces_dir, sfm_dir, tmp_path, run_fit,
+                                                    dlib_models):
     import shutil
 
     from PIL import Image
@@ -484,7 +487,8 @@ def test_compilation_cache_keeps_programs_over_a_tenth_of_a_second_or_what_the_e
 
 
 def test_face_picks_a_group_photos_other_face_and_too_few_faces_is_one_line(faces_dir, sfm_dir,
-                                                                            tmp_path, run_fit):
+                                                                            tmp_path, run_fit,
+                                                                            dlib_models):
     """dlib finds two faces in this PASCAL photo (boxes 89 and 62 px wide): --face=1 fits the
     smaller one (its fitted landmarks lie in that box, not the larger's); --face=2 names the
     photo and how many faces it has."""
@@ -510,7 +514,8 @@ def test_face_picks_a_group_photos_other_face_and_too_few_faces_is_one_line(face
 
 
 def test_all_faces_fits_every_face_of_every_photo_in_shared_batches(faces_dir, sfm_dir,
-                                                                    tmp_path, run_fit):
+                                                                    tmp_path, run_fit,
+                                                                    dlib_models):
     """--images --all_faces over a one-face photo and a two-face group photo in batches of two:
     the group photo's faces are split over two batches (one shared with the other photo), each
     face gets its own folder whose fitted landmarks lie in that face's dlib box, the group
@@ -569,7 +574,7 @@ def test_all_faces_fits_every_face_of_every_photo_in_shared_batches(faces_dir, s
 
 
 def test_all_faces_of_one_photo_leaves_out_faces_too_small(faces_dir, sfm_dir, tmp_path,
-                                                          run_fit):
+                                                          run_fit, dlib_models):
     """--image --all_faces --min_interocular=30 on the PASCAL photo whose two faces have their
     eyes 36 and 28 px apart: only the larger is fitted, the other reported; the photo's own
     folder holds the overlay, faces.json and summary.csv."""

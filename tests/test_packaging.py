@@ -213,17 +213,22 @@ for call in (lambda: landmarks.detect_landmarks(np.zeros((64, 64, 3), np.uint8))
 
 def test_a_fit_that_needs_dlib_where_it_is_missing_says_so_in_one_line(faces_dir, tmp_path):
     """Without dlib (a Mac or an ARM machine), a photo with no landmarks beside it ends the fit
-    as one line saying how to install dlib, before anything is written; one with its landmarks
-    beside it needs no dlib (the README's FFHQ photo)."""
-    photo = tmp_path / "face.png"
-    shutil.copy(faces_dir / "ffhq" / "FFHQ" / "00001.png", photo)
+    as one line saying how to install dlib, before anything is written; so does a folder of
+    them (`--images`: not each photo skipped in turn and then "none could be fitted"). One with
+    its landmarks beside it needs no dlib (the README's FFHQ photo)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "b.png"):
+        shutil.copy(faces_dir / "ffhq" / "FFHQ" / "00001.png", photos / name)
     code = ("import runpy, sys; sys.modules['dlib'] = None; sys.argv = ['fit', *sys.argv[1:]]; "
             "runpy.run_module('experiments.fit', run_name='__main__')")
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-c", code, f"--image={photo}", f"--output_dir={out}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: finding faces and their landmarks (dlib) needs the 'dlib'"), \
-        proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and not out.exists()
+    for source in (f"--image={photos / 'a.png'}", f"--images={photos}"):
+        out = tmp_path / "out"
+        proc = subprocess.run([sys.executable, "-c", code, source, f"--output_dir={out}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: finding faces and their landmarks (dlib) needs the "
+                               "'dlib'"), (source, proc.stdout[-2000:], proc.stderr[-3000:])
+        assert "Traceback" not in proc.stderr and "skipped" not in proc.stdout, source
+        assert not list(out.glob("*/metrics.json")), source

@@ -144,7 +144,7 @@ def test_not_a_video_is_a_clear_error(tmp_path):
 
 
 def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path, run_fit,
-                                                          read_glb):
+                                                          read_glb, dlib_models):
     """Keyframes 0, 2, 4 fitted jointly (Eq. 13), then --track fits frames 1, 3, 5 with that
     shape and texture held, decoded as they go."""
     path, _ = clip
@@ -279,7 +279,8 @@ def test_fit_a_video_shares_shape_and_tracks_every_frame(clip, sfm_dir, tmp_path
 
 
 def test_track_a_folder_of_frames_and_resume_with_a_keyframe_unfinished(clip, sfm_dir, tmp_path,
-                                                                       run_fit, faces_dir):
+                                                                       run_fit, faces_dir,
+                                                                       dlib_models):
     """--frames=DIR --track: the keyframes picked from the sorted folder as from a video; one
     without a face is reported and left out, and a larger face beside the person's is not
     taken for theirs. A run interrupted before every keyframe was written fits the keyframes
@@ -344,7 +345,7 @@ def test_track_a_folder_of_frames_and_resume_with_a_keyframe_unfinished(clip, sf
 
 
 def test_a_cut_does_not_hand_the_persons_place_to_a_stranger(faces_dir, sfm_dir, tmp_path,
-                                                              run_fit):
+                                                              run_fit, dlib_models):
     """After a cut the person (FFHQ 00003) is on the right and a stranger (00000, a lookalike
     child: dlib descriptor distance 0.49) stands where they were. The keyframe after the cut
     (f02, the face nearest the previous keyframe's) and the tracked frame between (f01, the
@@ -371,7 +372,7 @@ def test_a_cut_does_not_hand_the_persons_place_to_a_stranger(faces_dir, sfm_dir,
     assert nose_x["f00"] < 256 and nose_x["f01"] > 256 and nose_x["f02"] > 256, nose_x
 
 
-def test_frames_without_any_face_are_one_line(tmp_path, sfm_dir, run_fit):
+def test_frames_without_any_face_are_one_line(tmp_path, sfm_dir, run_fit, dlib_models):
     from PIL import Image
 
     frames = tmp_path / "frames"
@@ -431,7 +432,7 @@ SPREAD = {"00001.png": "+5° yaw", "00003.png": "frontal", "00004.png": "+5°",
 
 @pytest.mark.parametrize("source", ["video", "folder"])
 def test_spread_keyframes_are_the_poses_farthest_apart(source, faces_dir, sfm_dir, tmp_path,
-                                                        run_fit):
+                                                        run_fit, dlib_models):
     """--keyframes=spread --max_frames=3 over six frames, the first three nearly frontal: the
     most frontal (00003), then the poses farthest from it and each other (00006, turned +31°,
     and 00000, −24°) are fitted together, where the uniform pick takes the first three."""
