@@ -38,8 +38,18 @@ def require(module, extra, purpose):
     """
     try:
         return importlib.import_module(module)
-    except ImportError:
+    except ImportError as e:
+        if _installed(module):  # there, but its import fails (a missing system library, ...)
+            raise MissingDependency(f"{purpose} needs the '{module}' package, which is "
+                                    f"installed but does not import: {e}") from e
         raise MissingDependency(_install_hint(module, extra, purpose)) from None
+
+
+def _installed(module):
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def package_file(package, relative, extra, purpose):
@@ -50,10 +60,7 @@ def package_file(package, relative, extra, purpose):
     at all, so importing the package fails where it is installed. Its files are plain files in
     its folder: the import system's spec gives the folder without running the package's code.
     """
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
+    spec = importlib.util.find_spec(package) if _installed(package) else None
     if spec is None or not spec.submodule_search_locations:
         raise MissingDependency(_install_hint(package, extra, purpose))
     path = os.path.join(list(spec.submodule_search_locations)[0], relative)

