@@ -276,10 +276,9 @@ def _own_detector(detector):
 
 def _shape_predictor():
     dlib = _dlib()
-    path = dlib_model_file(SHAPE_PREDICTOR_68)
     with _DLIB_LOCK:  # loaded once (~100 MB), by whichever thread asks first
         if not _PREDICTOR:
-            _PREDICTOR.append(dlib.shape_predictor(path))
+            _PREDICTOR.append(dlib.shape_predictor(dlib_model_file(SHAPE_PREDICTOR_68)))
         return _PREDICTOR[0]
 
 

@@ -39,17 +39,19 @@ def require(module, extra, purpose):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        if _installed(module):  # there, but its import fails (a missing system library, ...)
+        if _spec(module) is not None:  # there, but its import fails (a missing system library)
             raise MissingDependency(f"{purpose} needs the '{module}' package, which is "
                                     f"installed but does not import: {e}") from e
         raise MissingDependency(_install_hint(module, extra, purpose)) from None
 
 
-def _installed(module):
+def _spec(module):
+    """Where `module` is installed, without importing it; None where it is not (or is hidden as
+    `sys.modules[module] = None`)."""
     try:
-        return importlib.util.find_spec(module) is not None
+        return importlib.util.find_spec(module)
     except (ImportError, ValueError):
-        return False
+        return None
 
 
 def package_file(package, relative, extra, purpose):
@@ -60,7 +62,7 @@ def package_file(package, relative, extra, purpose):
     at all, so importing the package fails where it is installed. Its files are plain files in
     its folder: the import system's spec gives the folder without running the package's code.
     """
-    spec = importlib.util.find_spec(package) if _installed(package) else None
+    spec = _spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise MissingDependency(_install_hint(package, extra, purpose))
     path = os.path.join(list(spec.submodule_search_locations)[0], relative)

@@ -146,7 +146,7 @@ def dlib_available(dlib_models):
     pass
 
 
-def test_dlibs_models_are_found_without_pkg_resources(faces_dir, dlib_available, tmp_path):
+def test_dlibs_models_are_found_without_pkg_resources(faces_dir, dlib_available):
     """face_recognition_models' own code imports pkg_resources, which setuptools >= 81 removed
     and Python 3.12's venvs lack: with it unimportable, detection, the CNN detector's and the
     identity network's files are still found (the package's folder, its code not run)."""

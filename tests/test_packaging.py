@@ -214,8 +214,7 @@ for call in (lambda: landmarks.detect_landmarks(np.zeros((64, 64, 3), np.uint8))
 def test_a_fit_that_needs_dlib_where_it_is_missing_says_so_in_one_line(faces_dir, tmp_path):
     """Without dlib (a Mac or an ARM machine), a photo with no landmarks beside it ends the fit
     as one line saying how to install dlib, before anything is written; so does a folder of
-    them (`--images`: not each photo skipped in turn and then "none could be fitted"). One with
-    its landmarks beside it needs no dlib (the README's FFHQ photo)."""
+    them (`--images`: not each photo skipped in turn and then "none could be fitted")."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for name in ("a.png", "b.png"):
