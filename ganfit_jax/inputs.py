@@ -13,6 +13,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from ganfit_jax import optional
+
 
 @dataclasses.dataclass(frozen=True)
 class CropTransform:
@@ -494,11 +496,7 @@ def iter_video_frames(path, step: int = 1, max_frames: int = 0):
     never held in memory whole."""
     if step < 1 or max_frames < 0:
         raise ValueError(f"frame step must be ≥ 1 and max frames ≥ 0, got {step}, {max_frames}")
-    try:
-        import av
-    except ImportError:
-        raise ValueError(f"{path}: reading video needs PyAV (pip install 'ganfit-jax[video]', "
-                         "or av from requirements.txt)") from None
+    av = optional.require("av", "video", f"{path}: reading video (PyAV)")
     count = 0
     try:
         with av.open(str(path)) as container:

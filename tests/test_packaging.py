@@ -185,11 +185,12 @@ import ganfit_jax
 for m in pkgutil.walk_packages(ganfit_jax.__path__, "ganfit_jax."):
     importlib.import_module(m.name)
 import numpy as np
-from ganfit_jax import identity, io, landmarks
+from ganfit_jax import identity, inputs, io, landmarks
 from ganfit_jax.identity import arcface, weights
 for call in (lambda: landmarks.detect_landmarks(np.zeros((64, 64, 3), np.uint8)),
              identity.default_dlib_weights,
              lambda: io.write_video(sys.argv[1], [np.zeros((16, 16, 3), np.uint8)], 25),
+             lambda: next(inputs.iter_video_frames(sys.argv[1])),
              lambda: weights.variables_from_onnx(arcface.make_arcface("r18"), sys.argv[2])):
     try:
         call()
@@ -205,29 +206,41 @@ for call in (lambda: landmarks.detect_landmarks(np.zeros((64, 64, 3), np.uint8))
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 4, proc.stdout
-    for line, extra in zip(lines, ("dlib", "dlib", "video", "onnx")):
-        assert f"pip install 'ganfit-jax[{extra}]'" in line, line
+    assert len(lines) == 5, proc.stdout
+    from ganfit_jax import optional
+    for line, extra in zip(lines, ("dlib", "dlib", "video", "video", "onnx")):
+        if extra == "dlib" and not optional.dlib_has_wheels():  # a Mac, ARM Linux: no wheel
+            assert "pip install dlib builds it from source" in line, line
+        else:
+            assert f"pip install 'ganfit-jax[{extra}]'" in line, line
+    assert "reading video (PyAV)" in lines[3], lines[3]
     assert not out.exists()
 
 
-def test_a_fit_that_needs_dlib_where_it_is_missing_says_so_in_one_line(faces_dir, tmp_path):
+def test_a_fit_that_needs_dlib_or_pyav_where_it_is_missing_says_so_in_one_line(faces_dir, tmp_path):
     """Without dlib (a Mac or an ARM machine), a photo with no landmarks beside it ends the fit
     as one line saying how to install dlib, before anything is written; so does a folder of
-    them (`--images`: not each photo skipped in turn and then "none could be fitted")."""
+    them (`--images`: not each photo skipped in turn and then "none could be fitted"); and a
+    video without PyAV."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for name in ("a.png", "b.png"):
         shutil.copy(faces_dir / "ffhq" / "FFHQ" / "00001.png", photos / name)
-    code = ("import runpy, sys; sys.modules['dlib'] = None; sys.argv = ['fit', *sys.argv[1:]]; "
-            "runpy.run_module('experiments.fit', run_name='__main__')")
-    for source in (f"--image={photos / 'a.png'}", f"--images={photos}"):
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"not decoded: the missing package is named first")
+    code = ("import runpy, sys; sys.modules['dlib'] = sys.modules['av'] = None; "
+            "sys.argv = ['fit', *sys.argv[1:]]; runpy.run_module('experiments.fit', "
+            "run_name='__main__')")
+    dlib_error = "error: finding faces and their landmarks (dlib) needs the 'dlib'"
+    for source, error in ((f"--image={photos / 'a.png'}", dlib_error),
+                          (f"--images={photos}", dlib_error),
+                          (f"--frames={clip}", f"error: {clip}: reading video (PyAV) needs the "
+                                               "'av' package")):
         out = tmp_path / "out"
         proc = subprocess.run([sys.executable, "-c", code, source, f"--output_dir={out}"],
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 1, proc.stderr[-3000:]
         last = proc.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: finding faces and their landmarks (dlib) needs the "
-                               "'dlib'"), (source, proc.stdout[-2000:], proc.stderr[-3000:])
+        assert last.startswith(error), (source, proc.stdout[-2000:], proc.stderr[-3000:])
         assert "Traceback" not in proc.stderr and "skipped" not in proc.stdout, source
         assert not list(out.glob("*/metrics.json")), source
