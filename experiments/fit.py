@@ -14,7 +14,8 @@ block, vertices (N,3) mm in model coordinates, landmarks3d (68,3), landmarks2d i
 the camera as OpenCV takes one: camera_matrix (3,3) in the photo's pixels, rotation (3,3) and
 translation (3,) from model to camera coordinates),
 overlay.png (render on the photo), shape.png (the fitted shape alone, grey, on the photo at its
-own resolution), side_by_side.png (photo | render | overlay), intrinsics.png (the render's
+own resolution), side_by_side.png (photo | render | overlay; where the
+crop runs past the photo's border, dimmed), intrinsics.png (the render's
 albedo | shading | highlight: render = albedo × shading × metrics.json's shading_scale +
 highlight), landmarks.png
 (the landmarks followed, green, and the fitted model's, red, on the crop), landmarks.json (the
@@ -573,6 +574,7 @@ def fit_metrics(pipeline, params, landmarks_crop, transform, history):
 
 
 MAX_FACE_RESOLUTION = 2048
+OUTSIDE_PHOTO_BRIGHTNESS = 0.35  # side_by_side.png, landmarks.png: the crop beyond the photo
 PHOTO_TEXTURE_SIZE = 512  # --photo_texture's UV map, or mesh.png's size when that is larger
 
 
@@ -747,9 +749,13 @@ def write_result(folder, pipeline, params, item, history, source):
         size = max(PHOTO_TEXTURE_SIZE, *texture.shape[:2]) if texture.ndim == 3 \
             else PHOTO_TEXTURE_SIZE  # a per-vertex texture model has no map
         write_photo_texture(folder, model, verts, params.camera, item, size, over)
-    crop_overlay = crop * (1 - mask[..., None]) + rendered * mask[..., None]
+    # where the square runs past the photo's border, the crop's replicated edge pixels are
+    # shown dimmed: streaks that look like the photo, but are not
+    shown = crop * np.where(inputs.inside_photo(transform, crop.shape[0])[..., None], 1.0,
+                            OUTSIDE_PHOTO_BRIGHTNESS)
+    crop_overlay = shown * (1 - mask[..., None]) + rendered * mask[..., None]
     io.save_image(os.path.join(folder, "side_by_side.png"),
-                  np.concatenate([crop, rendered, crop_overlay], axis=1), overwrite=over)
+                  np.concatenate([shown, rendered, crop_overlay], axis=1), overwrite=over)
     shading_scale = write_intrinsics(folder, pipeline, params, over)
     if landmarks_crop is not None:
         # the landmarks the fit followed (green), as `--landmarks` reads them back, and where
@@ -757,7 +763,7 @@ def write_result(folder, pipeline, params, item, history, source):
         io.write_never_overwrite(os.path.join(folder, "landmarks.json"), landmarks.landmarks_json(
             transform.to_original(landmarks_crop)), over)
         io.save_image(os.path.join(folder, "landmarks.png"), io.draw_points(
-            crop, [(landmarks_crop, (40, 220, 60)), (lm2d_crop, (230, 40, 40))]), overwrite=over)
+            shown, [(landmarks_crop, (40, 220, 60)), (lm2d_crop, (230, 40, 40))]), overwrite=over)
     views, shapes = [], []
     for yaw in (-60.0, 0.0, 60.0):
         turned = _turn(params, yaw)

@@ -96,6 +96,19 @@ def crop_square(image, transform: CropTransform, size=None):
     return np.asarray(crop, np.float32) / 255.0
 
 
+def inside_photo(transform: CropTransform, size=None):
+    """(size, size) bool: the pixels of `crop_square`'s square (at `size`, default the
+    transform's) whose centres lie in the photo; the rest is edge replication, which the fit
+    needs (no black border for the pixel loss to explain) but a viewer should not take for the
+    photo."""
+    size = transform.size if size is None else int(size)
+    centres = (np.arange(size) + 0.5) * (transform.size / size)  # the transform's crop pixels
+    h, w = transform.original_hw
+    x = centres / transform.scale + transform.origin[0]
+    y = centres / transform.scale + transform.origin[1]
+    return ((y >= 0) & (y < h))[:, None] & ((x >= 0) & (x < w))[None, :]
+
+
 # face-parsing.PyTorch's CelebAMask-HQ classes (0 background, 1 skin, 2-3 brows, 4-5 eyes,
 # 6 glasses, 7-9 ears and earrings, 10 nose, 11 mouth, 12-13 lips, 14-15 neck and necklace,
 # 16 cloth, 17 hair, 18 hat): the face the model's texture describes, without glasses, hair or

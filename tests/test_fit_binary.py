@@ -84,6 +84,20 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
     changed = np.any(np.asarray(Image.open(out / "overlay.png")) != np.asarray(
         Image.open(ffhq_photo).convert("RGB")), -1)
     assert (face & changed).sum() > 0.9 * face.sum() and face.sum() > 0.9 * changed.sum()
+    # side_by_side.png's first panel: the working crop, dimmed where it runs past the photo's
+    # border (this photo's square does, at the bottom)
+    from ganfit_jax import inputs
+
+    size = int(params["image_size"][0])
+    crop_tf = inputs.CropTransform(tuple(params["crop_origin"]), float(params["crop_scale"]),
+                                   size, np.asarray(Image.open(ffhq_photo)).shape[:2])
+    crop = inputs.crop_square(landmarks.load_image(ffhq_photo), crop_tf)
+    inside = inputs.inside_photo(crop_tf)
+    shown = np.asarray(Image.open(out / "side_by_side.png"), np.float64)[:, :size] / 255
+    assert 0 < (~inside).sum() < 0.2 * inside.size
+    np.testing.assert_allclose(shown[inside], crop[inside], atol=1.5 / 255)
+    np.testing.assert_allclose(shown[~inside], 0.35 * crop[~inside],  # fit.OUTSIDE_PHOTO_BRIGHTNESS
+                               atol=1.5 / 255)
     normals = np.asarray(Image.open(out / "normals.png"), np.float64) / 255
     tip = list(inner).index(30)  # the nose tip (iBUG 31) faces the camera: blue
     assert normals[y[tip], x[tip], 2] > 0.9

@@ -34,6 +34,30 @@ def test_crop_near_the_border_replicates_edges():
     assert np.isfinite(crop).all() and crop.min() >= 0 and crop[0, 0, 2] == pytest.approx(0.5, abs=0.01)
 
 
+@pytest.mark.parametrize("size", [None, 96])
+def test_inside_photo_marks_the_crop_pixels_the_photo_shows(size):
+    """A photo dark but for its last row and column: the crop replicates them beyond the
+    bottom-right border, so what `inside_photo` marks outside must read bright there, and what it
+    marks inside (a pixel away from the border, beyond the bilinear filter's reach) dark."""
+    img = np.zeros((200, 160, 3), np.float32)
+    img[-1], img[:, -1] = 1.0, 1.0
+    rng = np.random.default_rng(1)
+    lm = rng.uniform([100, 140], [150, 195], size=(68, 2))  # a face in the bottom-right corner
+    _, _, tf = inputs.crop_face(img, lm, size=64)
+    crop = inputs.crop_square(img, tf, size)
+    inside = inputs.inside_photo(tf, size)
+    n = crop.shape[0]
+    assert inside.shape == (n, n) and inside.any() and not inside.all()
+    # a pixel's distance to the other side of the border, in crop pixels
+    near = np.zeros_like(inside)
+    for axis in (0, 1):
+        for shift in (-2, -1, 1, 2):
+            near |= np.roll(inside, shift, axis) != inside
+    assert np.all(crop[~inside & ~near] > 0.99)
+    assert np.all(crop[inside & ~near] < 0.01)
+    assert not inside[-1, -1] and inside[0, 0]
+
+
 def test_paste_back_round_trip():
     img = gradient_image(200, 240)
     lm = np.random.default_rng(2).uniform([80, 60], [160, 150], size=(68, 2))
