@@ -266,12 +266,13 @@ def sample_frames(source, k=5):
             idx = uniform_indices(len(spans), k)
             return [_to_float_image(Image.open(io.BytesIO(data[slice(*spans[i])])))
                     for i in idx], idx
-    try:
-        import av  # optional: PyAV for codecs other than motion JPEG
-    except ImportError:
-        raise ValueError(f"{source}: not motion JPEG; decoding it needs PyAV (pip install av), or "
-                         "extract its frames into a folder of the same name "
-                         "(ffmpeg -i VIDEO DIR/%05d.png)") from None
+    from ganfit_jax import optional
+
+    try:  # PyAV for codecs other than motion JPEG
+        av = optional.require("av", "video", f"{source}: not motion JPEG; decoding it")
+    except optional.MissingDependency as e:
+        raise optional.MissingDependency(f"{e}; or extract its frames into a folder of the same "
+                                         "name (ffmpeg -i VIDEO DIR/%05d.png)") from None
     with av.open(source) as container:
         frames = [inputs.upright_frame(f, source) for f in container.decode(video=0)]
     idx = uniform_indices(len(frames), k)

@@ -108,6 +108,23 @@ def test_layout_discovery_and_uniform_frame_sampling(micc_folder):
         micc.find_subjects(str(micc_dir / "subject_01"))
 
 
+def test_a_video_that_needs_pyav_where_it_is_missing_names_it_and_the_folder_way(
+        tmp_path, monkeypatch):
+    """Not motion JPEG and no PyAV: the error says how to install it (optional.require's
+    words, one line in the binary) and how to do without it."""
+    from ganfit_jax import optional
+
+    video = tmp_path / "PTZ-Indoor.avi"
+    video.write_bytes(b"RIFF" + bytes(64))  # no JPEG frames in it
+    monkeypatch.setitem(sys.modules, "av", None)  # as if not installed
+    with pytest.raises(optional.MissingDependency) as e:
+        micc.sample_frames(str(video), 5)
+    message = str(e.value)
+    assert message.startswith(f"{video}: not motion JPEG; decoding it needs the 'av' package")
+    assert message.endswith("extract its frames into a folder of the same name "
+                            "(ffmpeg -i VIDEO DIR/%05d.png)")
+
+
 def test_evaluate_micc_end_to_end_precomputed_and_resumable(micc_folder, tmp_path, sfm_dir):
     micc_dir, rec_dir = micc_folder
     out = tmp_path / "out"
