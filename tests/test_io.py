@@ -184,6 +184,23 @@ def test_loss_curves(tmp_path):
         io.render_curves({"zero": [0.0, -1.0]}, log_y=True)
 
 
+def test_the_legend_leaves_the_curves_ends_in_view():
+    """A curve that rises to the plot's top-right corner (where every curve of a loss plot
+    ends, converged) is drawn to its end: the legend sits right of the plot's frame."""
+    rising = np.linspace(0.0, 1.0, 100)
+    image = io.render_curves({"rising": rising, "a much longer term name": 0.5 + 0 * rising})
+    frame = np.all(image == 0, axis=-1)
+    frame_right = np.flatnonzero(frame.sum(0) > 0.8 * image.shape[0] * 0.8).max()
+    legend = np.argwhere(np.all(image == (120, 120, 120), axis=-1))
+    assert len(legend) and legend[:, 1].min() > frame_right
+    curve = _pixels_of(image, io._PALETTE[0])
+    plotted = curve[curve[:, 1] < frame_right]
+    # the line's last pixels: at the frame's right edge, at the top of the plot (row 30, and
+    # the linear axis' 5% margin above the largest value)
+    end = plotted[plotted[:, 1] >= frame_right - 3]
+    assert len(end) and end[:, 0].min() < 60
+
+
 def test_glb_holds_the_mesh_in_metres_in_model_order_with_its_texture(tmp_path, read_glb):
     """Read back by a decoder written from the glTF spec (conftest), not by trimesh: vertex k
     is model vertex k in metres, the triangles as given, glTF's texture coordinates are OBJ's
