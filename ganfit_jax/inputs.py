@@ -103,9 +103,8 @@ def inside_photo(transform: CropTransform, size=None):
     photo."""
     size = transform.size if size is None else int(size)
     centres = (np.arange(size) + 0.5) * (transform.size / size)  # the transform's crop pixels
+    x, y = transform.to_original(np.stack([centres, centres], axis=1)).T
     h, w = transform.original_hw
-    x = centres / transform.scale + transform.origin[0]
-    y = centres / transform.scale + transform.origin[1]
     return ((y >= 0) & (y < h))[:, None] & ((x >= 0) & (x < w))[None, :]
 
 

@@ -546,14 +546,14 @@ def render_curves(curves: Mapping[str, Sequence[float]], steps=None, log_y=False
 
     image = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 70, width - 20, 30, height - 45
+    left, top, bottom = 70, 30, height - 45
     rows = [name for name, _, _ in series]
     box_w = 34 + max(int(draw.textlength(r, font=font)) for r in rows)
     # the legend beside the plot, not over it: inside, it hid the curves' last steps, where a
     # fit converges (the top-right corner of a loss plot that rises, of every curve near its top)
-    legend_outside = right - box_w - 16 - left >= 0.5 * (width - left)
-    if legend_outside:
-        right -= box_w + 16
+    edge = width - 20
+    legend_outside = edge - box_w - 16 - left >= 0.5 * (width - left)
+    right = edge - box_w - 16 if legend_outside else edge
     px = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
     py = lambda y: bottom - (y - y0) / (y1 - y0) * (bottom - top)
 
@@ -592,7 +592,7 @@ def render_curves(curves: Mapping[str, Sequence[float]], steps=None, log_y=False
 
     # Legend: one swatch per term, in the order given, right of the plot (or, where the names
     # leave the plot too little room, in its top-right corner).
-    bx1, by0 = (right + 16 + box_w if legend_outside else right - 8), top + 8
+    bx1, by0 = (edge if legend_outside else right - 8), top + 8
     bx0, by1 = bx1 - box_w, by0 + 8 + 16 * len(rows)
     draw.rectangle([bx0, by0, bx1, by1], fill=(255, 255, 255), outline=(120, 120, 120))
     for k, name in enumerate(rows):
