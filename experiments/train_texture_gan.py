@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from ganfit_jax import io
 from ganfit_jax.texture import model as texture_model
 from experiments import common
 from ganfit_jax.texture import progan, train, uv_io
@@ -83,41 +84,6 @@ def sample_grid(images, tile: int = 64):
         y, x = 2 + (i // cols) * (s + 2), 2 + (i % cols) * (s + 2)
         grid[y:y + s, x:x + s] = big[i]
     return Image.fromarray(np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8))
-
-
-def loss_curves(series: dict, title: str, size=(640, 360)):
-    """Line plot of each named series (x = step) drawn with Pillow."""
-    colours = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (150, 90, 20), (120, 40, 160)]
-    w, h = size
-    left, right, top, bottom = 60, 10, 24, 30
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((left, 4), title, fill="black")
-    values = [np.asarray(v, np.float64) for _, v in series.values() if len(v)]
-    if not values:
-        return img
-    lo = min(float(np.nanmin(v)) for v in values)
-    hi = max(float(np.nanmax(v)) for v in values)
-    hi = hi if hi > lo else lo + 1.0
-    steps = [np.asarray(s) for s, v in series.values() if len(v)]
-    s0, s1 = min(int(s.min()) for s in steps), max(int(s.max()) for s in steps)
-    s1 = s1 if s1 > s0 else s0 + 1
-    px = lambda s: left + (s - s0) / (s1 - s0) * (w - left - right)
-    py = lambda v: top + (hi - v) / (hi - lo) * (h - top - bottom)
-    draw.rectangle([left, top, w - right, h - bottom], outline="black")
-    if lo < 0 < hi:
-        draw.line([(left, py(0)), (w - right, py(0))], fill=(200, 200, 200))
-    draw.text((4, top - 6), f"{hi:.3g}", fill="black")
-    draw.text((4, h - bottom - 6), f"{lo:.3g}", fill="black")
-    draw.text((left, h - bottom + 4), f"step {s0}", fill="black")
-    draw.text((w - right - 80, h - bottom + 4), f"step {s1}", fill="black")
-    for k, (name, (s, v)) in enumerate(series.items()):
-        colour = colours[k % len(colours)]
-        pts = [(px(a), py(b)) for a, b in zip(s, v) if np.isfinite(b)]
-        if len(pts) > 1:
-            draw.line(pts, fill=colour, width=1)
-        draw.text((left + 8 + 90 * k, top + 4), name, fill=colour)
-    return img
 
 
 def _eta(seconds):
@@ -240,10 +206,13 @@ def train_gan(uv_dir, output_dir, config: progan.ProGANConfig, steps_per_phase: 
             grid.save(os.path.join(output_dir,
                                    f"samples_phase{phase.index:02d}_{res}x{res}_{kind}.png"))
             rows = [h for h in history if h["phase"] == phase.index]
-            series = {k: ([h["step"] for h in rows], [h[k] for h in rows])
-                      for k in ("d_loss", "g_loss", "wdist")}
-            loss_curves(series, f"{phase.describe()}: WGAN-GP losses").save(
-                os.path.join(output_dir, f"losses_phase{phase.index:02d}.png"))
+            curves = {k: [h[k] for h in rows] for k in ("d_loss", "g_loss", "wdist")}
+            # a phase whose every logged loss is NaN still saves its generator and checkpoint
+            if np.isfinite(np.asarray(list(curves.values()))).any():
+                chart = io.render_curves(curves, steps=[h["step"] for h in rows],
+                                         title=f"{phase.describe()}: WGAN-GP losses")
+                Image.fromarray(chart).save(
+                    os.path.join(output_dir, f"losses_phase{phase.index:02d}.png"))
             gen = texture_model.GANTexture(jax.device_get(state.g_ema), config, phase.level)
             _atomic_write(os.path.join(output_dir, "generator.msgpack"),
                           texture_model.gan_to_bytes(gen))

@@ -935,6 +935,8 @@ def render_vertex_colours(vertices, triangles, colours, camera_params, image_siz
 def _colour_bar(height, vmax, width=70):
     from PIL import Image, ImageDraw
 
+    from ganfit_jax import io
+
     bar = np.ones((height, width, 3))
     top, bottom = 12, height - 12
     ramp = colormap(np.linspace(vmax, 0.0, bottom - top), 0.0, vmax)
@@ -944,8 +946,8 @@ def _colour_bar(height, vmax, width=70):
     for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
         y = int(round(bottom - 1 - frac * (bottom - top - 1)))
         draw.line([(24, y), (28, y)], fill=(0, 0, 0))
-        draw.text((30, y - 5), f"{frac * vmax:.1f}", fill=(0, 0, 0))
-    draw.text((2, 0), "mm", fill=(0, 0, 0))
+        draw.text((30, y - 7), f"{frac * vmax:.1f}", fill=(0, 0, 0), font=io.label_font())
+    draw.text((2, -2), "mm", fill=(0, 0, 0), font=io.label_font())
     return np.asarray(img, np.float32) / 255.0
 
 

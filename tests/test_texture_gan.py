@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ganfit_jax import io
 from ganfit_jax.texture import progan, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -344,6 +345,15 @@ def test_binary_resume_is_bit_exact_and_writes_outputs(uv_dir, tmp_path):
     rows = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(6))
     assert [r["alpha"] for r in rows[2:4]] == [0.0, 0.5]
+    # the phase's losses charted by io.render_curves: one line per term, steps 4..5 on x
+    chart = np.asarray(Image.open(a / "losses_phase02.png").convert("RGB"))
+    phase2 = [r for r in rows if r["phase"] == 2]
+    expected = io.render_curves({k: [r[k] for r in phase2] for k in ("d_loss", "g_loss", "wdist")},
+                                steps=[r["step"] for r in phase2],
+                                title="phase 2 (8x8 stable): WGAN-GP losses")
+    np.testing.assert_array_equal(chart, expected)
+    for colour in io._PALETTE[:3]:
+        assert np.all(chart == np.asarray(colour, np.uint8), axis=-1).sum() > 20
 
     # interrupted after 3 steps, then resumed: the same bytes as the uninterrupted run
     step_b, _ = _run(uv_dir, tmp_path / "b", max_steps=3)
