@@ -765,8 +765,8 @@ def write_result(folder, pipeline, params, item, history, source):
         io.save_image(os.path.join(folder, "landmarks.png"), io.draw_points(
             shown, [(landmarks_crop, (40, 220, 60)), (lm2d_crop, (230, 40, 40))]), overwrite=over)
     views, shapes = [], []
-    for yaw in (-60.0, 0.0, 60.0):
-        turned = _turn(params, yaw)
+    for yaw in VIEW_YAWS:
+        turned = _turn(params, yaw, verts, pipeline.image_size)
         img, _ = common.render_face(pipeline, turned, background=np.ones(3, np.float32))
         views.append(np.clip(np.asarray(img), 0, 1))
         if FLAGS.shape_image:
@@ -801,19 +801,26 @@ def write_result(folder, pipeline, params, item, history, source):
     return metrics
 
 
-def _turn(params, yaw_degrees):
-    """A frontal camera at the fitted distance, turned by yaw about the face's centre (model
-    coordinates: the face looks along +z)."""
+VIEW_YAWS = (-60.0, 0.0, 60.0)
+
+
+def _turn(params, yaw_degrees, vertices, image_size):
+    """A camera turned by yaw about the middle of the fitted face's bounding box, with the
+    fitted focal, at the fitted distance or as much farther as `camera.framing_cameras` needs to
+    keep every view's face in the frame: the model's origin lies behind the face (the SFM's by
+    ~35 mm), and turning about it swung the ±60° views' profiles out of the frame."""
     import jax.numpy as jnp
     import numpy as np
 
-    camera = np.asarray(params.camera)
+    from ganfit_jax import camera as camera_lib
+
+    camera = np.asarray(params.camera, np.float64)
     distance = float(np.linalg.norm(camera[0:3] - camera[3:6]))
-    yaw = np.deg2rad(yaw_degrees)
-    eye = np.array([distance * np.sin(yaw), 0.0, distance * np.cos(yaw)])
-    cam = np.concatenate([eye, [0.0, 0.0, 0.0], [float(camera[6])], [0.0]])
+    views = camera_lib.framing_cameras(vertices, float(camera[6]), image_size, VIEW_YAWS,
+                                       min_distance=distance)
+    cam = views[VIEW_YAWS.index(yaw_degrees)]
     light = np.asarray(params.light).copy()
-    light[0:3] = eye + np.array([0.0, 300.0, 0.0])
+    light[0:3] = cam[0:3] + np.array([0.0, 300.0, 0.0])
     return params.replace(camera=jnp.asarray(cam, jnp.float32),
                           light=jnp.asarray(light, jnp.float32))
 

@@ -118,6 +118,30 @@ def default_focal(image_size, fov_degrees=12.0):
     return 0.5 * max(height, width) / np.tan(np.deg2rad(fov_degrees) / 2)
 
 
+def framing_cameras(points, focal, image_size, yaws, min_distance=0.0, fill=0.9):
+    """Cameras (len(yaws), 8) looking at the middle of `points`' bounding box from each yaw
+    (degrees; 0 on +z, positive towards +x, no pitch or roll), `focal` in pixels, all at one
+    distance: the least, and at least `min_distance`, at which every view sees every point
+    within `fill` of the half-frame. A point at (right r, up u, forward w) from the centre
+    projects to f·r / (d + w) from the image's middle, so d ≥ f·|r| / (fill·W/2) − w, and the
+    same for u with the height: views to compare side by side, at one scale, none cut off."""
+    points = np.asarray(points, np.float64).reshape(-1, 3)
+    height, width = image_hw(image_size)
+    centre = 0.5 * (points.min(0) + points.max(0))
+    offsets = points - centre
+    yaws = np.deg2rad(np.asarray(yaws, np.float64).reshape(-1))
+    directions = np.stack([np.sin(yaws), np.zeros_like(yaws), np.cos(yaws)], -1)
+    distance = float(min_distance)
+    for direction in directions:
+        right = np.array([direction[2], 0.0, -direction[0]])  # forward × world up
+        r, u, w = offsets @ right, offsets[:, 1], offsets @ -direction
+        distance = max(distance, float(np.max(focal * np.abs(r) / (fill * width / 2) - w)),
+                       float(np.max(focal * np.abs(u) / (fill * height / 2) - w)))
+    count = len(yaws)
+    return np.concatenate([centre + distance * directions, np.broadcast_to(centre, (count, 3)),
+                           np.full((count, 1), float(focal)), np.zeros((count, 1))], 1)
+
+
 def orbit_angles(camera):
     """Where the camera sits around the face, (..., 7|8) cameras → (yaw, pitch, roll) in
     radians, each (...,): yaw about the model's up axis (+y) from its +z axis (0: a frontal

@@ -195,3 +195,32 @@ def test_head_pose_from_landmarks_gives_back_the_view(sfm_model, yaw, pitch):
     px = np.where(np.isfinite(points[:, :1]), np.asarray(px, np.float64), np.nan)
     got = cam.head_pose_from_landmarks(points, px)
     np.testing.assert_allclose(got, (yaw, pitch), atol=2.5)
+
+
+def test_framing_cameras_keep_every_view_of_the_points_in_the_frame():
+    """Projected through the gluLookAt reference, every point of every view lies within `fill`
+    of the half-frame, one of them on that bound (the least such distance), the points' box
+    centre at the image's middle; a longer `min_distance` is kept as given."""
+    rng = np.random.default_rng(4)
+    # a face-like cloud in front of (and off) the origin, as a 3DMM's vertices lie
+    points = rng.normal(size=(500, 3)) * [70.0, 90.0, 30.0] + [3.0, 5.0, -40.0]
+    centre = 0.5 * (points.min(0) + points.max(0))
+    height, width, focal, fill = 64, 96, 500.0, 0.9
+    yaws = (-60.0, 0.0, 60.0)
+    cameras = cam.framing_cameras(points, focal, (height, width), yaws, fill=fill)
+    assert cameras.shape == (3, 8)
+    reach = []
+    for camera, yaw in zip(cameras, yaws):
+        np.testing.assert_allclose(camera[3:6], centre)
+        assert np.sign(camera[0] - centre[0]) == np.sign(yaw)
+        pixels, depth = reference_project(camera[0:3], camera[3:6], focal, points, height, width)
+        assert depth.min() > 0
+        reach.append(np.abs(pixels - [width / 2, height / 2]).max(0) / [width / 2, height / 2])
+        middle, _ = reference_project(camera[0:3], camera[3:6], focal, centre[None], height, width)
+        np.testing.assert_allclose(middle[0], [width / 2, height / 2], atol=1e-9)
+    assert np.max(reach) <= fill + 1e-9 and np.max(reach) > fill - 1e-9
+    distances = np.linalg.norm(cameras[:, 0:3] - centre, axis=1)
+    np.testing.assert_allclose(distances, distances[0])
+    far = cam.framing_cameras(points, focal, (height, width), yaws,
+                              min_distance=2 * distances[0])
+    np.testing.assert_allclose(np.linalg.norm(far[:, 0:3] - centre, axis=1), 2 * distances[0])

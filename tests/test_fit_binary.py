@@ -127,6 +127,11 @@ def test_fit_writes_every_output_and_refuses_to_overwrite(ffhq_photo, sfm_dir, t
     views = np.asarray(Image.open(out / "views.png"), np.float64)
     assert views.shape == (128, 192, 3)
     assert np.ptp(views[64:], axis=-1).max() == 0 and (views[64:] < 250).mean() > 0.2
+    # no view cuts the face off: every panel's border is the white background
+    for panel in np.split(views, 3, axis=1):
+        border = np.concatenate([panel[:, 0], panel[:, -1], panel[0], panel[63], panel[64],
+                                 panel[-1]])
+        assert border.min() == 255
     # --photo_texture: each texel the photo shows has the photo's colour where the fitted camera
     # (OpenCV's, in the photo's pixels) sees that texel's surface point
     from ganfit_jax import inputs, morphable
