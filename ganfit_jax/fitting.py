@@ -993,6 +993,8 @@ def bound_step(config: FitConfig, stage: int, mode: str, pipeline: Pipeline):
     fitting photo after photo with one pipeline compiles once). A `PerPhotoStep` where
     `per_photo_batch_applies`, a `TwoViewStep` where `two_view_step_applies`, else a
     `BoundStep`."""
+    # a step is the same whatever the chunk it runs in: a fit's shorter last chunk reuses it
+    config = dataclasses.replace(config, chunk=1)
     if per_photo_batch_applies(config, stage, mode):
         single = bound_step(config, stage, "single", pipeline)
         key = ("per_photo", config, stage, mode)
@@ -1099,7 +1101,7 @@ def run_stage(pipeline: Pipeline, params: FitParams, target: Target, config: Fit
         params, history = run_stage(pipeline, params, target, config, stage, iterations, key,
                                     batched, frames, log)
         return params.replace(texture=latent), history
-    run = compiled_chunk(config, stage, "frames" if frames else "batch" if batched else "single")
+    mode = "frames" if frames else "batch" if batched else "single"
     light_init = params.light  # Reg on light pulls towards where stage 2 starts
     opt_state = init_opt_state(config, stage, params, texture_step_scale(pipeline), vectorised)
     if vectorised:
@@ -1115,26 +1117,32 @@ def run_stage(pipeline: Pipeline, params: FitParams, target: Target, config: Fit
             params, opt_state, target, light_init = jax.device_put(
                 (params, opt_state, target, light_init), sharding)
 
-        def call(p, s, k):
+        def call(run, p, s, k):
             keys = jax.random.split(k, n)
             if sharding is not None:
                 keys = jax.device_put(keys, sharding)
             return run(pipeline, p, s, target, keys, light_init)
     else:
-        call = lambda p, s, k: run(pipeline, p, s, target, k, light_init)
+        call = lambda run, p, s, k: run(pipeline, p, s, target, k, light_init)
     history = {}
     t0 = time.time()
-    n_chunks = -(-iterations // config.chunk)
-    for c in range(n_chunks):
+    # exactly `iterations` steps: whole chunks, then one as long as the remainder (where chunks
+    # scan, a program of its own; the host loop's step is the same)
+    whole, rest = divmod(iterations, config.chunk)
+    done = 0
+    for length in [config.chunk] * whole + [rest] * (rest > 0):
+        run = compiled_chunk(config if length == config.chunk
+                             else dataclasses.replace(config, chunk=length), stage, mode)
         key, sub = jax.random.split(key)
-        params, opt_state, terms = call(params, opt_state, sub)
+        params, opt_state, terms = call(run, params, opt_state, sub)
+        done += length
         terms = jax.device_get(terms)
         if vectorised:  # (batch, chunk) → (chunk, batch)
             terms = {k: np.moveaxis(np.asarray(v), 0, 1) for k, v in terms.items()}
         for k, v in terms.items():
             history.setdefault(k, []).append(np.asarray(v))
         if log is not None:
-            _print_progress(stage, (c + 1) * config.chunk, n_chunks * config.chunk, terms, t0, log)
+            _print_progress(stage, done, iterations, terms, t0, log)
     history = {k: np.concatenate(v, axis=0) for k, v in history.items()}
     return params, history
 
@@ -1144,7 +1152,8 @@ def fit(pipeline: Pipeline, params: FitParams, target: Target, config: FitConfig
     """Stage 1 (landmarks; shape, expression, camera) then stage 2 (Eq. 12, everything).
 
     between_stages(params) → params runs once after stage 1 (e.g. `texture_from_photo`).
-    Iteration counts are rounded up to whole chunks. Returns (params, {stage: history}).
+    Each stage runs exactly its iteration count (`config.chunk` steps between progress lines).
+    Returns (params, {stage: history}).
     """
     key = jax.random.PRNGKey(0) if key is None else key
     k1, k2 = jax.random.split(key)

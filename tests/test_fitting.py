@@ -370,15 +370,17 @@ def test_host_loop_equals_scan(sfm_model, mode):
                                                                fitting.stack(targets))
     results = {}
     for loop in ("scan", "host"):
+        # 3 steps of stage 2 in chunks of 2: a whole chunk and one of a single step
         cfg = fitting.FitConfig(stage1_iterations=4, stage2_iterations=3, chunk=2, loop=loop)
         results[loop] = fitting.fit(pipe, p0, t0, cfg, jax.random.PRNGKey(1), log=None,
                                     **batched)
     (ps, hs), (ph, hh) = results["scan"], results["host"]
     for a, b in zip(jax.tree.leaves(ps), jax.tree.leaves(ph)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
-    for stage in (1, 2):
+    for stage, steps in ((1, 4), (2, 3)):
         for name in hs[stage]:
             assert hs[stage][name].shape == hh[stage][name].shape
+            assert hs[stage][name].shape[0] == steps  # exactly the steps asked for
             np.testing.assert_allclose(hs[stage][name], hh[stage][name], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="loop"):
         fitting.uses_scan(dataclasses.replace(cfg, loop="threads"))
