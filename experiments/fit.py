@@ -766,8 +766,7 @@ def write_result(folder, pipeline, params, item, history, source):
         io.save_image(os.path.join(folder, "landmarks.png"), io.draw_points(
             shown, [(landmarks_crop, (40, 220, 60)), (lm2d_crop, (230, 40, 40))]), overwrite=over)
     views, shapes = [], []
-    for yaw in VIEW_YAWS:
-        turned = _turn(params, yaw, verts, pipeline.image_size)
+    for turned in turned_views(params, verts, pipeline.image_size):
         img, _ = common.render_face(pipeline, turned, background=np.ones(3, np.float32))
         views.append(np.clip(np.asarray(img), 0, 1))
         if FLAGS.shape_image:
@@ -805,11 +804,12 @@ def write_result(folder, pipeline, params, item, history, source):
 VIEW_YAWS = (-60.0, 0.0, 60.0)
 
 
-def _turn(params, yaw_degrees, vertices, image_size):
-    """A camera turned by yaw about the middle of the fitted face's bounding box, with the
-    fitted focal, at the fitted distance or as much farther as `camera.framing_cameras` needs to
-    keep every view's face in the frame: the model's origin lies behind the face (the SFM's by
-    ~35 mm), and turning about it swung the ±60° views' profiles out of the frame."""
+def turned_views(params, vertices, image_size):
+    """params seen from each of VIEW_YAWS: cameras turned about the middle of the fitted
+    face's bounding box, with the fitted focal, at the fitted distance or as much farther as
+    `camera.framing_cameras` needs to keep every view's face in the frame (the model's origin
+    lies behind the face, the SFM's by ~35 mm, and turning about it swung the ±60° profiles
+    out of the frame), each lit from above its camera."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -817,13 +817,14 @@ def _turn(params, yaw_degrees, vertices, image_size):
 
     camera = np.asarray(params.camera, np.float64)
     distance = float(np.linalg.norm(camera[0:3] - camera[3:6]))
-    views = camera_lib.framing_cameras(vertices, float(camera[6]), image_size, VIEW_YAWS,
-                                       min_distance=distance)
-    cam = views[VIEW_YAWS.index(yaw_degrees)]
-    light = np.asarray(params.light).copy()
-    light[0:3] = cam[0:3] + np.array([0.0, 300.0, 0.0])
-    return params.replace(camera=jnp.asarray(cam, jnp.float32),
-                          light=jnp.asarray(light, jnp.float32))
+    views = []
+    for cam in camera_lib.framing_cameras(vertices, float(camera[6]), image_size, VIEW_YAWS,
+                                          min_distance=distance):
+        light = np.asarray(params.light).copy()
+        light[0:3] = cam[0:3] + np.array([0.0, 300.0, 0.0])
+        views.append(params.replace(camera=jnp.asarray(cam, jnp.float32),
+                                    light=jnp.asarray(light, jnp.float32)))
+    return views
 
 
 def summary_name(index, count):
