@@ -18,6 +18,7 @@ import time
 from absl import app, flags
 
 from experiments import common
+from ganfit_jax.landmarks import DETECTORS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("images", None, "Folder (searched recursively) or glob of photos.")
@@ -27,7 +28,8 @@ flags.DEFINE_string("model", None, "3DMM file (default: checkpoints/sfm.npz, els
 flags.DEFINE_integer("resolution", 256, "UV map size.", lower_bound=4)
 flags.DEFINE_integer("crop_size", 256, "Working crop of the photo.", lower_bound=32)
 flags.DEFINE_integer("iterations", 200, "Landmark-fit iterations per photo.", lower_bound=0)
-flags.DEFINE_string("detector", "hog", "dlib detector when no landmark file is beside an image.")
+flags.DEFINE_enum("detector", "hog", DETECTORS, "dlib detector when no landmark file is beside "
+                  "an image ('hog+cnn': the CNN where HOG finds no face).")
 flags.DEFINE_integer("limit", 0, "Stop after this many photos (0: all).", lower_bound=0)
 flags.DEFINE_string("face_mask", None, "Leave out of the UV maps what covers the face (hair, "
                     "hands, glasses): a folder of STEM.png or STEM.npy face masks named as the "

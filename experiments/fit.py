@@ -45,6 +45,7 @@ import typing
 from absl import app, flags
 
 from experiments import common, processes
+from ganfit_jax.landmarks import DETECTORS
 from ganfit_jax.optional import MissingDependency
 
 FLAGS = flags.FLAGS
@@ -104,7 +105,9 @@ flags.DEFINE_integer("loader_threads", 0, "--images/--track: threads that decode
                      "crop the next photos while the device fits (0: 2 on the CPU, which they "
                      "share with XLA; on an accelerator every CPU this process may use).",
                      lower_bound=0)
-flags.DEFINE_string("detector", "hog", "dlib face detector when landmarks must be detected.")
+flags.DEFINE_enum("detector", "hog", DETECTORS, "dlib face detector when landmarks must be "
+                  "detected: 'hog+cnn' runs the slower CNN only on photos or frames where HOG "
+                  "finds no face.")
 flags.DEFINE_integer("face", 0, "Which detected face to fit, by size: 0 the largest, 1 the next, "
                      "...; with --frames, the person followed from the first frame. A photo "
                      "with fewer faces is reported (--images: skipped). Landmarks read from a "

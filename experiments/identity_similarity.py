@@ -28,7 +28,7 @@ flags.DEFINE_string("identity", "dlib", "dlib | arcface | arcface-<r18|r34|r50|r
 flags.DEFINE_string("weights", None, "Weights for the network (.dat, .pth, .onnx or .msgpack).")
 flags.DEFINE_boolean("aligned", False, "Images are already aligned crops of the network's input size.")
 flags.DEFINE_string("embeddings_out", None, "Write paths and embeddings to this .npz.")
-flags.DEFINE_enum("detector", "hog", ["hog", "cnn"], "dlib face detector when not --aligned.")
+flags.DEFINE_enum("detector", "hog", landmarks.DETECTORS, "dlib face detector when not --aligned.")
 flags.DEFINE_boolean("use_annotations", False, "Use a sibling .pts/.npy/.json instead of detecting.")
 
 

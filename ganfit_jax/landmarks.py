@@ -267,10 +267,20 @@ def _own(kind):
             _FREE_MODELS[kind].append(model)
 
 
+# 'hog+cnn': the HOG detector, then the CNN on an image where HOG finds no face (a turned or
+# small face), so a folder's hard photos are fitted and its easy ones cost what HOG costs
+DETECTORS = ("hog", "cnn", "hog+cnn")
+
+
+def _check_detector(detector):
+    if detector not in DETECTORS:
+        raise ValueError(f"detector must be one of {', '.join(map(repr, DETECTORS))}, got "
+                         f"{detector!r}")
+
+
 def _own_detector(detector):
     """A dlib detector ('hog' or 'cnn') that no other thread uses until the block ends."""
-    if detector not in ("hog", "cnn"):
-        raise ValueError(f"detector must be 'hog' or 'cnn', got {detector!r}")
+    _check_detector(detector)
     return _own(detector)
 
 
@@ -296,7 +306,8 @@ def _boxes(det, detector, img, upsample):
 # whose long side is at most this, then the 68 points are placed on the full image.
 DETECTION_MAX_SIDE = 1920
 NO_FACE_HINT = ("give its landmarks (fit --landmarks, or a .pts/.npy/.json beside it) or try "
-                "the 'cnn' detector (fit --detector=cnn: slower, finds more turned faces)")
+                "the 'cnn' detector (fit --detector=cnn: slower, finds more turned faces; "
+                "--detector=hog+cnn runs it only where HOG finds none)")
 
 
 def _pixels(image):
@@ -327,12 +338,17 @@ def detect_faces(image, detector="hog", upsample=1, max_side=DETECTION_MAX_SIDE)
     """Face boxes as (left, top, right, bottom) in dlib pixel indices, with detector scores.
 
     'hog' is dlib's frontal HOG+SVM detector; 'cnn' the MMOD CNN from face_recognition_models (slower
-    on CPU, better on profiles and small faces). A larger image is searched at `max_side` pixels
+    on CPU, better on profiles and small faces); 'hog+cnn' the CNN's boxes only where HOG finds
+    none (the scores are then the CNN's). A larger image is searched at `max_side` pixels
     on its long side (None: at full size) and its boxes mapped back; where that finds no face the
     full image is searched, so only a small face beside a large one can be missed (at upsample 1
     the HOG detector's ~40-pixel minimum becomes ~40 × long side / max_side). Safe to call from
     several threads at once.
     """
+    _check_detector(detector)
+    if detector == "hog+cnn":
+        found = detect_faces(image, "hog", upsample, max_side)
+        return found if found[0] else detect_faces(image, "cnn", upsample, max_side)
     img = _pixels(image)
     small, scale = _detection_copy(img, max_side)
     with _own_detector(detector) as det:
@@ -376,8 +392,11 @@ def _found_faces(image, detector, upsample, max_side, name):
     img = _pixels(image)
     boxes, _ = detect_faces(img, detector, upsample, max_side)
     if not boxes:
-        raise ValueError(f"no face found in {name} by dlib's {detector} detector "
-                         f"(upsample={upsample}); {NO_FACE_HINT}")
+        searched = ("hog and cnn detectors" if detector == "hog+cnn"
+                    else f"{detector} detector")
+        raise ValueError(f"no face found in {name} by dlib's {searched} (upsample={upsample}); "
+                         + ("give its landmarks (fit --landmarks, or a .pts/.npy/.json beside "
+                            "it)" if "cnn" in detector else NO_FACE_HINT))
     return img, boxes, name
 
 

@@ -25,6 +25,9 @@ CASES = [
     ("fit", "--image_size=16", "not integer >= 32"),
     ("fit", "--lambda_content=-50", "not a non-negative number"),
     ("fit", "--stage1_learning_rate=0", "must be > 0"),
+    # refused before any photo is read, not reported as every photo's skip reason
+    ("fit", "--detector=mtcnn", "value should be one of <hog|cnn|hog+cnn>"),
+    ("build_uv_dataset", "--detector=mtcnn", "value should be one of <hog|cnn|hog+cnn>"),
     ("render", "--distance=0", "must be > 0"),
     ("render", "--background=2", "not a number in the range [0.0, 1.0]"),
     ("train_texture_gan", "--ema_decay=1.5", "not a number in the range [0.0, 1.0]"),

@@ -346,8 +346,25 @@ def test_cnn_detector(faces_dir, dlib_available):
     detected = landmarks.detect_landmarks(image, detector="cnn", upsample=0)
     err = np.linalg.norm(detected - reference, axis=1) / landmarks.interocular_distance(reference)
     assert np.median(err) < 0.05
-    with pytest.raises(ValueError, match="detector must be 'hog' or 'cnn'"):
+    with pytest.raises(ValueError, match="detector must be one of 'hog', 'cnn', 'hog\\+cnn'"):
         landmarks.detect_faces(image, detector="mtcnn")
+
+
+def test_hog_then_cnn_searches_with_the_cnn_only_where_hog_finds_no_face(faces_dir,
+                                                                          dlib_available):
+    """'hog+cnn': HOG's boxes where it finds a face; on a photo where it finds none (DECA's
+    image03786, a face tilted back, at upsample 1) the CNN's; and where neither finds one, an
+    error that no longer suggests the CNN."""
+    easy = faces_dir / "ffhq" / "FFHQ" / "00001.png"
+    assert landmarks.detect_faces(easy, "hog+cnn") == landmarks.detect_faces(easy, "hog")
+    hard = faces_dir / "deca" / "examples" / "image03786.png"
+    assert landmarks.detect_faces(hard, "hog") == ([], [])
+    boxes, scores = landmarks.detect_faces(hard, "hog+cnn")
+    assert len(boxes) == 1 and (boxes, scores) == landmarks.detect_faces(hard, "cnn")
+    blank = np.full((120, 160, 3), 128, np.uint8)
+    with pytest.raises(ValueError, match="hog and cnn detectors") as error:
+        landmarks.detect_landmarks(blank, detector="hog+cnn", upsample=0)
+    assert "--detector=cnn" not in str(error.value)
 
 
 def test_every_face_in_the_order_of_face_index(faces_dir, dlib_available, tmp_path):
