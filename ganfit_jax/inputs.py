@@ -328,7 +328,12 @@ def square_window(transform: CropTransform, hw=None):
 
 
 def paste_back(original, crop_image, crop_mask, transform: CropTransform):
-    """Composites a crop-sized render (and its mask) onto the original photo."""
+    """Composites a crop-sized render (and its mask, or coverage) onto the original photo.
+
+    The render is resampled premultiplied by its mask: interpolated on its own, a pixel at the
+    face's edge mixed the face's colour with the background's (black, or whatever the render
+    left there) before the mask's own interpolation weighed it again, and the face showed a
+    dark outline in overlay.png."""
     original = np.asarray(original, np.float32)
     out = original.copy()
     window = square_window(transform, original.shape[:2])
@@ -337,10 +342,11 @@ def paste_back(original, crop_image, crop_mask, transform: CropTransform):
     (top, bottom, left, right), pts = window
     size = transform.size
     inside = ((pts[:, 0] >= 0) & (pts[:, 0] < size) & (pts[:, 1] >= 0) & (pts[:, 1] < size))
-    colour = bilinear(np.asarray(crop_image, np.float32), pts)
-    alpha = bilinear(np.asarray(crop_mask, np.float32)[..., None], pts) * inside[:, None]
+    mask = np.asarray(crop_mask, np.float32)[..., None]
+    colour = bilinear(np.asarray(crop_image, np.float32) * mask, pts) * inside[:, None]
+    alpha = bilinear(mask, pts) * inside[:, None]
     window = original[top:bottom, left:right].reshape(-1, 3)
-    out[top:bottom, left:right] = (window * (1 - alpha) + colour * alpha).reshape(
+    out[top:bottom, left:right] = (window * (1 - alpha) + colour).reshape(
         bottom - top, right - left, 3)
     return out
 

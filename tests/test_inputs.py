@@ -111,9 +111,10 @@ def paste_back_everywhere(original, crop_image, crop_mask, transform):
     pts = transform.to_crop(np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], 1))
     size = transform.size
     inside = (pts[:, 0] >= 0) & (pts[:, 0] < size) & (pts[:, 1] >= 0) & (pts[:, 1] < size)
-    colour = inputs.bilinear(np.asarray(crop_image, np.float32), pts)
-    alpha = inputs.bilinear(np.asarray(crop_mask, np.float32)[..., None], pts) * inside[:, None]
-    return (original.reshape(-1, 3) * (1 - alpha) + colour * alpha).reshape(h, w, 3)
+    mask = np.asarray(crop_mask, np.float32)[..., None]
+    colour = inputs.bilinear(np.asarray(crop_image, np.float32) * mask, pts) * inside[:, None]
+    alpha = inputs.bilinear(mask, pts) * inside[:, None]
+    return (original.reshape(-1, 3) * (1 - alpha) + colour).reshape(h, w, 3)
 
 
 @pytest.mark.parametrize("centre", [(120, 90), (5, 170), (235, 3), (-60, 90)])
@@ -128,6 +129,25 @@ def test_paste_back_touches_only_the_square_and_equals_sampling_every_pixel(cent
     assert pasted.dtype == np.float32
     np.testing.assert_array_equal(pasted, paste_back_everywhere(photo, render, mask, tf)
                                   .astype(np.float32))
+
+
+@pytest.mark.parametrize("size", [48, 96, 200])
+def test_a_pasted_face_has_no_dark_outline(size):
+    """A face of one colour (a disk, the render black around it) pasted into a photo of
+    another, the crop magnified or shrunk: every pixel is a mix of the two colours, none darker
+    than both, and the disk's edge is blended, not cut."""
+    photo = np.full((120, 120, 3), 0.8, np.float32)
+    lm = np.random.default_rng(6).uniform(35, 85, size=(68, 2))
+    _, _, tf = inputs.crop_face(photo, lm, size=size)
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    disk = ((xs - size / 2) ** 2 + (ys - size / 2) ** 2 < (size / 3) ** 2).astype(np.float32)
+    face = np.array([0.9, 0.6, 0.5], np.float32)
+    render = disk[..., None] * face  # over black, as the renderer draws it
+    pasted = inputs.paste_back(photo, render, disk, tf)
+    share = (pasted - photo) / (face - photo)  # per channel: 0 the photo, 1 the face
+    np.testing.assert_allclose(share, share[..., :1].repeat(3, -1), atol=1e-5)
+    assert share.min() > -1e-5 and share.max() < 1 + 1e-5
+    assert ((share > 0.05) & (share < 0.95)).any()  # the edge, blended
 
 
 def test_too_few_landmarks():
