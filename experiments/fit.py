@@ -97,7 +97,8 @@ flags.DEFINE_integer("stage1_iterations", 600, "Stage-1 iterations (landmarks on
                      lower_bound=0)
 flags.DEFINE_float("stage1_learning_rate", 0.03, "Stage-1 Adam rate (stage 2: 0.01, the paper's).")
 flags.DEFINE_integer("chunk", 25, "Iterations per jitted chunk (one progress line each; the "
-                     "iteration flags are run exactly, the last chunk shorter where needed).",
+                     "iteration flags are run exactly, the last chunk shorter where needed: on "
+                     "a GPU or TPU a second program to compile, so keep them multiples there).",
                      lower_bound=1)
 flags.DEFINE_integer("image_size", 224, "Working (render) resolution.", lower_bound=32)
 flags.DEFINE_integer("batch_size", 8, "Photos per batch with --images.", lower_bound=1)

@@ -100,7 +100,9 @@ class FitConfig:
     # falling after 200 steps (einstein: 3.8% of the inter-ocular distance at 200, 2.7% at
     # 600 steps of 0.03; BENCHMARKS.md), so it runs longer and faster than stage 2.
     stage1_learning_rate: float = 0.03
-    chunk: int = 25                       # iterations per jitted lax.scan between progress lines
+    # iterations per jitted lax.scan between progress lines; a stage's count that is not a
+    # multiple ends in a shorter chunk, on accelerators a second program to compile
+    chunk: int = 25
     weights: losses.LossWeights = losses.LossWeights()
     random_render: RandomRenderStats = RandomRenderStats()
     # recompute the forward pass during the backward pass instead of storing its activations
