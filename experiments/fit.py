@@ -758,9 +758,10 @@ def write_result(folder, pipeline, params, item, history, source):
     # shown dimmed: streaks that look like the photo, but are not
     shown = crop * np.where(inputs.inside_photo(transform, crop.shape[0])[..., None], 1.0,
                             OUTSIDE_PHOTO_BRIGHTNESS)
-    crop_overlay = shown * (1 - mask[..., None]) + rendered * mask[..., None]
+    over_black = rendered * mask[..., None]  # as the renderer drew it (--antialias: its edge)
+    crop_overlay = shown * (1 - mask[..., None]) + over_black
     io.save_image(os.path.join(folder, "side_by_side.png"),
-                  np.concatenate([shown, rendered, crop_overlay], axis=1), overwrite=over)
+                  np.concatenate([shown, over_black, crop_overlay], axis=1), overwrite=over)
     shading_scale = write_intrinsics(folder, pipeline, params, over)
     if landmarks_crop is not None:
         # the landmarks the fit followed (green), as `--landmarks` reads them back, and where
