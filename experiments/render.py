@@ -11,7 +11,9 @@ working size to --image_size, so the 0° view frames the face as the fit's rende
 --expression_from takes the expression (and --pose_from the camera) of another fit: one
 person's face with another's expression or head pose. Without --params the mean face is rendered with
 the model's texture mean (if any), else a uniform skin tone, lit by a light beside the camera.
-Views are yaw angles (degrees) of a camera orbiting the face at --distance mm; a params camera
+Views are yaw angles (degrees) of a camera orbiting the face at --distance mm (default: as near
+as keeps the whole mesh in the frame from any side; the default light, above the camera, goes
+round with it); a params camera
 is used as the 0° view and orbited about its target. --shape_only renders the shape alone, grey
 (a turntable of the fitted geometry, without the texture that hides its errors). Existing outputs are never overwritten
 unless --overwrite.
@@ -38,7 +40,10 @@ flags.DEFINE_bool("turntable_video", False, "also write turntable.mp4: the --tur
 flags.DEFINE_float("fps", 25.0, "--turntable_video's and --sequence's frame rate",
                    lower_bound=0.1)
 flags.DEFINE_integer("image_size", 256, "square image size in pixels", lower_bound=8)
-flags.DEFINE_float("distance", 800.0, "camera distance (mm) from the face centre")
+flags.DEFINE_float("distance", None, "camera distance (mm) from the face centre, without a "
+                   "--params camera; default: the least at which the whole mesh is in the "
+                   "frame from any yaw (camera.framing_cameras: a head model with its neck and "
+                   "ears, like ICT's, ran past a fixed 800 mm's frame)", lower_bound=1.0)
 flags.DEFINE_list("light", None, "9 values: x,y,z (world mm), light rgb, ambient rgb")
 flags.DEFINE_float("background", 1.0, "background grey level in [0,1]",
                    lower_bound=0.0, upper_bound=1.0)
@@ -137,14 +142,18 @@ def _with_texture_map(params, params_path, texture_map):
     return out
 
 
+def _orbit(point, target, yaw_degrees):
+    """`point` rotated by `yaw` about the vertical axis through `target`."""
+    a = np.deg2rad(yaw_degrees)
+    rot = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    return target + rot @ (point - target)
+
+
 def orbit_camera(base_camera, yaw_degrees):
     """The camera rotated by `yaw` about the vertical axis through its target."""
     base_camera = np.asarray(base_camera, np.float32)
-    eye, target = base_camera[0:3], base_camera[3:6]
-    a = np.deg2rad(yaw_degrees)
-    rot = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
     out = base_camera.copy()
-    out[0:3] = target + rot @ (eye - target)
+    out[0:3] = _orbit(base_camera[0:3], base_camera[3:6], yaw_degrees)
     return out
 
 
@@ -164,25 +173,37 @@ def render_views(model, params, yaws, image_size, distance, light=None, backgrou
                                                                        distance)
     if light is None:
         light = params.get("light")
-    if light is None:
-        light = np.concatenate([np.asarray(base[0:3]) + [distance, distance, 0],
+    # a light of the scene's (given, or the fit's) stays where it is while the camera orbits;
+    # the default one, beside the camera, goes round with it, so that no view is lit from behind
+    follows = light is None
+    if follows:
+        away = float(np.linalg.norm(np.asarray(base[0:3]) - np.asarray(base[3:6])))
+        light = np.concatenate([np.asarray(base[0:3]) + [0.0, 0.6 * away, 0.0],
                                 [0.75, 0.75, 0.75, 0.35, 0.35, 0.35]]).astype(np.float32)
 
-    one = jax.jit(lambda cam: _render_one(model, verts, appearance, cam, light, image_size,
-                                          background, texture_sampling, normals, shape_only,
-                                          antialias))
+    one = jax.jit(lambda cam, lit: _render_one(model, verts, appearance, cam, lit, image_size,
+                                               background, texture_sampling, normals,
+                                               shape_only, antialias))
+    target = np.asarray(base[3:6], np.float32)
     for yaw in yaws:
-        image, aux = one(jnp.asarray(orbit_camera(base, yaw)))
+        lit = np.concatenate([_orbit(light[0:3], target, yaw), light[3:]]) if follows else light
+        image, aux = one(jnp.asarray(orbit_camera(base, yaw)), jnp.asarray(lit, jnp.float32))
         yield yaw, np.asarray(image), {k: np.asarray(v) for k, v in aux.items()}
 
 
 def _frontal_camera(verts, image_size, distance):
-    """A camera `distance` mm in front of the face's centre (+z), looking at it, no roll."""
+    """A camera in front of the face (+z), looking at it, no roll: `distance` mm from the
+    vertices' mean, or (None) from the middle of their bounding box at the least distance at
+    which it sees every vertex from any yaw (every 15°), so that a view looks the same whichever
+    others are asked for with it."""
     from ganfit_jax import camera as camera_lib
 
+    focal = camera_lib.default_focal(image_size)
+    if distance is None:
+        return camera_lib.framing_cameras(np.asarray(verts), focal, image_size,
+                                          np.arange(0.0, 360.0, 15.0))[0].astype(np.float32)
     centre = np.asarray(np.mean(np.asarray(verts), axis=0), np.float64)
-    return np.concatenate([centre + [0, 0, distance], centre,
-                           [camera_lib.default_focal(image_size), 0.0]]).astype(np.float32)
+    return np.concatenate([centre + [0, 0, distance], centre, [focal, 0.0]]).astype(np.float32)
 
 
 def _appearance(model, params):
@@ -252,12 +273,13 @@ def load_sequence(path, model):
 
 
 def render_sequence(model, params, sequence, image_size, light=None, background=1.0,
-                    texture_sampling="pixel", shape_only=False, pose=True, distance=800.0,
+                    texture_sampling="pixel", shape_only=False, pose=True, distance=None,
                     antialias=False):
     """Yields (frame number, image) for every frame of `sequence` (`load_sequence`): the face of
     `params` (its shape; the sequence's own without one) with that frame's expression, seen by
     that frame's camera (its focal scaled from the fit's working size to `image_size`) when
-    `pose`, else by `params`' camera (or one `distance` mm in front) throughout; lit by
+    `pose`, else by `params`' camera (or one `distance` mm in front, None: framing the face)
+    throughout; lit by
     `light`, else `params`' light, else each frame's own."""
     import jax
     import jax.numpy as jnp

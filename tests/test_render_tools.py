@@ -52,6 +52,27 @@ def _run(args):
                           capture_output=True, text=True, timeout=300)
 
 
+def test_without_a_camera_every_view_frames_the_whole_mesh_lit_from_its_own_side(sfm_dir,
+                                                                                  tmp_path):
+    """No --params, no --distance: the turntable's camera stands as near as keeps the whole
+    mean face in every view (a fixed 800 mm cut the SFM's chin and brow off at 12°), and the
+    default light goes round with it: the two profiles are lit alike."""
+    from PIL import Image
+
+    out = tmp_path / "t"
+    result = _run(["--model", str(sfm_dir / "sfm_shape_3448.bin"), "--output_dir", str(out),
+                   "--turntable=4", "--image_size=48", "--save_mask"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    brightness = {}
+    for yaw in ("+0000.0", "+0090.0", "+0180.0", "+0270.0"):
+        image = np.asarray(Image.open(out / f"yaw{yaw}.png"), np.float64)
+        mask = np.load(out / f"yaw{yaw}_mask.npy") > 0
+        border = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
+        assert mask.mean() > 0.1 and not border.any(), yaw
+        brightness[yaw] = image[mask].mean()
+    assert abs(brightness["+0090.0"] / brightness["+0270.0"] - 1) < 0.1, brightness
+
+
 def test_render_experiment_writes_views_and_refuses_to_overwrite(sfm_dir, tmp_path):
     model = str(sfm_dir / "sfm_shape_3448.bin")
     params = tmp_path / "params.npz"
