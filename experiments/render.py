@@ -43,7 +43,7 @@ flags.DEFINE_integer("image_size", 256, "square image size in pixels", lower_bou
 flags.DEFINE_float("distance", None, "camera distance (mm) from the face centre, without a "
                    "--params camera; default: the least at which the whole mesh is in the "
                    "frame from any yaw (camera.framing_cameras: a head model with its neck and "
-                   "ears, like ICT's, ran past a fixed 800 mm's frame)", lower_bound=1.0)
+                   "ears, like ICT's, ran past a fixed 800 mm's frame)")
 flags.DEFINE_list("light", None, "9 values: x,y,z (world mm), light rgb, ambient rgb")
 flags.DEFINE_float("background", 1.0, "background grey level in [0,1]",
                    lower_bound=0.0, upper_bound=1.0)
