@@ -10,11 +10,10 @@ the fit wrote beside it (or --texture_map), and its camera's focal length is sca
 working size to --image_size, so the 0° view frames the face as the fit's render did.
 --expression_from takes the expression (and --pose_from the camera) of another fit: one
 person's face with another's expression or head pose. Without --params the mean face is rendered with
-the model's texture mean (if any), else a uniform skin tone, lit by a light beside the camera.
+the model's texture mean (if any), else a uniform skin tone, lit by a light above the camera.
 Views are yaw angles (degrees) of a camera orbiting the face at --distance mm (default: as near
 as keeps the whole mesh in the frame from any side; the default light, above the camera, goes
-round with it); a params camera
-is used as the 0° view and orbited about its target. --shape_only renders the shape alone, grey
+round with it); a params camera is used as the 0° view and orbited about its target. --shape_only renders the shape alone, grey
 (a turntable of the fitted geometry, without the texture that hides its errors). Existing outputs are never overwritten
 unless --overwrite.
 """
@@ -174,7 +173,7 @@ def render_views(model, params, yaws, image_size, distance, light=None, backgrou
     if light is None:
         light = params.get("light")
     # a light of the scene's (given, or the fit's) stays where it is while the camera orbits;
-    # the default one, beside the camera, goes round with it, so that no view is lit from behind
+    # the default one, above the camera, goes round with it, so that no view is lit from behind
     follows = light is None
     if follows:
         away = float(np.linalg.norm(np.asarray(base[0:3]) - np.asarray(base[3:6])))
@@ -279,8 +278,7 @@ def render_sequence(model, params, sequence, image_size, light=None, background=
     `params` (its shape; the sequence's own without one) with that frame's expression, seen by
     that frame's camera (its focal scaled from the fit's working size to `image_size`) when
     `pose`, else by `params`' camera (or one `distance` mm in front, None: framing the face)
-    throughout; lit by
-    `light`, else `params`' light, else each frame's own."""
+    throughout; lit by `light`, else `params`' light, else each frame's own."""
     import jax
     import jax.numpy as jnp
 
