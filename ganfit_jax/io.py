@@ -125,11 +125,31 @@ def contact_sheet(images, labels, columns=4, tile_height=128, label_height=16, g
     sheet = Image.new("RGB", (columns * width + (columns - 1) * gap,
                               rows * (tile_height + label_height)), "white")
     draw = ImageDraw.Draw(sheet)
+    font = label_font()
     for k, (tile, label) in enumerate(zip(tiles, labels)):
         x, y = (k % columns) * (width + gap), (k // columns) * (tile_height + label_height)
-        draw.text((x + 3, y + 1), str(label), fill=(0, 0, 0), font=label_font())
+        draw.text((x + 3, y + 1), fit_label(str(label), width - 6, font), fill=(0, 0, 0),
+                  font=font)
         sheet.paste(tile, (x, y + label_height))
     return np.asarray(sheet)
+
+
+def fit_label(text, width, font):
+    """`text` shortened in the middle, "…" in place of what is left out, to at most `width`
+    pixels in `font`: a photo's name keeps its start and the error after it, and does not run
+    into the next tile's label."""
+    if font.getlength(text) <= width:
+        return text
+    head, tail = text[: len(text) // 2], text[len(text) // 2:]
+    while head or tail:
+        if len(head) >= len(tail):
+            head = head[:-1]
+        else:
+            tail = tail[1:]
+        short = head + "…" + tail
+        if font.getlength(short) <= width:
+            return short
+    return ""
 
 
 def write_video(path, frames, fps, overwrite=False, crf=18) -> int:

@@ -268,3 +268,19 @@ def test_contact_sheet_places_tiles_in_order_under_their_labels():
     assert sheet[:12, :20].min() < 128  # the label "a", dark on white
     with pytest.raises(ValueError, match="as many labels"):
         io.contact_sheet([red], ["a", "b"])
+
+
+def test_a_long_label_is_shortened_in_its_middle_to_its_tiles_width():
+    """A data set's long photo names: each label stays above its own tile, keeping the name's
+    start and the error at its end."""
+    font = io.label_font()
+    name = "id08392-DGGTJx470Ag-005451_inputs_inputs_and_more_of_it.jpg: 3.52%"
+    short = io.fit_label(name, 150, font)
+    assert font.getlength(short) <= 150 < font.getlength(name)
+    assert short.startswith("id08") and short.endswith("3.52%") and "…" in short
+    assert io.fit_label("00001: 3.39%", 150, font) == "00001: 3.39%"
+    tile = np.zeros((40, 80, 3))
+    sheet = io.contact_sheet([tile, tile], [name, name], columns=2, tile_height=40,
+                             label_height=16, gap=10)
+    strip = sheet[:16].min(-1) < 128  # the labels' dark pixels
+    assert strip[:, :80].any() and not strip[:, 77:93].any()  # none in the gap between tiles
