@@ -334,26 +334,37 @@ def _detection_copy(img, max_side):
     return np.asarray(Image.fromarray(img).reduce(factor)), factor
 
 
-def detect_faces(image, detector="hog", upsample=1, max_side=DETECTION_MAX_SIDE):
+# 'hog+cnn' searches with the CNN on a copy at most this long: on the 1920 px copy one search
+# took 35 s on two cores (a faceless HD video frame, searched again at full size, ~1 min); the
+# faces HOG misses and the CNN is there for, turned ones, are seldom small
+CNN_FALLBACK_MAX_SIDE = 800
+
+
+def detect_faces(image, detector="hog", upsample=1, max_side=DETECTION_MAX_SIDE,
+                 full_size_retry=True):
     """Face boxes as (left, top, right, bottom) in dlib pixel indices, with detector scores.
 
     'hog' is dlib's frontal HOG+SVM detector; 'cnn' the MMOD CNN from face_recognition_models (slower
     on CPU, better on profiles and small faces); 'hog+cnn' the CNN's boxes only where HOG finds
     none (the scores are then the CNN's). A larger image is searched at `max_side` pixels
     on its long side (None: at full size) and its boxes mapped back; where that finds no face the
-    full image is searched, so only a small face beside a large one can be missed (at upsample 1
-    the HOG detector's ~40-pixel minimum becomes ~40 × long side / max_side). Safe to call from
-    several threads at once.
+    full image is searched (unless `full_size_retry` is False), so only a small face beside a
+    large one can be missed (at upsample 1 the HOG detector's ~40-pixel minimum becomes ~40 ×
+    long side / max_side). 'hog+cnn''s CNN searches a copy of at most CNN_FALLBACK_MAX_SIDE
+    pixels, once. Safe to call from several threads at once.
     """
     _check_detector(detector)
     if detector == "hog+cnn":
         found = detect_faces(image, "hog", upsample, max_side)
-        return found if found[0] else detect_faces(image, "cnn", upsample, max_side)
+        if found[0]:
+            return found
+        return detect_faces(image, "cnn", upsample, min(max_side or np.inf,
+                                                        CNN_FALLBACK_MAX_SIDE), False)
     img = _pixels(image)
     small, scale = _detection_copy(img, max_side)
     with _own_detector(detector) as det:
         boxes, scores = _boxes(det, detector, small, upsample)
-        if scale == 1 or boxes:
+        if scale == 1 or boxes or not full_size_retry:
             # a pixel index i of the copy covers [i, i + 1) there, [i·s, (i + 1)·s) in the image
             boxes = [tuple(int(round((v + 0.5) * scale - 0.5)) for v in box) for box in boxes]
             return boxes, scores

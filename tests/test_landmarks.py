@@ -367,6 +367,24 @@ def test_hog_then_cnn_searches_with_the_cnn_only_where_hog_finds_no_face(faces_d
     assert "--detector=cnn" not in str(error.value)
 
 
+def test_hog_then_cnn_searches_a_faceless_frame_once_with_each_at_their_sizes(dlib_available,
+                                                                              monkeypatch):
+    """A faceless HD frame under 'hog+cnn': HOG at its size, then the CNN once, on a copy of at
+    most CNN_FALLBACK_MAX_SIDE px (on the 1920 px frame itself, and again at full size, it took
+    ~1 min on two cores)."""
+    searched = []
+    boxes = landmarks._boxes
+
+    def recording(det, detector, img, upsample):
+        searched.append((detector, img.shape[:2]))
+        return boxes(det, detector, img, upsample)
+
+    monkeypatch.setattr(landmarks, "_boxes", recording)
+    frame = np.full((900, 1600, 3), 128, np.uint8)
+    assert landmarks.detect_faces(frame, "hog+cnn", upsample=0) == ([], [])
+    assert searched == [("hog", (900, 1600)), ("cnn", (450, 800))]
+
+
 def test_every_face_in_the_order_of_face_index(faces_dir, dlib_available, tmp_path):
     """detect_all_landmarks lists the group photo's faces as detect_landmarks(face=k) picks
     them; load_or_detect_all prefers a landmark file beside the photo."""
