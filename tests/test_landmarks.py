@@ -367,8 +367,7 @@ def test_hog_then_cnn_searches_with_the_cnn_only_where_hog_finds_no_face(faces_d
     assert "--detector=cnn" not in str(error.value)
 
 
-def test_hog_then_cnn_searches_a_faceless_frame_once_with_each_at_their_sizes(dlib_available,
-                                                                              monkeypatch):
+def test_each_search_runs_at_the_sizes_it_can_afford(dlib_available, monkeypatch):
     """A faceless HD frame under 'hog+cnn': HOG at its size, then the CNN once, on a copy of at
     most CNN_FALLBACK_MAX_SIDE px (on the 1920 px frame itself, and again at full size, it took
     ~1 min on two cores)."""
@@ -383,6 +382,13 @@ def test_hog_then_cnn_searches_a_faceless_frame_once_with_each_at_their_sizes(dl
     frame = np.full((900, 1600, 3), 128, np.uint8)
     assert landmarks.detect_faces(frame, "hog+cnn", upsample=0) == ([], [])
     assert searched == [("hog", (900, 1600)), ("cnn", (450, 800))]
+    # HOG, finding nothing in a larger photo's copy, searches it whole; the CNN does not (a
+    # 12 MP photo at full size ran out of 24 GB)
+    searched.clear()
+    photo = np.full((1200, 2400, 3), 128, np.uint8)
+    assert landmarks.detect_faces(photo, "hog", upsample=0, max_side=1200) == ([], [])
+    assert landmarks.detect_faces(photo, "cnn", upsample=0, max_side=600) == ([], [])
+    assert searched == [("hog", (600, 1200)), ("hog", (1200, 2400)), ("cnn", (300, 600))]
 
 
 def test_every_face_in_the_order_of_face_index(faces_dir, dlib_available, tmp_path):
