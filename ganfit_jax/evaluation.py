@@ -943,11 +943,12 @@ def _colour_bar(height, vmax, width=70):
     bar[top:bottom, 8:24] = ramp[:, None, :]
     img = Image.fromarray((bar * 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
+    font = io.label_font()
     for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
         y = int(round(bottom - 1 - frac * (bottom - top - 1)))
         draw.line([(24, y), (28, y)], fill=(0, 0, 0))
-        draw.text((30, y - 7), f"{frac * vmax:.1f}", fill=(0, 0, 0), font=io.label_font())
-    draw.text((2, -2), "mm", fill=(0, 0, 0), font=io.label_font())
+        draw.text((30, y - 7), f"{frac * vmax:.1f}", fill=(0, 0, 0), font=font)
+    draw.text((2, -2), "mm", fill=(0, 0, 0), font=font)
     return np.asarray(img, np.float32) / 255.0
 
 

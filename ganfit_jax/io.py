@@ -13,6 +13,7 @@ vertex k, so landmark indices and per-vertex data stay valid on the exported fil
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import pathlib
@@ -516,6 +517,7 @@ def _nice_ticks(lo, hi, count=5):
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
+@functools.lru_cache(maxsize=None)
 def label_font(size=12):
     """The font every chart and sheet label is drawn in: Pillow's own scalable face at 12 px.
     Its 10 px default rounds a word space to 2 px, and titles such as "GANFIT fit of

@@ -340,15 +340,14 @@ def _detection_copy(img, max_side):
 CNN_FALLBACK_MAX_SIDE = 800
 
 
-def detect_faces(image, detector="hog", upsample=1, max_side=DETECTION_MAX_SIDE,
-                 full_size_retry=True):
+def detect_faces(image, detector="hog", upsample=1, max_side=DETECTION_MAX_SIDE):
     """Face boxes as (left, top, right, bottom) in dlib pixel indices, with detector scores.
 
     'hog' is dlib's frontal HOG+SVM detector; 'cnn' the MMOD CNN from face_recognition_models (slower
     on CPU, better on profiles and small faces); 'hog+cnn' the CNN's boxes only where HOG finds
     none (the scores are then the CNN's). A larger image is searched at `max_side` pixels
     on its long side (None: at full size) and its boxes mapped back; where HOG finds no face
-    there the full image is searched (unless `full_size_retry` is False), so only a small face
+    there the full image is searched, so only a small face
     beside a large one can be missed (at upsample 1 its ~40-pixel minimum becomes ~40 × long
     side / max_side). The CNN searches the copy alone: at the full size of a 12 MP photo it ran
     for minutes and then out of 24 GB of memory. 'hog+cnn''s CNN searches a copy of at most
@@ -360,12 +359,12 @@ def detect_faces(image, detector="hog", upsample=1, max_side=DETECTION_MAX_SIDE,
         if found[0]:
             return found
         return detect_faces(image, "cnn", upsample, min(max_side or np.inf,
-                                                        CNN_FALLBACK_MAX_SIDE), False)
+                                                        CNN_FALLBACK_MAX_SIDE))
     img = _pixels(image)
     small, scale = _detection_copy(img, max_side)
     with _own_detector(detector) as det:
         boxes, scores = _boxes(det, detector, small, upsample)
-        if scale == 1 or boxes or not full_size_retry or detector == "cnn":
+        if scale == 1 or boxes or detector == "cnn":
             # a pixel index i of the copy covers [i, i + 1) there, [i·s, (i + 1)·s) in the image
             boxes = [tuple(int(round((v + 0.5) * scale - 0.5)) for v in box) for box in boxes]
             return boxes, scores
