@@ -947,29 +947,18 @@ class PerPhotoStep:
     def __call__(self, params, opt_state, target, keys, light_init):
         n = keys.shape[0]
         if self._target is None or self._target[0] is not target:
-            self._target = (target, _unstack_tree(target, n))
-        photos = _unstack_tree((params, opt_state, keys, light_init), n)
+            self._target = (target, _unstack(target, n))
+        photos = _unstack((params, opt_state, keys, light_init), n)
         stepped = [self.single(p, s, t, k, light)
                    for (p, s, k, light), t in zip(photos, self._target[1])]
-        return _stack_shared(stepped) if self.shared else _stack_trees(stepped)
-
-
-# one dispatch each way per step, instead of one per array and photo
-@functools.partial(jax.jit, static_argnums=1)
-def _unstack_tree(tree, n):
-    return [jax.tree.map(lambda x: x[i], tree) for i in range(n)]
-
-
-@jax.jit
-def _stack_trees(trees):
-    return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+        return _stack_shared(stepped) if self.shared else _stack(stepped)
 
 
 @jax.jit
 def _stack_shared(steps):
     """Stacked (params, opt_state, terms) of one person's frames, with every frame's shape and
     texture their mean (Eq. 13's shared blocks)."""
-    params, opt_state, terms = _stack_trees(steps)
+    params, opt_state, terms = _stack(steps)
     mean = lambda x: jnp.broadcast_to(jnp.mean(x, axis=0), x.shape)  # noqa: E731
     return params.replace(shape=mean(params.shape), texture=mean(params.texture)), opt_state, terms
 
@@ -1255,7 +1244,8 @@ def unstack(tree, n):
 
 
 # one program each rather than a stack or slice per leaf: outside jit every leaf's shape would
-# be its own compilation
+# be its own compilation (and PerPhotoStep makes one dispatch each way per step, not one per
+# array and photo)
 @jax.jit
 def _stack(trees):
     return jax.tree.map(lambda *x: jnp.stack(x), *trees)
