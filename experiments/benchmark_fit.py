@@ -56,7 +56,7 @@ def subdivided_model(model, times):
     return morphable.make_model(attrs[:, 2:5], attrs[:, 5:5 + 3 * s].reshape(m, 3, s),
                                 attrs[:, 5 + 3 * s:].reshape(m, 3, e), tris, attrs[:, 0:2],
                                 model.landmark_indices, model.contour_right, model.contour_left,
-                                source="subdivided")
+                                source="subdivided", expression_range=model.expression_range)
 
 
 def build(config_name, model_path, key, compute_dtype="float32"):

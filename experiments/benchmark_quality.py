@@ -11,7 +11,8 @@ rigid point-to-plane ICP, symmetric point-to-plane distance in mm).
 
 The ground truth (fixed seeds; `make_faces`):
   * shape p_s ~ N(0, 1)·--shape_std (0.8: draws from the prior's bulk, not its tails), expression
-    p_e ~ N(0, 0.5²);
+    p_e ~ N(0, 0.5²) moved into the model's expression range (the SFM's blendshapes: [0, 1],
+    so each is off or partly on; before session 34 the truth held negative blendshapes too);
   * pose: the camera orbits the face centre by yaw ~ U(±30°), pitch ~ U(±15°), roll ~ N(0, 3°), at
     1050 ± 50 mm with the default 12° lens, the look-at point jittered by N(0, 8 mm);
   * light: a frontal key light 300 mm above the camera, jittered by N(0, 150 mm) per axis, colour
@@ -307,7 +308,7 @@ def make_faces(model, num_faces, seed=0, image_size=224, uv_dir=None, texture_mo
     import jax
     import numpy as np
 
-    from ganfit_jax import render
+    from ganfit_jax import morphable, render
 
     if num_faces < 1:
         raise ValueError(f"num_faces: expected at least 1, got {num_faces}")
@@ -318,7 +319,8 @@ def make_faces(model, num_faces, seed=0, image_size=224, uv_dir=None, texture_mo
     faces = []
     for i in range(num_faces):
         shape = (rng.normal(size=model.num_shape) * shape_std).astype(np.float32)
-        expression = (rng.normal(size=model.num_expression) * 0.5).astype(np.float32)
+        expression = np.asarray(morphable.project_expression(
+            model, (rng.normal(size=model.num_expression) * 0.5).astype(np.float32)))
         cam = _orbit_camera(rng, image_size)
         light = key_light(rng, cam)
         background = random_background(rng, image_size)

@@ -17,7 +17,8 @@ the frames are fitted as `experiments/fit.py` would fit them (`--fits` picks som
     (`camera.spread_views`).
 
 The ground truth (fixed seeds): shape p_s ~ N(0, 1)·--shape_std; expression moving smoothly
-between N(0, 0.5²) draws, one every 6 frames (smoothstep between them); the camera sweeping the
+between N(0, 0.5²) draws, one every 6 frames (smoothstep between them), moved into the model's
+expression range (the SFM's blendshapes: [0, 1]); the camera sweeping the
 yaw from −max_yaw to +max_yaw degrees (--max_yaw) across the clip, the pitch ±8° and the roll
 ±3° in one sine period, at 1050 mm (--pose_path=sweep); or a mostly frontal head that glances
 to −max_yaw a quarter of the way through and to +max_yaw at 70%, each glance a Gaussian bump
@@ -132,14 +133,16 @@ def make_sequence(model, num_frames, seed=0, image_size=224, max_yaw=30.0, shape
     import jax
     import numpy as np
 
-    from ganfit_jax import render
+    from ganfit_jax import morphable, render
 
     if num_frames < 2:
         raise ValueError(f"num_frames: expected at least 2, got {num_frames}")
     rng = np.random.default_rng(seed)
     (texture,), source = bq.ground_truth_textures(rng, 1, uv_dir, texture_model)
     shape = (rng.normal(size=model.num_shape) * shape_std).astype(np.float32)
-    expressions = expression_path(rng, num_frames, model.num_expression)
+    # moved into the model's expression range (the SFM's blendshapes: [0, 1]) after the path
+    expressions = np.asarray(morphable.project_expression(
+        model, expression_path(rng, num_frames, model.num_expression)))
     background = bq.random_background(rng, image_size)
     look_at = np.array([0.0, 10.0, 0.0])
     frontal = bq.orbit_camera(0.0, 0.0, 0.0, 1050.0, look_at, image_size)

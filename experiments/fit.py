@@ -137,6 +137,13 @@ flags.DEFINE_float("lambda_landmark", 0.01, "λ_lan (the paper: 0.001; see losse
 flags.DEFINE_float("lambda_shape", 0.05, "λ_reg on shape", lower_bound=0.0)
 flags.DEFINE_float("lambda_expression", 0.05, "λ_reg on expression", lower_bound=0.0)
 flags.DEFINE_float("lambda_light", 0.01, "λ_reg on light", lower_bound=0.0)
+flags.DEFINE_string("expression_range", "model", "The range every expression coefficient "
+                    "keeps to in the fit: `model`, the model's own (blendshapes, the SFM's and "
+                    "ICT's: [0, 1]; PCA expressions, BFM 2017's or FLAME's: unbounded), `none` "
+                    "(unbounded), or `LOW,HIGH`.")
+flags.register_validator(
+    "expression_range", lambda v: v is None or v in ("model", "none") or _range_or_none(v),
+    message="--expression_range: expected model, none or two numbers LOW,HIGH with LOW < HIGH")
 flags.DEFINE_string("output_dir", None, "Where results go (one sub-folder per photo with "
                     "--images; the folder itself with --image/--frames).")
 flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
@@ -280,14 +287,26 @@ def default_model_path():
     return path
 
 
+def _range_or_none(text):
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        return None
+    return (low, high) if low < high else None
+
+
 @functools.lru_cache(maxsize=2)  # --keyframes=spread reads it before the fit does
 def load_model(path):
+    """The model at `path`, with --expression_range's range."""
     from ganfit_jax import morphable
 
     try:
-        return morphable.load(path)
+        model = morphable.load(path)
     except (ValueError, FileNotFoundError) as e:
         raise InputError(f"--model: {e}") from None
+    if FLAGS.expression_range == "model":
+        return model
+    return model.replace(expression_range=_range_or_none(FLAGS.expression_range))
 
 
 def load_texture(spec, key):
@@ -1267,10 +1286,13 @@ def write_sequence(output_dir, numbered_folders, model):
     pose = io.render_curves({"camera yaw": yaw, "camera pitch": pitch, "camera roll": roll},
                             steps=frames, title="camera around the face (degrees)",
                             x_label="frame")
-    shown = min(expression.shape[1], 6)
-    faces = io.render_curves({f"expression {i}": expression[:, i] for i in range(shown)},
-                             steps=frames, title=f"expression (first {shown}, std. devs)",
-                             x_label="frame")
+    # the six coefficients that move most (ICT's 53 start with the brows, which rarely do)
+    shown = sorted(np.argsort(-np.std(expression, axis=0), kind="stable")[:6])
+    unit = ("blendshape weights" if model.expression_range is not None
+            else "standard deviations")
+    faces = io.render_curves({f"expression {i}": expression[:, i] for i in shown},
+                             steps=frames, x_label="frame",
+                             title=f"expression ({len(shown)} that move most, {unit})")
     io.save_image(os.path.join(output_dir, "sequence.png"), np.concatenate([pose, faces], 0),
                   overwrite=over)
     # the person the frames share (Eq. 13): their shape at a neutral expression, their texture

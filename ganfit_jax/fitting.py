@@ -378,10 +378,15 @@ def intrinsic_images(pipeline: Pipeline, params: FitParams):
     return albedo, white - specular, specular, aux["mask"]
 
 
-def random_second_view(params: FitParams, key, stats: RandomRenderStats) -> FitParams:
-    """Î_R's parameters (Eq. 7): same identity and texture, random expression, pose and light."""
+def random_second_view(params: FitParams, key, stats: RandomRenderStats,
+                       expression_range=None) -> FitParams:
+    """Î_R's parameters (Eq. 7): same identity and texture, random expression, pose and light.
+    With the model's `expression_range`, the random expression is moved into it (blendshapes:
+    each one off or partly on, never inverted)."""
     k_e, k_yaw, k_pitch, k_lp, k_lc = jax.random.split(key, 5)
     expression = stats.expression_std * jax.random.normal(k_e, params.expression.shape)
+    if expression_range is not None:
+        expression = jnp.clip(expression, *expression_range)
     yaw = jnp.deg2rad(stats.yaw_std_deg) * jax.random.normal(k_yaw)
     pitch = jnp.deg2rad(stats.pitch_std_deg) * jax.random.normal(k_pitch)
     cam = params.camera
@@ -486,7 +491,7 @@ def loss(params: FitParams, target: Target, pipeline: Pipeline, key,
         if weights.content:
             terms["content"] = losses.content_loss(feats, target.features)
     if use_identity and weights.identity_random:
-        second = random_second_view(params, key, random_stats)
+        second = random_second_view(params, key, random_stats, pipeline.model.expression_range)
         image2, _ = render_face(pipeline, second, background=target.image, texture=texture,
                                 pixel_budget=pixel_budget)
         lm2 = project_landmarks(pipeline, second, None)
@@ -541,21 +546,40 @@ def parameter_units(params: FitParams, texture_step=1.0) -> FitParams:
 
 
 def optimiser(learning_rate: float, params: FitParams, stage: int, texture_step=1.0,
-              frozen=()):
+              frozen=(), expression_range=None):
     """optax Adam at the paper's rate, scaled per parameter block; stage 1 frees only shape,
     expression and camera (landmark fitting), stage 2 everything but the `frozen` blocks
     (`FitConfig.frozen`). `texture_step` is the texture model's own `step_scale` (a prior-free
-    texture moves slowly, or the identity network's gradients paint adversarial noise into it)."""
+    texture moves slowly, or the identity network's gradients paint adversarial noise into it).
+    `expression_range` (the model's, `MorphableModel.expression_range`): every step lands p_e
+    on the nearest coefficients in range (projected Adam; `update` then needs `params`)."""
     units = parameter_units(params, texture_step)
     held = set(frozen) | ({"texture", "light"} if stage == 1 else set())
     # in the blocks' order, not the set's: the traced program (and so its key in the persistent
     # compilation cache) must not depend on the process's string hashing
     units = units.replace(**{f.name: jnp.zeros_like(getattr(units, f.name))
                              for f in dataclasses.fields(FitParams) if f.name in held})
+    # the projection is in the chain either way (as a no-op without a range), so one state
+    # serves every model: `init_opt_state` does not need the model
     return optax.chain(optax.adam(learning_rate),
                        optax.GradientTransformation(
                            lambda p: optax.EmptyState(),
-                           lambda u, s, p=None: (jax.tree.map(jnp.multiply, u, units), s)))
+                           lambda u, s, p=None: (jax.tree.map(jnp.multiply, u, units), s)),
+                       _expression_in_range(expression_range))
+
+
+def _expression_in_range(expression_range):
+    def update(updates, state, params=None):
+        if expression_range is None:
+            return updates, state
+        low, high = expression_range
+        if params is None:
+            raise ValueError("an optimiser with an expression_range moves p_e into the range: "
+                             "call its update with the params, tx.update(grads, state, params)")
+        expression = jnp.clip(params.expression + updates.expression, low, high)
+        return updates.replace(expression=expression - params.expression), state
+
+    return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
 
 
 def stage_learning_rate(config: FitConfig, stage: int) -> float:
@@ -602,7 +626,8 @@ def make_step(config: FitConfig, stage: int, share_axis: Optional[str] = None,
 
     def step(pipeline, params, opt_state, target, key, light_init):
         tx = optimiser(stage_learning_rate(config, stage), params, stage,
-                       texture_step_scale(pipeline), config.frozen)
+                       texture_step_scale(pipeline), config.frozen,
+                       pipeline.model.expression_range)
         pixel_budget = pixel_budget_for(config, pipeline.image_size) if unbatched else None
         loss_fn = functools.partial(_stage_loss, stage, config, pixel_budget, pipeline)
         if config.remat:
@@ -834,7 +859,8 @@ class TwoViewStep:
             grads = grads.replace(
                 texture=grads.texture + texture_backward(residuals, texture_grads))
             tx = optimiser(stage_learning_rate(config, 2), params, 2,
-                           texture_step_scale(pipeline), config.frozen)
+                           texture_step_scale(pipeline), config.frozen,
+                           pipeline.model.expression_range)
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, view_totals[0] + view_totals[1]
 

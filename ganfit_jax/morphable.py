@@ -16,7 +16,7 @@ import json
 import os
 import struct
 import tomllib
-from typing import Optional
+from typing import Optional, Tuple
 
 import flax.struct
 import jax
@@ -44,6 +44,12 @@ class MorphableModel:
       symmetry: (N,) int32 index of each vertex's mirror image, or None.
       texture_mean, texture_basis: optional per-vertex linear texture model (N,3) and (N,3,T),
         RGB in [0,1], basis scaled to standard deviations (Eq. 1).
+      expression_range: (low, high) that every expression coefficient keeps to, or None for an
+        unbounded (PCA) expression model. Blendshapes (the SFM's six, ICT's ARKit set: 1 = the
+        full expression) are (0, 1): a negative "smile" or a cheek puffed twice over is no face,
+        and a fit that may use them follows landmarks with shapes nobody has (eos fits the
+        SFM's blendshapes by non-negative least squares for the same reason). Static, not an
+        array: it selects the program (`project_expression`).
     """
 
     mean: jnp.ndarray
@@ -57,6 +63,8 @@ class MorphableModel:
     symmetry: Optional[jnp.ndarray] = None
     texture_mean: Optional[jnp.ndarray] = None
     texture_basis: Optional[jnp.ndarray] = None
+    expression_range: Optional[Tuple[float, float]] = flax.struct.field(pytree_node=False,
+                                                                        default=None)
 
     @property
     def num_vertices(self) -> int:
@@ -74,7 +82,9 @@ class MorphableModel:
         defined = int(np.sum(np.asarray(self.landmark_indices) >= 0))
         return (f"vertices={self.num_vertices} triangles={self.triangles.shape[0]} "
                 f"S={self.num_shape} E={self.num_expression} landmarks_defined={defined}/68"
-                + (f" T={self.texture_basis.shape[-1]}" if self.texture_basis is not None else ""))
+                + (f" T={self.texture_basis.shape[-1]}" if self.texture_basis is not None else "")
+                + (" expression_range=[{:g},{:g}]".format(*self.expression_range)
+                   if self.expression_range is not None else ""))
 
 
 def _coefficients(coeffs, count, name):
@@ -99,6 +109,15 @@ def vertices(model: MorphableModel, shape_coeffs, expression_coeffs=0.0):
     if model.num_expression:
         out = out + jnp.einsum("nde,e->nd", model.expression_basis, p_e, precision=_EXACT)
     return out
+
+
+def project_expression(model: MorphableModel, expression_coeffs):
+    """p_e moved onto the model's `expression_range` (the nearest allowed coefficients; any
+    leading batch axes), or unchanged for an unbounded model."""
+    if model.expression_range is None:
+        return expression_coeffs
+    low, high = model.expression_range
+    return jnp.clip(expression_coeffs, low, high)
 
 
 def vertex_colours(model: MorphableModel, texture_coeffs):
@@ -152,7 +171,8 @@ def _opt_float(x):
 
 def make_model(mean, shape_basis, expression_basis=None, triangles=None, uv=None,
                landmark_indices=None, contour_right=None, contour_left=None, symmetry=None,
-               texture_mean=None, texture_basis=None, source="model") -> MorphableModel:
+               texture_mean=None, texture_basis=None, source="model",
+               expression_range=None) -> MorphableModel:
     """Validates shapes (naming `source` in errors) and builds a MorphableModel of device arrays."""
     mean = np.asarray(mean, np.float32)
     if mean.ndim != 2 or mean.shape[1] != 3:
@@ -192,6 +212,12 @@ def make_model(mean, shape_basis, expression_basis=None, triangles=None, uv=None
     if texture_mean is not None:
         if np.asarray(texture_mean).shape != (n, 3) or np.asarray(texture_basis).shape[:2] != (n, 3):
             raise ValueError(f"{source}: texture_mean must be ({n},3) and texture_basis ({n},3,T)")
+    if expression_range is not None:
+        expression_range = np.asarray(expression_range, np.float64).reshape(-1)
+        if expression_range.shape != (2,) or not expression_range[0] < expression_range[1]:
+            raise ValueError(f"{source}: expression_range must be two numbers low < high, got "
+                             f"{expression_range.tolist()}")
+        expression_range = (float(expression_range[0]), float(expression_range[1]))
     return MorphableModel(
         mean=_on_device(mean, np.float32), shape_basis=_on_device(shape_basis, np.float32),
         expression_basis=_on_device(expression_basis, np.float32),
@@ -199,7 +225,7 @@ def make_model(mean, shape_basis, expression_basis=None, triangles=None, uv=None
         landmark_indices=_on_device(landmark_indices, np.int32),
         contour_right=_opt_int(contour_right), contour_left=_opt_int(contour_left),
         symmetry=_opt_int(symmetry), texture_mean=_opt_float(texture_mean),
-        texture_basis=_opt_float(texture_basis))
+        texture_basis=_opt_float(texture_basis), expression_range=expression_range)
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,12 +236,18 @@ _NPZ_REQUIRED = ("mean", "shape_basis", "expression_basis", "triangles", "uv", "
 _NPZ_OPTIONAL = ("contour_right", "contour_left", "symmetry", "texture_mean", "texture_basis")
 
 
+# Blendshapes keep to [0, 1] (MorphableModel.expression_range); eos' and ICT's are blendshapes
+BLENDSHAPE_RANGE = (0.0, 1.0)
+
+
 def save_npz(model: MorphableModel, path, **extra):
     """Writes the project's .npz layout (keys of DESIGN.md / convert_3dmm)."""
     arrays = {k: np.asarray(getattr(model, k)) for k in _NPZ_REQUIRED}
     for k in _NPZ_OPTIONAL:
         if getattr(model, k) is not None:
             arrays[k] = np.asarray(getattr(model, k))
+    if model.expression_range is not None:
+        arrays["expression_range"] = np.asarray(model.expression_range, np.float32)
     arrays.update(extra)
     np.savez(path, **arrays)
 
@@ -229,7 +261,20 @@ def load_npz(path) -> MorphableModel:
     if missing:
         raise ValueError(f"{path}: .npz model lacks keys {missing}; expected {list(_NPZ_REQUIRED)}")
     get = lambda k: data[k] if k in data.files else None
-    return make_model(**{k: get(k) for k in _NPZ_REQUIRED + _NPZ_OPTIONAL}, source=str(path))
+    return make_model(**{k: get(k) for k in _NPZ_REQUIRED + _NPZ_OPTIONAL}, source=str(path),
+                      expression_range=npz_expression_range(data))
+
+
+def npz_expression_range(data):
+    """An .npz model's `expression_range`: its own key (two numbers), else blendshapes' [0, 1]
+    where the expressions are named (`expression_names`: ARKit's or FACS' shapes, as in the ICT
+    Face Model's file; PCA modes have no names), else None (unbounded)."""
+    if "expression_range" in data.files:
+        return data["expression_range"]
+    if ("expression_names" in data.files and "expression_basis" in data.files
+            and data["expression_basis"].shape[-1]):
+        return BLENDSHAPE_RANGE
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,7 +443,8 @@ def load_sfm(shape, expression=None, landmarks=None, contours=None, symmetry=Non
     if sym is not None and sym.shape != (n,):
         sym = None  # reference symmetry is for the 845-vertex reference; ignore it otherwise
     return make_model(mean, basis, expression_basis, triangles, uv, landmark_indices, right, left,
-                      sym, t_mean, t_basis, source=str(shape))
+                      sym, t_mean, t_basis, source=str(shape),
+                      expression_range=None if expression_basis is None else BLENDSHAPE_RANGE)
 
 
 def sfm_files(directory):

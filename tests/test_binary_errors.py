@@ -27,6 +27,7 @@ CASES = [
     ("fit", "--stage1_learning_rate=0", "must be > 0"),
     # refused before any photo is read, not reported as every photo's skip reason
     ("fit", "--detector=mtcnn", "value should be one of <hog|cnn|hog+cnn>"),
+    ("fit", "--expression_range=1,0", "two numbers LOW,HIGH with LOW < HIGH"),
     ("build_uv_dataset", "--detector=mtcnn", "value should be one of <hog|cnn|hog+cnn>"),
     ("render", "--distance=0", "must be > 0"),
     ("render", "--background=2", "not a number in the range [0.0, 1.0]"),

@@ -38,6 +38,7 @@ def test_sfm_conversion_and_overwrite_refusal(tmp_path, sfm_dir, sfm_model):
     np.testing.assert_array_equal(converted.mean, sfm_model.mean)
     np.testing.assert_array_equal(converted.landmark_indices, sfm_model.landmark_indices)
     np.testing.assert_array_equal(converted.contour_left, sfm_model.contour_left)
+    assert converted.expression_range == (0.0, 1.0)  # eos' blendshapes keep their range
 
     before = out.read_bytes()
     rc, _, stderr = _run(*args)

@@ -29,8 +29,8 @@ def random_truth(model, seed):
     c = np.asarray([rng.normal() * 200, rng.normal() * 80, 1050, 0, 10, 0,
                     cam.default_focal(SIZE), rng.normal() * 0.1], np.float32)
     return fitting.FitParams(shape=jnp.asarray(rng.normal(size=model.num_shape) * 0.7, jnp.float32),
-                             expression=jnp.asarray(rng.normal(size=model.num_expression) * 0.3,
-                                                    jnp.float32),
+                             expression=morphable.project_expression(model, jnp.asarray(
+                                 rng.normal(size=model.num_expression) * 0.3, jnp.float32)),
                              texture=jnp.zeros(0), camera=jnp.asarray(c),
                              light=jnp.asarray(fitting.DEFAULT_LIGHT))
 
@@ -55,6 +55,63 @@ def test_stage1_reaches_landmarks(sfm_model):
     assert hist[1]["landmark"][-1] < hist[1]["landmark"][0]
     # texture and light are frozen in stage 1
     np.testing.assert_array_equal(np.asarray(p1.light), np.asarray(p0.light))
+
+
+def test_blendshapes_stay_in_their_range_through_a_fit(sfm_model):
+    """MorphableModel.expression_range (projected Adam): landmarks made with inverted and
+    doubled blendshapes pull p_e out of [0, 1]; the SFM's fit keeps every coefficient inside,
+    the same model unbounded follows them out."""
+    truth = random_truth(sfm_model, 0).replace(
+        expression=jnp.asarray([-1.0, 1.8, -0.8, 0.5, -1.2, 0.0], jnp.float32))
+    lm = synthetic_landmarks(sfm_model, truth)
+    target = fitting.Target(image=jnp.zeros(SIZE + (3,)), landmarks=jnp.asarray(lm))
+    cfg = fitting.FitConfig(stage1_iterations=100, stage2_iterations=0, chunk=50)
+    fitted = []
+    for model in (sfm_model, sfm_model.replace(expression_range=None)):
+        pipe = fitting.Pipeline(model=model, image_size=SIZE)
+        p1, _ = fitting.fit(pipe, fitting.init_params(model, lm, SIZE, 0), target, cfg, log=None)
+        fitted.append(np.asarray(p1.expression))
+    bounded, free = fitted
+    assert bounded.min() >= 0.0 and bounded.max() <= 1.0, bounded
+    assert bounded.max() > 0.05  # not held at zero: the in-range blendshapes are fitted
+    assert free.min() < -0.1 or free.max() > 1.1, free
+
+
+def test_projected_adam_is_adams_step_wherever_it_stays_in_range(sfm_model):
+    params = random_truth(sfm_model, 0).replace(
+        expression=jnp.asarray([0.0, 0.5, 0.995, 0.3, 1.0, 0.0], jnp.float32))
+    grads = jax.tree.map(jnp.ones_like, params).replace(
+        expression=jnp.asarray([1.0, 1.0, -1.0, -1.0, 0.0, -1.0], jnp.float32))
+    bounded = fitting.optimiser(0.01, params, 2, expression_range=(0.0, 1.0))
+    plain = fitting.optimiser(0.01, params, 2)
+    step, _ = bounded.update(grads, bounded.init(params), params)
+    want, _ = plain.update(grads, plain.init(params), params)
+    moved = np.asarray(params.expression + step.expression)
+    np.testing.assert_allclose(moved, [0.0, 0.49, 1.0, 0.31, 1.0, 0.01], atol=1e-6)
+    inside = np.asarray(params.expression + want.expression)
+    inside = (inside >= 0) & (inside <= 1)
+    np.testing.assert_array_equal(moved[inside],
+                                  np.asarray(params.expression + want.expression)[inside])
+    for block in ("shape", "camera", "light"):
+        np.testing.assert_array_equal(np.asarray(getattr(step, block)),
+                                      np.asarray(getattr(want, block)))
+    with pytest.raises(ValueError, match="tx.update.grads, state, params"):
+        bounded.update(grads, bounded.init(params))
+
+
+def test_the_random_views_expression_keeps_to_the_models_range(sfm_model):
+    """Eq. 7's random expression ~ N(0, σ²), moved into the range: blendshapes off or partly
+    on, never inverted."""
+    params = random_truth(sfm_model, 0)
+    stats = fitting.RandomRenderStats()
+    draws = [np.asarray(fitting.random_second_view(params, jax.random.PRNGKey(i), stats,
+                                                   sfm_model.expression_range).expression)
+             for i in range(8)]
+    free = [np.asarray(fitting.random_second_view(params, jax.random.PRNGKey(i), stats)
+                       .expression) for i in range(8)]
+    assert np.min(draws) >= 0.0 and np.max(draws) <= 1.0 and np.mean(np.asarray(draws) > 0) > 0.3
+    assert np.min(free) < 0.0
+    np.testing.assert_array_equal(np.asarray(draws), np.clip(free, 0.0, 1.0))
 
 
 def test_batch_under_vmap_equals_single_fits(sfm_model):
@@ -89,7 +146,8 @@ def test_frames_share_shape_and_keep_own_pose(sfm_model):
     inits, targets = [], []
     for f in range(5):
         frame = truth.replace(camera=truth.camera.at[0].set(rng.normal() * 300),
-                              expression=jnp.asarray(rng.normal(size=6) * 0.3, jnp.float32))
+                              expression=morphable.project_expression(
+                                  sfm_model, jnp.asarray(rng.normal(size=6) * 0.3, jnp.float32)))
         lm = synthetic_landmarks(sfm_model, frame)
         targets.append(fitting.Target(image=jnp.zeros(SIZE + (3,)), landmarks=jnp.asarray(lm)))
         inits.append(fitting.init_params(sfm_model, lm, SIZE, 0))

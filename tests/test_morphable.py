@@ -129,6 +129,32 @@ def test_ict_npz_loads(ict_path):
     m = morphable.load(ict_path)
     assert m.mean.shape == (9409, 3) and m.num_shape == 100 and m.num_expression == 53
     assert int(np.sum(np.asarray(m.landmark_indices) >= 0)) == 68
+    # named expressions (ARKit's blendshapes) keep to [0, 1]
+    assert m.expression_range == (0.0, 1.0)
+
+
+def test_blendshapes_keep_to_their_range_and_pca_expressions_do_not(sfm_model, tmp_path):
+    assert sfm_model.expression_range == (0.0, 1.0)  # eos' blendshapes
+    p_e = jnp.asarray([-0.5, 0.25, 1.75, 0.0, 1.0, -2.0])
+    np.testing.assert_array_equal(np.asarray(morphable.project_expression(sfm_model, p_e)),
+                                  [0.0, 0.25, 1.0, 0.0, 1.0, 0.0])
+    batch = jnp.stack([p_e, -p_e])  # any leading axes
+    assert morphable.project_expression(sfm_model, batch).shape == (2, 6)
+    pca = sfm_model.replace(expression_range=None)
+    assert morphable.project_expression(pca, p_e) is p_e
+    # the .npz keeps the range; a file of unnamed expressions without one is unbounded (PCA)
+    morphable.save_npz(sfm_model.replace(expression_range=(-1.0, 2.0)), tmp_path / "r.npz")
+    assert morphable.load(tmp_path / "r.npz").expression_range == (-1.0, 2.0)
+    morphable.save_npz(pca, tmp_path / "pca.npz")
+    assert morphable.load(tmp_path / "pca.npz").expression_range is None
+    morphable.save_npz(pca, tmp_path / "named.npz", expression_names=np.array(list("abcdef")))
+    assert morphable.load(tmp_path / "named.npz").expression_range == (0.0, 1.0)
+    assert "expression_range=[0,1]" in sfm_model.summary()
+    with pytest.raises(ValueError, match="bad.npz: expression_range must be two numbers"):
+        morphable.make_model(np.asarray(sfm_model.mean), np.asarray(sfm_model.shape_basis),
+                             np.asarray(sfm_model.expression_basis),
+                             np.asarray(sfm_model.triangles), source="bad.npz",
+                             expression_range=(1.0, 0.0))
 
 
 # ---------------------------------------------------------------- bad input ----------------
